@@ -1,0 +1,103 @@
+"""The generation backend protocol: load once, generate for a batch, score continuations, build chat prompts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+from ckptdpo.configs import INSTRUCTION
+
+FinishReason = Literal["stop", "length", "loop", "error"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt (text or token ids) and how to sample `n` continuations of it."""
+
+    prompt: str | tuple[int, ...]
+    n: int = 1
+    seed: int | None = None
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop: tuple[str, ...] = ()
+    # Continuations of one trajectory share a key, so a multi-endpoint backend sends them where the prefix is cached.
+    route_key: str | None = None
+
+
+@dataclass
+class Sample:
+    text: str
+    num_tokens: int
+    finish_reason: FinishReason
+    token_ids: list[int] | None = None
+
+
+@dataclass
+class GenerationResult:
+    """The `n` samples of one request; `error` is set (and samples empty) when the request itself failed."""
+
+    samples: list[Sample]
+    prompt_tokens: int
+    error: str | None = None
+
+
+@dataclass
+class BackendStats:
+    """Counters a backend keeps across calls (reported in stats.json)."""
+
+    requests: int = 0
+    samples: int = 0
+    prompt_tokens_computed: int = 0
+    completion_tokens: int = 0
+    finish_reasons: dict[str, int] = field(default_factory=dict)
+
+    def count(self, result: GenerationResult, prompt_tokens_computed: int | None = None) -> None:
+        self.requests += 1
+        self.samples += len(result.samples)
+        self.prompt_tokens_computed += (
+            result.prompt_tokens if prompt_tokens_computed is None else prompt_tokens_computed
+        )
+        for s in result.samples:
+            self.completion_tokens += s.num_tokens
+            self.finish_reasons[s.finish_reason] = self.finish_reasons.get(s.finish_reason, 0) + 1
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every backend implements. `model_id` and `revision` go into cache keys."""
+
+    model_id: str
+    revision: str
+    stats: BackendStats
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """One result per request, in order; never raises for a single bad request."""
+        ...
+
+    def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
+        """Summed log-probability of each continuation's tokens given its prompt."""
+        ...
+
+    def chat_prompt(self, problem: str) -> str:
+        """The model's chat template applied to the problem plus the reasoning instruction, ready to continue."""
+        ...
+
+    def chat(
+        self, conversations: Sequence[Sequence[dict[str, str]]], *, max_tokens: int, temperature: float = 0.0
+    ) -> list[str]:
+        """Reply text per conversation (list of {role, content}); used by the DTO judge."""
+        ...
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Token counts under this backend's tokenizer."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def problem_message(problem: str) -> str:
+    """The user turn every backend sends: the problem, a blank line, the instruction from DESIGN.md."""
+    return f"{problem}\n\n{INSTRUCTION}"

@@ -1,0 +1,153 @@
+"""The `ckptdpo` command. User errors print one sentence and exit 2; heavy imports live inside handlers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ckptdpo.errors import UserError
+
+log = logging.getLogger("ckptdpo")
+
+
+def ckptdpo_home() -> Path:
+    """CKPTDPO_HOME (model cache and other state), default ~/.cache/ckptdpo. Read here, at the edge, only."""
+    return Path(os.environ.get("CKPTDPO_HOME", Path.home() / ".cache" / "ckptdpo")).expanduser()
+
+
+# --- handlers: one per subcommand; each owns its imports ---------------------------------------------------------
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from ckptdpo.verify import run_verify_command
+
+    return run_verify_command(args)
+
+
+def _cmd_checkpoints(args: argparse.Namespace) -> int:
+    from ckptdpo.checkpoints import run_checkpoints_command
+
+    return run_checkpoints_command(args)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from ckptdpo.models import pull_demo
+
+    path = pull_demo(ckptdpo_home())
+    print(path)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    # flows/ is the orchestration layer; imported only by the commands that run flows.
+    from flows.commands import run_command
+
+    return run_command(args, home=ckptdpo_home())
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from flows.commands import demo_command
+
+    return demo_command(args, home=ckptdpo_home())
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from flows.commands import status_command
+
+    return status_command(args)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ckptdpo.report import run_report_command
+
+    return run_report_command(args)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from ckptdpo.report import run_compare_command
+
+    return run_compare_command(args)
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from flows.server import server_command
+
+    return server_command(args, home=ckptdpo_home())
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ckptdpo", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("verify", help="verify completions against gold answers")
+    s.add_argument("input", help="JSONL or Parquet file with gold and completion columns")
+    s.add_argument("--output", "-o", required=True, help="Parquet file to write verdicts to")
+    s.add_argument("--gold-column", default="gold")
+    s.add_argument("--completion-column", default="completion")
+    s.add_argument("--timeout-s", type=float, default=5.0, help="hard wall-clock limit per item")
+    s.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
+    s.set_defaults(func=_cmd_verify)
+
+    s = sub.add_parser("checkpoints", help="paragraph and checkpoint statistics of trajectories")
+    s.add_argument("input", help="JSONL or Parquet file with a completion column")
+    s.add_argument("--completion-column", default="completion")
+    s.add_argument("--verdict-column", default=None, help="column with is_correct/status (auto-detected)")
+    s.add_argument("--markers", default="Wait,Alternatively,But", help="comma-separated marker words")
+    s.add_argument("--json", dest="json_out", default=None, help="write checkpoints per trajectory as JSON")
+    s.set_defaults(func=_cmd_checkpoints)
+
+    s = sub.add_parser("models", help="model provisioning")
+    ms = s.add_subparsers(dest="models_command", required=True)
+    ms.add_parser("pull-demo", help="provision SmolLM2-135M-Instruct into CKPTDPO_HOME (no hub needed)")
+    s.set_defaults(func=_cmd_models)
+
+    s = sub.add_parser("run", help="run a recipe's pipeline (Prefect flows)")
+    s.add_argument("recipe", help="recipe YAML")
+    s.add_argument("--run-dir", required=True)
+    s.add_argument("--stages", default=None, help="comma-separated stages (default: the recipe's)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("demo", help="the demo recipe into runs/demo")
+    s.add_argument("--run-dir", default="runs/demo")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("status", help="what is done and what is left in a run directory")
+    s.add_argument("run_dir")
+    s.set_defaults(func=_cmd_status)
+
+    s = sub.add_parser("report", help="write RUN_DIR/report/index.html")
+    s.add_argument("run_dir")
+    s.set_defaults(func=_cmd_report)
+
+    s = sub.add_parser("compare", help="side-by-side metrics of two runs")
+    s.add_argument("run_a")
+    s.add_argument("run_b")
+    s.set_defaults(func=_cmd_compare)
+
+    s = sub.add_parser("server", help="local Prefect server, workers and deployments")
+    s.add_argument("action", choices=["up", "down", "status"])
+    s.set_defaults(func=_cmd_server)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""One validated config model per stage; a recipe is YAML of these."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ckptdpo.errors import UserError
+
+STAGES = ("generate", "verify", "checkpoints", "resample", "dto", "train", "eval")
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class ConfigError(UserError, ValueError):
+    """A user error in a recipe or config: the message is one sentence naming the file, the field and the fix."""
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ProblemsConfig(_Config):
+    """Where the problems come from."""
+
+    source: Literal["demo", "file", "hf"] = Field("demo", description="demo generator, a local file, or a HF dataset")
+    path: str | None = Field(None, description="JSONL/Parquet file, HF dataset name or local dataset directory")
+    split: str = Field("train", description="dataset split for source=hf")
+    id_field: str | None = Field("id", description="column holding a stable id; content hash when absent")
+    problem_field: str = Field("problem", description="column holding the problem text")
+    answer_field: str = Field("answer", description="column holding the gold answer")
+    answer_format: Literal["plain", "gsm8k"] = Field("plain", description="gsm8k: gold is the text after '####'")
+    limit: int | None = Field(None, ge=1, description="keep only the first N problems")
+    skip_invalid: bool = Field(False, description="count and skip rows with a missing problem or answer")
+    num_problems: int = Field(64, ge=1, description="demo generator: number of problems")
+    seed: int = Field(0, description="demo generator seed")
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> ProblemsConfig:
+        if self.source in ("file", "hf") and not self.path:
+            raise ValueError(f"problems.path is required when problems.source is {self.source!r}")
+        return self
+
+
+class BackendConfig(_Config):
+    """A generation backend: which implementation, which model, and engine settings."""
+
+    kind: Literal["hf", "vllm", "openai", "fake"] = Field("hf", description="backend implementation")
+    model: str = Field("demo", description="local path, 'demo', or a Hugging Face hub id")
+    revision: str | None = Field(None, description="model revision (part of every cache key)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights dtype")
+    device: str = Field("auto", description="hf: 'cpu', 'cuda', or 'auto'")
+    batch_token_budget: int = Field(16384, ge=1, description="hf: max prompt+new tokens per batch")
+    max_batch_size: int = Field(16, ge=1, description="hf: max sequences per forward batch")
+    max_model_len: int | None = Field(None, ge=1, description="context length override")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: tensor parallel size")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory to use")
+    enable_prefix_caching: bool = Field(True, description="vllm: automatic prefix caching")
+    base_urls: list[str] = Field(default_factory=list, description="openai: endpoints, sticky by trajectory")
+    api_key_env: str | None = Field(None, description="openai: name of the env variable holding the API key")
+    max_concurrency: int = Field(8, ge=1, description="openai: concurrent requests")
+    request_timeout_s: float = Field(600.0, gt=0, description="openai: per request timeout")
+    max_retries: int = Field(5, ge=0, description="openai: retries on 429/5xx/timeouts")
+    loop_guard: bool = Field(True, description="stop a sample that repeats a paragraph or n-gram")
+    loop_min_repeats: int = Field(4, ge=2, description="loop guard: repeats of a paragraph that count as a loop")
+    loop_ngram: int = Field(32, ge=4, description="loop guard: n-gram size in tokens for the n-gram check")
+    script: str | None = Field(None, description="fake: path of a JSON/YAML script of trajectories")
+
+
+class GenerateConfig(_Config):
+    """Sampling trajectories from the policy."""
+
+    num_samples: int = Field(4, ge=1, description="samples per problem (vLLM's n)")
+    temperature: float = Field(0.6, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(-1, description="-1 disables top-k")
+    max_tokens: int = Field(32768, ge=1, description="max new tokens per sample")
+    seed: int = Field(0, description="base seed; per-request seeds derive from it and the content")
+    stop: list[str] = Field(default_factory=list, description="stop strings")
+    shard_size: int = Field(256, ge=1, description="problems per shard (one task run per shard)")
+
+
+class VerifyConfig(_Config):
+    """Answer extraction and math-verify in a killable process pool."""
+
+    timeout_s: float = Field(5.0, gt=0, description="hard wall-clock limit per item")
+    workers: int | None = Field(None, ge=1, description="worker processes; default: CPU count")
+
+
+class CheckpointConfig(_Config):
+    """Checkpoint location inside trajectories."""
+
+    markers: list[str] = Field(default_factory=lambda: ["Wait", "Alternatively", "But"])
+
+    @field_validator("markers")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        if not v or any(not m.strip() or m != m.strip() for m in v):
+            raise ValueError("markers must be a non-empty list of words without surrounding spaces")
+        return v
+
+
+class ResampleConfig(_Config):
+    """Resampling from checkpoints into r2w / w2r pairs."""
+
+    policy: Literal["seed", "uniform", "all", "decile", "front"] = Field("seed", description="checkpoint schedule")
+    r2w: bool = Field(True, description="build Right-to-Wrong pairs from correct trajectories")
+    w2r: bool = Field(True, description="build Wrong-to-Right pairs from wrong trajectories")
+    max_rounds: int = Field(3, ge=1, description="resampling rounds")
+    token_budget: int | None = Field(None, ge=1, description="stop after this many generated tokens in total")
+    w2r_max_attempts: int = Field(4, ge=1, description="w2r: attempts per (trajectory, checkpoint)")
+    temperature: float = Field(0.6, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(32768, ge=1, description="max new tokens per continuation")
+    seed: int = Field(1, description="base seed for continuations")
+    max_pair_tokens: int | None = Field(None, ge=1, description="drop pairs whose prompt+longer side exceed this")
+    prefer_fitting_prefixes: bool = Field(True, description="skip checkpoints whose prefix cannot fit a pair")
+    max_length_ratio: float | None = Field(None, gt=1, description="drop pairs with chosen/rejected token ratio over")
+    shard_size: int = Field(256, ge=1, description="trajectories per shard")
+
+
+class JudgeConfig(_Config):
+    """The judge LLM used by DTO pruning."""
+
+    backend: BackendConfig | None = Field(None, description="judge backend; default: the policy backend")
+    max_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    max_segments: int = Field(64, ge=1, description="judge at most this many segments per trajectory")
+
+
+class DTOConfig(_Config):
+    """Dynamic Thinking pattern Optimization: exit probing, truncation, judge pruning."""
+
+    probe: Literal["sample", "likelihood"] = Field("likelihood", description="how to estimate exit probability")
+    threshold: float = Field(0.5, ge=0, le=1, description="exit at the first checkpoint at or above this")
+    probe_samples: int = Field(4, ge=1, description="probe=sample: continuations per checkpoint")
+    probe_max_tokens: int = Field(32, ge=1)
+    min_checkpoints: int = Field(2, ge=0, description="use paragraph breaks when fewer checkpoints than this")
+    prune: bool = Field(True, description="run judge pruning after truncation")
+    on_reverify_fail: Literal["truncated", "drop"] = Field("truncated")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+
+
+class TrainConfig(_Config):
+    """TRL DPO / SimPO training on pair shards."""
+
+    loss: Literal["dpo", "simpo"] = Field("dpo", description="dpo: TRL DPOTrainer; simpo: CPOTrainer simpo")
+    loss_type: str = Field("sigmoid", description="DPOTrainer loss_type")
+    pair_types: list[Literal["r2w", "w2r", "dto"]] = Field(default_factory=lambda: ["r2w", "w2r"])
+    beta: float = Field(0.1, gt=0)
+    gamma_beta_ratio: float = Field(0.5, ge=0, description="SimPO gamma/beta; TRL gets simpo_gamma=ratio*beta")
+    learning_rate: float = Field(5e-7, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="-1: epochs decide")
+    per_device_train_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(4096, ge=8)
+    truncation: Literal["drop", "keep_end"] = Field("drop", description="rows over max_length: drop or cut")
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    seed: int = Field(0)
+    lora: bool = Field(False)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    gradient_checkpointing: bool = Field(False)
+    precompute_ref_log_probs: bool = Field(False)
+    bf16: bool = Field(False)
+    use_liger_kernel: bool = Field(False)
+    accelerate_config: str | None = Field(None, description="accelerate config file; none: single process")
+    num_processes: int = Field(1, ge=1)
+    save_steps: int = Field(50, ge=1)
+    logging_steps: int = Field(1, ge=1)
+
+
+class EvalConfig(_Config):
+    """Benchmarks: n samples per problem, pass@k, cons@k, tokens, efficiency."""
+
+    benchmarks: dict[str, ProblemsConfig] = Field(default_factory=dict, description="name -> problem source")
+    models: list[str] = Field(default_factory=lambda: ["base", "trained"], description="'base', 'trained' or paths")
+    num_samples: int = Field(16, ge=1)
+    k: list[int] = Field(default_factory=lambda: [1, 4, 8, 16])
+    temperature: float = Field(0.6, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(32768, ge=1)
+    seed: int = Field(1234)
+    shard_size: int = Field(64, ge=1, description="problems per eval shard")
+
+
+class Recipe(_Config):
+    """A whole pipeline: problem source, policy backend and one config per stage."""
+
+    name: str = "recipe"
+    stages: list[Literal["generate", "verify", "checkpoints", "resample", "dto", "train", "eval"]] = Field(
+        default_factory=lambda: ["generate", "verify", "checkpoints", "resample"]
+    )
+    problems: ProblemsConfig = Field(default_factory=ProblemsConfig)
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    resample: ResampleConfig = Field(default_factory=ResampleConfig)
+    dto: DTOConfig = Field(default_factory=DTOConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+        """Load a recipe, apply dotted-key overrides, validate; errors are one ConfigError sentence."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: recipe file not found; pass the path of a recipe YAML file.") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the recipe ({e}); check the file.") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({_one_line(e)}); fix the syntax.") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe must be a YAML mapping of sections, got {type(data).__name__}.")
+        for key, value in (overrides or {}).items():
+            _set_dotted(data, key, value, path)
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<recipe>") -> Recipe:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(describe_validation_error(e, source)) from None
+
+    def config_hash(self, *sections: str) -> str:
+        """Content hash of the named sections (all when none): part of every cache key and manifest."""
+        dump = self.model_dump(mode="json")
+        if sections:
+            dump = {s: dump[s] for s in sections}
+        return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_validation_error(e: ValidationError, source: str) -> str:
+    """One sentence per pydantic error, naming the file and the dotted field."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"{source}: unknown key '{loc}'; remove it or check its spelling.")
+        elif err["type"] == "missing":
+            parts.append(f"{source}: required key '{loc}' is missing; add it.")
+        else:
+            parts.append(f"{source}: field '{loc}' {err['msg'].lower()} (got {err.get('input')!r}); fix the value.")
+    return " ".join(parts)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`dotted.key=value` with the value parsed as YAML (so numbers, booleans and lists work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like dotted.key=value.")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, path: Path) -> None:
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{path}: override '{key}' goes through '{p}', which is not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())

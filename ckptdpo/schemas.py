@@ -1,0 +1,148 @@
+"""Every Parquet schema of the project, defined once.
+
+Tables are built with `make_table(rows, SCHEMA)` so a missing or extra column fails at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+PROBLEMS = pa.schema(
+    [
+        ("problem_id", pa.string()),
+        ("problem", pa.string()),
+        ("answer", pa.string()),
+        ("source", pa.string()),
+    ]
+)
+
+# One row per generated trajectory (and, in resampling, per continuation).
+SAMPLES = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("problem_id", pa.string()),
+        ("sample_index", pa.int32()),
+        ("seed", pa.int64()),
+        ("prompt", pa.string()),
+        ("completion", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("finish_reason", pa.string()),  # stop | length | loop | error
+        ("model", pa.string()),
+    ]
+)
+
+VERDICTS = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("problem_id", pa.string()),
+        ("status", pa.string()),  # correct | incorrect | no_answer | timeout | error
+        ("is_correct", pa.bool_()),  # null unless status is correct or incorrect
+        ("extracted", pa.string()),
+    ]
+)
+
+# One row per trajectory: its checkpoints as parallel lists (offsets of the marker's first character).
+CHECKPOINTS = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("problem_id", pa.string()),
+        ("is_correct", pa.bool_()),
+        ("completion_tokens", pa.int32()),
+        ("num_paragraphs", pa.int32()),
+        ("num_checkpoints", pa.int32()),
+        ("checkpoint_chars", pa.list_(pa.int64())),
+        ("checkpoint_markers", pa.list_(pa.string())),
+    ]
+)
+
+# One row per continuation drawn from a checkpoint during resampling.
+ATTEMPTS = pa.schema(
+    [
+        ("attempt_id", pa.string()),
+        ("round", pa.int32()),
+        ("direction", pa.string()),  # r2w | w2r
+        ("problem_id", pa.string()),
+        ("source_sample_id", pa.string()),
+        ("checkpoint_index", pa.int32()),
+        ("checkpoint_char", pa.int64()),
+        ("draw", pa.int32()),
+        ("seed", pa.int64()),
+        ("continuation", pa.string()),
+        ("completion_tokens", pa.int32()),
+        ("finish_reason", pa.string()),
+        ("status", pa.string()),
+        ("is_correct", pa.bool_()),
+        ("extracted", pa.string()),
+    ]
+)
+
+PAIRS = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("pair_type", pa.string()),  # r2w | w2r | dto
+        ("problem_id", pa.string()),
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("gold_answer", pa.string()),
+        ("source_sample_id", pa.string()),
+        ("checkpoint_index", pa.int32()),
+        ("prompt_tokens", pa.int32()),
+        ("chosen_tokens", pa.int32()),
+        ("rejected_tokens", pa.int32()),
+        ("round", pa.int32()),
+        ("attempt_id", pa.string()),
+        ("model", pa.string()),
+    ]
+)
+
+# One row per evaluated sample.
+EVAL_SAMPLES = pa.schema(
+    [
+        ("benchmark", pa.string()),
+        ("model_name", pa.string()),
+        ("problem_id", pa.string()),
+        ("sample_index", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("finish_reason", pa.string()),
+        ("status", pa.string()),
+        ("is_correct", pa.bool_()),
+        ("extracted", pa.string()),
+    ]
+)
+
+# One row per (benchmark, model): the headline numbers.
+EVAL_RESULTS = pa.schema(
+    [
+        ("benchmark", pa.string()),
+        ("model_name", pa.string()),
+        ("num_problems", pa.int32()),
+        ("num_samples", pa.int32()),
+        ("pass_at_1", pa.float64()),
+        ("pass_at_k", pa.map_(pa.int32(), pa.float64())),
+        ("cons_at_k", pa.map_(pa.int32(), pa.float64())),
+        ("mean_tokens", pa.float64()),
+        ("mean_tokens_incorrect", pa.float64()),
+        ("length_share", pa.float64()),
+        ("loop_share", pa.float64()),
+        ("eta", pa.float64()),
+        ("aes", pa.float64()),
+    ]
+)
+
+
+def make_table(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Build a table from row dicts; a row with a missing or extra column raises ValueError."""
+    names = set(schema.names)
+    for i, row in enumerate(rows):
+        keys = set(row)
+        if keys != names:
+            missing, extra = sorted(names - keys), sorted(keys - names)
+            raise ValueError(f"row {i} does not match the schema: missing {missing}, extra {extra}")
+    return pa.Table.from_pylist(list(rows), schema=schema)
