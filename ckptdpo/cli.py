@@ -90,6 +90,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--completion-column", default="completion")
     s.add_argument("--timeout-s", type=float, default=5.0, help="hard wall-clock limit per item")
     s.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
+    s.add_argument("--max-chars", type=int, default=1_000_000, help="refuse completions longer than this")
     s.set_defaults(func=_cmd_verify)
 
     s = sub.add_parser("checkpoints", help="paragraph and checkpoint statistics of trajectories")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ class ProblemsConfig(_Config):
     source: Literal["demo", "file", "hf"] = Field("demo", description="demo generator, a local file, or a HF dataset")
     path: str | None = Field(None, description="JSONL/Parquet file, HF dataset name or local dataset directory")
     split: str = Field("train", description="dataset split for source=hf")
+    subset: str | None = Field(None, description="dataset config name for source=hf (e.g. 'main' for openai/gsm8k)")
     id_field: str | None = Field("id", description="column holding a stable id; content hash when absent")
     problem_field: str = Field("problem", description="column holding the problem text")
     answer_field: str = Field("answer", description="column holding the gold answer")
@@ -38,6 +40,14 @@ class ProblemsConfig(_Config):
     skip_invalid: bool = Field(False, description="count and skip rows with a missing problem or answer")
     num_problems: int = Field(64, ge=1, description="demo generator: number of problems")
     seed: int = Field(0, description="demo generator seed")
+    demo_mix: dict[int, float] | None = Field(None, description="demo generator: level (1-5) -> weight; calibrated")
+
+    @field_validator("demo_mix")
+    @classmethod
+    def _mix_levels(cls, v: dict[int, float] | None) -> dict[int, float] | None:
+        if v is not None and (any(k not in range(1, 6) or w < 0 for k, w in v.items()) or sum(v.values()) <= 0):
+            raise ValueError("demo_mix must map levels 1-5 to weights >= 0 with a positive sum")
+        return v
 
     @model_validator(mode="after")
     def _path_needed(self) -> ProblemsConfig:
@@ -112,7 +122,7 @@ class ResampleConfig(_Config):
     w2r: bool = Field(True, description="build Wrong-to-Right pairs from wrong trajectories")
     max_rounds: int = Field(3, ge=1, description="resampling rounds")
     token_budget: int | None = Field(None, ge=1, description="stop after this many generated tokens in total")
-    w2r_max_attempts: int = Field(4, ge=1, description="w2r: attempts per (trajectory, checkpoint)")
+    max_attempts: int = Field(8, ge=1, description="draws per (trajectory, checkpoint) over all rounds")
     temperature: float = Field(0.6, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     max_tokens: int = Field(32768, ge=1, description="max new tokens per continuation")
@@ -130,6 +140,7 @@ class JudgeConfig(_Config):
     max_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0)
     max_segments: int = Field(64, ge=1, description="judge at most this many segments per trajectory")
+    max_context_chars: int = Field(8000, ge=0, description="preceding reasoning shown to the judge (its tail)")
 
 
 class DTOConfig(_Config):
@@ -139,9 +150,14 @@ class DTOConfig(_Config):
     threshold: float = Field(0.5, ge=0, le=1, description="exit at the first checkpoint at or above this")
     probe_samples: int = Field(4, ge=1, description="probe=sample: continuations per checkpoint")
     probe_max_tokens: int = Field(32, ge=1)
+    probe_temperature: float = Field(0.6, ge=0, description="probe=sample: sampling temperature")
+    probe_top_p: float = Field(0.95, gt=0, le=1, description="probe=sample: nucleus sampling")
+    max_probes: int = Field(64, ge=1, description="probe at most this many positions per trajectory (spread)")
+    seed: int = Field(2, description="base seed for sampled probes")
     min_checkpoints: int = Field(2, ge=0, description="use paragraph breaks when fewer checkpoints than this")
     prune: bool = Field(True, description="run judge pruning after truncation")
-    on_reverify_fail: Literal["truncated", "drop"] = Field("truncated")
+    on_reverify_fail: Literal["truncated", "drop"] = Field("truncated", description="pruned text fails: fall back")
+    rejected: Literal["longest", "longest_correct"] = Field("longest", description="rejected side of DTO pairs")
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
 
 
@@ -149,7 +165,7 @@ class TrainConfig(_Config):
     """TRL DPO / SimPO training on pair shards."""
 
     loss: Literal["dpo", "simpo"] = Field("dpo", description="dpo: TRL DPOTrainer; simpo: CPOTrainer simpo")
-    loss_type: str = Field("sigmoid", description="DPOTrainer loss_type")
+    loss_type: str = Field("sigmoid", description="DPOTrainer loss_type (sigmoid, ipo, hinge, ...); loss=dpo only")
     pair_types: list[Literal["r2w", "w2r", "dto"]] = Field(default_factory=lambda: ["r2w", "w2r"])
     beta: float = Field(0.1, gt=0)
     gamma_beta_ratio: float = Field(0.5, ge=0, description="SimPO gamma/beta; TRL gets simpo_gamma=ratio*beta")
@@ -158,35 +174,102 @@ class TrainConfig(_Config):
     max_steps: int = Field(-1, description="-1: epochs decide")
     per_device_train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    max_length: int = Field(4096, ge=8)
-    truncation: Literal["drop", "keep_end"] = Field("drop", description="rows over max_length: drop or cut")
-    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    max_length: int = Field(4096, ge=8, description="tokens of prompt + longer completion; never silently cut")
+    truncation: Literal["drop", "keep_end"] = Field(
+        "drop", description="rows over max_length: drop them, or keep_end: cut the start of the prompt"
+    )
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of problems held out (split by problem_id)")
     seed: int = Field(0)
-    lora: bool = Field(False)
+    lora: bool = Field(False, description="train a LoRA adapter (merged into the saved model) instead of all weights")
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: list[str] | Literal["all-linear"] = Field("all-linear")
     gradient_checkpointing: bool = Field(False)
-    precompute_ref_log_probs: bool = Field(False)
+    precompute_ref_log_probs: bool = Field(False, description="dpo: reference log-probs computed once, up front")
     bf16: bool = Field(False)
-    use_liger_kernel: bool = Field(False)
-    accelerate_config: str | None = Field(None, description="accelerate config file; none: single process")
-    num_processes: int = Field(1, ge=1)
+    use_liger_kernel: bool = Field(False, description="apply Liger kernels when liger-kernel is installed")
+    accelerate_config: str | None = Field(None, description="accelerate config file (GPU); none: python/torchrun")
+    num_processes: int = Field(1, ge=1, description="processes (GPUs, or CPU ranks under torchrun)")
+    zero_stage: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage when not launched by accelerate")
     save_steps: int = Field(50, ge=1)
+    save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept in the output directory")
     logging_steps: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_deepspeed_source(self) -> TrainConfig:
+        if self.accelerate_config and self.zero_stage:
+            raise ValueError(
+                "train.zero_stage must be 0 when train.accelerate_config is set (the accelerate config carries the "
+                "DeepSpeed settings)"
+            )
+        return self
 
 
 class EvalConfig(_Config):
     """Benchmarks: n samples per problem, pass@k, cons@k, tokens, efficiency."""
 
-    benchmarks: dict[str, ProblemsConfig] = Field(default_factory=dict, description="name -> problem source")
-    models: list[str] = Field(default_factory=lambda: ["base", "trained"], description="'base', 'trained' or paths")
-    num_samples: int = Field(16, ge=1)
-    k: list[int] = Field(default_factory=lambda: [1, 4, 8, 16])
+    benchmarks: dict[str, ProblemsConfig] = Field(
+        default_factory=dict, description="name -> problem source; empty: held-out demo problems (demo recipes)"
+    )
+    models: list[str] = Field(
+        default_factory=lambda: ["base", "trained"],
+        description="'base', 'trained', a path or 'name=path'; the first is the reference for eta and AES",
+    )
+    backends: dict[str, BackendConfig] = Field(
+        default_factory=dict, description="model name -> its whole backend config, when not the recipe's backend"
+    )
+    num_samples: int = Field(16, ge=1, description="samples per problem")
+    k: list[int] = Field(default_factory=lambda: [1, 4, 8, 16], description="pass@k / cons@k; k > num_samples skipped")
     temperature: float = Field(0.6, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     max_tokens: int = Field(32768, ge=1)
     seed: int = Field(1234)
     shard_size: int = Field(64, ge=1, description="problems per eval shard")
+    exclude_training_problems: bool = Field(True, description="drop benchmark problems the run trained on")
+    aes_alpha: float = Field(1.0, ge=0, description="AES weight of the relative length reduction")
+    aes_beta: float = Field(3.0, ge=0, description="AES weight of a relative accuracy gain")
+    aes_gamma: float = Field(5.0, ge=0, description="AES weight of a relative accuracy drop")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _benchmark_names(cls, v: dict[str, ProblemsConfig]) -> dict[str, ProblemsConfig]:
+        bad = [name for name in v if not _SAFE_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"benchmark names {bad} must be letters, digits, '.', '_' or '-' (they name directories)")
+        return v
+
+    @field_validator("k")
+    @classmethod
+    def _positive_k(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError("k must be a non-empty list of integers >= 1")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _model_names(self) -> EvalConfig:
+        names = [eval_model_name(m) for m in self.models]
+        bad = [n for n in names if not _SAFE_NAME.fullmatch(n) or n.startswith("_")]
+        if bad:
+            raise ValueError(f"model names {bad} must be letters, digits, '.', '_' or '-'; use 'name=path' entries")
+        if len(set(names)) != len(names):
+            raise ValueError(f"models name the same model twice ({names}); give them distinct 'name=path' names")
+        unknown = sorted(set(self.backends) - set(names))
+        if unknown:
+            raise ValueError(f"backends names models {unknown} that are not in models {names}")
+        return self
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def eval_model_name(entry: str) -> str:
+    """The name of an `eval.models` entry: 'base', 'trained', the part before '=', or the path's last component."""
+    if "=" in entry:
+        return entry.split("=", 1)[0].strip()
+    if entry in ("base", "trained"):
+        return entry
+    return Path(entry.rstrip("/")).name or entry
 
 
 class Recipe(_Config):

@@ -107,8 +107,10 @@ EVAL_SAMPLES = pa.schema(
     [
         ("benchmark", pa.string()),
         ("model_name", pa.string()),
+        ("model", pa.string()),  # what the backend loaded (path or hub id) under model_name
         ("problem_id", pa.string()),
         ("sample_index", pa.int32()),
+        ("completion", pa.string()),
         ("completion_tokens", pa.int32()),
         ("finish_reason", pa.string()),
         ("status", pa.string()),
@@ -122,13 +124,15 @@ EVAL_RESULTS = pa.schema(
     [
         ("benchmark", pa.string()),
         ("model_name", pa.string()),
+        ("reference_model", pa.string()),  # eta and aes compare against this model
         ("num_problems", pa.int32()),
         ("num_samples", pa.int32()),
         ("pass_at_1", pa.float64()),
         ("pass_at_k", pa.map_(pa.int32(), pa.float64())),
         ("cons_at_k", pa.map_(pa.int32(), pa.float64())),
         ("mean_tokens", pa.float64()),
-        ("mean_tokens_incorrect", pa.float64()),
+        ("mean_tokens_correct", pa.float64()),
+        ("mean_tokens_incorrect", pa.float64()),  # every sample not verified correct
         ("length_share", pa.float64()),
         ("loop_share", pa.float64()),
         ("eta", pa.float64()),

@@ -189,3 +189,26 @@ def iter_stage(
 
 def read_shard(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, columns=columns)
+
+
+STATS_FILE = "stats.json"
+
+
+def update_stats(run_dir: str | Path, section: str, data: dict[str, Any]) -> dict[str, Any]:
+    """Replace one section of `<run_dir>/stats.json` atomically (under a lock, so concurrent stages don't clobber)."""
+    import fcntl
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".stats.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = run_dir / STATS_FILE
+        stats = json.loads(path.read_text()) if path.exists() else {}
+        stats[section] = data
+        atomic_write_bytes(path, json.dumps(stats, indent=2, sort_keys=True, default=str).encode())
+    return stats
+
+
+def read_stats(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / STATS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -1,0 +1,140 @@
+"""Loop guard: notice, while a sample is generated, that it repeats a paragraph or a run of tokens, so it can stop.
+
+Degenerate trajectories repeat one paragraph hundreds of times ("Wait, triangle AFE: same."); every further token
+is wasted. Two incremental checks, each cheap per generated token:
+
+- paragraph loop: the completed paragraphs (split at blank lines, whitespace-collapsed, lower-cased) end with a
+  block of `period` paragraphs repeated `min_repeats` times back to back, for a period of 1 up to
+  `max_paragraph_period` (so "A A A A" and "A B A B A B A B" both count). Checked only when a paragraph completes.
+- token loop: the last tokens are periodic: the tail of `max(ngram, period) * min_repeats` tokens repeats a block of
+  `period` tokens, for a period up to `max_token_period`. A period is proposed only when the last `ngram` tokens
+  occurred before (one dict lookup per token), so the exact comparison runs only inside suspected loops.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+PARAGRAPH_BREAK = "\n\n"
+
+
+def normalize_paragraph(text: str) -> str:
+    """What makes two paragraphs "the same": equal after collapsing whitespace and lower-casing."""
+    return " ".join(text.split()).lower()
+
+
+def paragraph_cycle(paragraphs: list[str], min_repeats: int, max_period: int) -> int | None:
+    """The period of a block repeated `min_repeats` times at the end of `paragraphs` (normalized), or None."""
+    for period in range(1, max_period + 1):
+        span = period * min_repeats
+        if span > len(paragraphs):
+            break
+        tail = paragraphs[-span:]
+        block = tail[-period:]
+        if block == [""] * period:
+            continue
+        if all(tail[i] == block[i % period] for i in range(span)):
+            return period
+    return None
+
+
+def token_period(tokens: list[int], period: int, min_repeats: int, ngram: int) -> bool:
+    """True when the tail of `max(ngram, period) * min_repeats` tokens repeats a `period`-token block."""
+    span = max(ngram, period) * min_repeats
+    if period < 1 or span > len(tokens):
+        return False
+    # A sequence is p-periodic exactly when it equals itself shifted by p.
+    return tokens[-span + period :] == tokens[-span:-period]
+
+
+class LoopGuard:
+    """Incremental loop detector for one sample: feed each new token and its text; `reason` is set once looping."""
+
+    def __init__(
+        self,
+        *,
+        min_repeats: int = 4,
+        ngram: int = 32,
+        max_paragraph_period: int = 8,
+        max_token_period: int | None = None,
+        check_tokens: bool = True,
+        check_paragraphs: bool = True,
+    ) -> None:
+        if min_repeats < 2 or ngram < 1:
+            raise ValueError("min_repeats must be >= 2 and ngram >= 1")
+        self.min_repeats = min_repeats
+        self.ngram = ngram
+        self.max_paragraph_period = max_paragraph_period
+        self.max_token_period = max_token_period if max_token_period is not None else 8 * ngram
+        self.check_tokens = check_tokens
+        self.check_paragraphs = check_paragraphs
+        self.reason: str | None = None  # "paragraph" or "ngram" once a loop was seen
+        self._tokens: list[int] = []
+        # hash of each n-gram -> where it last ended; int keys and values keep this to a few MB per 32k tokens
+        self._seen: dict[int, int] = {}
+        # the paragraph being written, as chunks: joining only at a paragraph break keeps long paragraphs linear
+        self._chunks: list[str] = []
+        self._paragraphs: deque[str] = deque(maxlen=max_paragraph_period * min_repeats)
+
+    @property
+    def looping(self) -> bool:
+        return self.reason is not None
+
+    def update(self, token_id: int | None, text: str = "") -> bool:
+        """Add one generated token (None: text only) and the text it produced; True once a loop is detected."""
+        if self.reason is not None:
+            return True
+        if token_id is not None and self.check_tokens and self._add_token(token_id):
+            self.reason = "ngram"
+        elif text and self.check_paragraphs and self._add_text(text):
+            self.reason = "paragraph"
+        return self.reason is not None
+
+    def feed(self, tokens: Iterable[int] = (), text: str = "") -> bool:
+        """Add many tokens and/or a text chunk at once (for chunked backends); True once a loop is detected."""
+        for t in tokens:
+            if self.update(t):
+                return True
+        return self.update(None, text) if text else self.looping
+
+    def _add_token(self, token_id: int) -> bool:
+        tokens = self._tokens
+        tokens.append(token_id)
+        n = self.ngram
+        if len(tokens) < n:
+            return False
+        end = len(tokens)
+        key = hash(tuple(tokens[-n:]))
+        prev_end = self._seen.get(key)
+        self._seen[key] = end
+        # A hash collision only proposes a period; token_period compares the actual tokens.
+        return (
+            prev_end is not None
+            and end - prev_end <= self.max_token_period
+            and token_period(tokens, end - prev_end, self.min_repeats, n)
+        )
+
+    def _add_text(self, text: str) -> bool:
+        spans_break = bool(self._chunks) and self._chunks[-1].endswith("\n") and text.startswith("\n")
+        self._chunks.append(text)
+        if PARAGRAPH_BREAK not in text and not spans_break:
+            return False
+        *done, partial = "".join(self._chunks).split(PARAGRAPH_BREAK)
+        self._chunks = [partial] if partial else []
+        added = False
+        for p in done:
+            norm = normalize_paragraph(p)
+            if norm:  # runs of blank lines are not paragraphs
+                self._paragraphs.append(norm)
+                added = True
+        if not added:
+            return False
+        return paragraph_cycle(list(self._paragraphs), self.min_repeats, self.max_paragraph_period) is not None
+
+
+def find_loop(text: str, token_ids: Iterable[int] = (), *, min_repeats: int = 4, ngram: int = 32) -> str | None:
+    """Scan a finished text (and its token ids) in one go: "paragraph", "ngram" or None."""
+    guard = LoopGuard(min_repeats=min_repeats, ngram=ngram)
+    guard.feed(token_ids, text)
+    return guard.reason

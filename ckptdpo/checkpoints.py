@@ -1,0 +1,258 @@
+"""Checkpoint location inside trajectories, paragraph counts and resampling schedules.
+
+A checkpoint is a reconsideration marker (by default `Wait`, `Alternatively`, `But`) that starts a paragraph:
+the two characters before it are exactly `"\\n\\n"` (so `"\\n\\n\\nWait"` is a checkpoint too, its paragraph break
+is the last two newlines), the match is case-sensitive, and the marker is a whole word: the character after it,
+if any, is not a word character (`str.isalnum()` or `_`, as Python's `\\w`), so `Waiting`, `Butterfly`, `Wait2`
+and `But_x` are not checkpoints while `Wait,`, `Wait.`, `But ` and a marker at the end of the text are. The start
+of the text is not a paragraph break: a text that opens with `Wait` has no checkpoint there (one that opens with
+`"\\n\\nWait"` does). Only `"\\n"` counts as a newline; `"\\r\\n\\r\\n"` is not a paragraph break.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import operator
+import re
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+from ckptdpo.errors import UserError
+
+DEFAULT_MARKERS: tuple[str, ...] = ("Wait", "Alternatively", "But")
+POLICIES: tuple[str, ...] = ("seed", "uniform", "all", "decile", "front")
+# Statuses a verdict can have (see ckptdpo.verify); only the first two say anything about correctness.
+VERDICT_STATUSES = {"correct": True, "incorrect": False, "no_answer": None, "timeout": None, "error": None}
+# A checkpoint schedule that spreads draws over a long list uses this many positions.
+MAX_SPREAD = 10
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint: `index` is 1-based, `char` is the offset of the marker's first character."""
+
+    index: int
+    char: int
+    marker: str
+
+
+@lru_cache(maxsize=64)
+def _checkpoint_regex(markers: tuple[str, ...]) -> re.Pattern[str]:
+    """One compiled pattern per marker tuple: consume the "\\n\\n", capture the marker in a lookahead."""
+    if not markers:
+        raise ValueError("markers must not be empty")
+    for m in markers:
+        if not isinstance(m, str) or not m or m != m.strip():
+            raise ValueError(f"marker {m!r} must be a non-empty string without surrounding whitespace")
+    alternatives = []
+    # Longest first, so that of two markers matching at one place ("But", "But then") the longer one wins.
+    for m in sorted(set(markers), key=lambda s: (-len(s), s)):
+        # The whole-word test only makes sense after a word character; "Wait," ends a word by itself.
+        tail = r"(?!\w)" if re.match(r"\w", m[-1]) else ""
+        alternatives.append(re.escape(m) + tail)
+    # A literal "\n\n" prefix lets the regex engine skip ahead fast (a lookbehind would be ~4x slower); only the
+    # two newlines are consumed, so "\n\n\nWait" is found at the second newline and no checkpoint is swallowed.
+    return re.compile(r"\n\n(?=(" + "|".join(alternatives) + "))")
+
+
+def locate_checkpoints(text: str, markers: Sequence[str] = DEFAULT_MARKERS) -> list[Checkpoint]:
+    """All checkpoints of a trajectory, in order of position."""
+    rx = _checkpoint_regex(tuple(markers))
+    return [Checkpoint(i, m.start() + 2, m.group(1)) for i, m in enumerate(rx.finditer(text), 1)]
+
+
+def count_paragraphs(text: str) -> int:
+    """Non-empty paragraphs: pieces of `text.split("\\n\\n")` that hold at least one non-whitespace character."""
+    return sum(1 for p in text.split("\n\n") if p and not p.isspace())
+
+
+def split_at_checkpoint(text: str, cp: Checkpoint) -> tuple[str, str]:
+    """(prefix, suffix) with prefix = text[:cp.char] (the resampling prompt) and prefix + suffix == text."""
+    if not (2 <= cp.char <= len(text)) or not text.startswith(cp.marker, cp.char):
+        raise ValueError(f"checkpoint {cp} does not belong to this text (no {cp.marker!r} at offset {cp.char})")
+    return text[: cp.char], text[cp.char :]
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """k positions in 1..n, evenly spaced from the first to the last (rounded half up); distinct when k <= n."""
+    if k == 1:
+        return [1]
+    return [1 + (2 * (n - 1) * j + (k - 1)) // (2 * (k - 1)) for j in range(k)]
+
+
+def _deciles(n: int) -> list[int]:
+    """The first checkpoint of each tenth of the list: floor(n*d/10) + 1 for d = 0..9 (distinct when n >= 10)."""
+    # The start of each tenth rather than its end: checkpoint 1 stays in the schedule as it is for n <= 10, and the
+    # last checkpoint, usually the final re-check right before the answer, is left out ("too late to fix anything").
+    return [n * d // 10 + 1 for d in range(10)]
+
+
+def schedule_resample_points(num_checkpoints: int, policy: str = "seed") -> list[int]:
+    """1-based checkpoint indices to resample from, one entry per draw, in non-decreasing order.
+
+    Policies (n = num_checkpoints; every policy gives [] for n = 0):
+    - `seed` (DESIGN.md): n <= 10: checkpoint 1 gets n draws, the next ceil((n-1)/2) checkpoints 2 draws each, the
+      rest 1 draw each (n = 5: [1,1,1,1,1,2,2,3,3,4,5]); n > 10: one draw at each decile, floor(n*d/10) + 1 for
+      d = 0..9 (the first checkpoint of each tenth; n = 100: [1, 11, 21, ..., 91]).
+    - `all`: every checkpoint once, [1..n].
+    - `uniform`: every checkpoint once when n <= 10, else 10 draws evenly spaced from checkpoint 1 to checkpoint n.
+    - `decile`: floor(n*d/10) + 1 for d = 0..9 whatever n is: always 10 draws, repeated positions when n < 10.
+    - `front`: the `uniform` positions (m = min(n, 10) of them) with linearly decreasing draws: the first gets m,
+      the second m - 1, ..., the last 1 (m*(m+1)/2 draws, at most 55).
+    """
+    try:  # operator.index also takes numpy integers (counts read from Parquet), not floats or bools-as-ints
+        n = operator.index(num_checkpoints) if not isinstance(num_checkpoints, bool) else -1
+    except TypeError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"num_checkpoints must be a non-negative int, got {num_checkpoints!r}")
+    if policy not in POLICIES:
+        raise ValueError(f"unknown schedule policy {policy!r}; valid: {', '.join(POLICIES)}")
+    if n == 0:
+        return []
+    if policy == "seed":
+        if n > MAX_SPREAD:
+            return _deciles(n)
+        doubled = math.ceil((n - 1) / 2)
+        return [1] * n + [i for i in range(2, 2 + doubled) for _ in range(2)] + list(range(2 + doubled, n + 1))
+    if policy == "all":
+        return list(range(1, n + 1))
+    if policy == "decile":
+        return _deciles(n)
+    positions = _spread(n, min(n, MAX_SPREAD))
+    if policy == "uniform":
+        return positions
+    m = len(positions)  # front
+    return [p for j, p in enumerate(positions) for _ in range(m - j)]
+
+
+def _summary(values: list[int]) -> dict[str, float | int | None]:
+    if not values:
+        return {"mean": None, "median": None, "max": None}
+    return {"mean": statistics.fmean(values), "median": statistics.median(values), "max": max(values)}
+
+
+def trajectory_stats(
+    texts: Sequence[str], is_correct: Sequence[bool | None] | None = None, markers: Sequence[str] = DEFAULT_MARKERS
+) -> dict[str, dict]:
+    """Paragraphs and checkpoints per trajectory (mean/median/max), overall and split by correctness.
+
+    Returns {"all": group} plus, when `is_correct` is given, "correct", "incorrect" and "unknown" (is_correct None)
+    groups; a group is {"count", "paragraphs": {mean, median, max}, "checkpoints": {...}}, stats None when empty.
+    """
+    if is_correct is not None and len(is_correct) != len(texts):
+        raise ValueError(f"is_correct has {len(is_correct)} entries for {len(texts)} texts")
+    paragraphs = [count_paragraphs(t) for t in texts]
+    checkpoints = [len(locate_checkpoints(t, markers)) for t in texts]
+    groups = {"all": list(range(len(texts)))}
+    if is_correct is not None:
+        groups["correct"] = [i for i, c in enumerate(is_correct) if c is True]
+        groups["incorrect"] = [i for i, c in enumerate(is_correct) if c is False]
+        groups["unknown"] = [i for i, c in enumerate(is_correct) if c is None]
+    return {
+        name: {
+            "count": len(rows),
+            "paragraphs": _summary([paragraphs[i] for i in rows]),
+            "checkpoints": _summary([checkpoints[i] for i in rows]),
+        }
+        for name, rows in groups.items()
+    }
+
+
+# --- CLI: `ckptdpo checkpoints INPUT` ------------------------------------------------------------------------------
+
+
+def _verdicts_from_column(path: str, name: str, values: list) -> list[bool | None]:
+    """A verdict column holds booleans (is_correct) or verdict statuses; anything else is a user error."""
+    out: list[bool | None] = []
+    for row, v in enumerate(values, 1):
+        if v is None or isinstance(v, bool):
+            out.append(v)
+        elif isinstance(v, str) and v in VERDICT_STATUSES:
+            out.append(VERDICT_STATUSES[v])
+        else:
+            raise UserError(
+                f"{path}: column {name!r} row {row} holds {v!r}; a verdict column must hold true/false or one of "
+                f"{', '.join(VERDICT_STATUSES)}."
+            )
+    return out
+
+
+def _fmt(x: float | None, stat: str) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,}" if stat == "max" else f"{x:,.1f}"
+
+
+def run_checkpoints_command(args: argparse.Namespace) -> int:
+    """`ckptdpo checkpoints INPUT`: paragraph and checkpoint statistics, optionally checkpoints as JSON.
+
+    The JSON is a list with one record per input row: `row` (0-based), `sample_id` or `id` when the input has one,
+    `is_correct` when it has a verdict column, `num_paragraphs`, `num_checkpoints` and `checkpoints` ({index, char,
+    marker}).
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from ckptdpo.shards import atomic_write_bytes
+    from ckptdpo.tablefile import read_table_file
+
+    markers = tuple(m.strip() for m in args.markers.split(",") if m.strip())
+    if not markers:
+        raise UserError(f"--markers {args.markers!r} names no marker; pass comma-separated words like Wait,But.")
+    required = [args.completion_column] + ([args.verdict_column] if args.verdict_column else [])
+    table = read_table_file(args.input, required=required)
+    detected = next((c for c in ("is_correct", "status") if c in table.column_names), None)
+    verdict_column = args.verdict_column or detected
+
+    texts = table.column(args.completion_column).to_pylist()
+    bad = [i for i, t in enumerate(texts, 1) if not isinstance(t, str)]
+    if bad:
+        raise UserError(
+            f"{args.input}: column {args.completion_column!r} is empty or not text in row(s) {bad[:10]}; "
+            "fix those rows or pass --completion-column."
+        )
+    is_correct = None
+    if verdict_column is not None:
+        is_correct = _verdicts_from_column(args.input, verdict_column, table.column(verdict_column).to_pylist())
+
+    stats = trajectory_stats(texts, is_correct, markers)
+    console = Console()
+    # Groups as columns, statistics as rows: at most five columns, so it fits an 80-column terminal.
+    groups = {name: g for name, g in stats.items() if name == "all" or g["count"] > 0}
+    out = Table(title=str(args.input), caption=f"checkpoint markers: {', '.join(markers)}")
+    out.add_column("per trajectory")
+    for name in groups:
+        out.add_column(name, justify="right")
+    out.add_row("trajectories", *(f"{g['count']:,}" for g in groups.values()))
+    for what in ("paragraphs", "checkpoints"):
+        for stat in ("mean", "median", "max"):
+            out.add_row(f"{what} {stat}", *(_fmt(g[what][stat], stat) for g in groups.values()))
+    console.print(out)
+
+    if args.json_out:
+        ids = next((c for c in ("sample_id", "id") if c in table.column_names), None)
+        id_values = table.column(ids).to_pylist() if ids else None
+        records = []
+        for i, text in enumerate(texts):
+            rec: dict = {"row": i}
+            if id_values is not None:
+                rec[ids] = id_values[i]
+            if is_correct is not None:
+                rec["is_correct"] = is_correct[i]
+            cps = locate_checkpoints(text, markers)
+            rec["num_paragraphs"] = count_paragraphs(text)
+            rec["num_checkpoints"] = len(cps)
+            rec["checkpoints"] = [asdict(cp) for cp in cps]
+            records.append(rec)
+        try:
+            atomic_write_bytes(args.json_out, json.dumps(records, ensure_ascii=False, default=str).encode("utf-8"))
+        except OSError as e:
+            msg = f"{args.json_out}: cannot write the JSON file ({e.strerror}); pass a writable --json path."
+            raise UserError(msg) from None
+        console.print(f"wrote checkpoints of {len(records):,} trajectories to {args.json_out}")
+    return 0

@@ -1,0 +1,207 @@
+"""Right-to-Wrong and Wrong-to-Right: resampling from checkpoints and building preference pairs.
+
+r2w: from a correct trajectory, continue from a checkpoint; a continuation ending in a wrong final answer gives
+`prompt = chat(problem) + prefix, chosen = original suffix, rejected = continuation`.
+w2r: from a wrong trajectory, continue from a checkpoint until a continuation is correct;
+`chosen = continuation, rejected = original suffix`.
+
+"Wrong" means status `incorrect`: a final answer that does not verify. A continuation or trajectory with no
+answer (cut by `length`, a `loop`, no box) is neither chosen nor rejected: such a pair would teach the model to
+prefer text that merely stops, not text that reasons correctly.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ckptdpo.backends.base import GenerationRequest
+from ckptdpo.checkpoints import schedule_resample_points
+from ckptdpo.configs import ResampleConfig
+from ckptdpo.shards import content_id
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One (trajectory, checkpoint) where continuations are drawn; `draws` per round come from the schedule."""
+
+    direction: str  # r2w | w2r
+    problem_id: str
+    source_sample_id: str
+    checkpoint_index: int
+    checkpoint_char: int
+    draws: int
+
+
+def stable_seed(*parts: Any) -> int:
+    """A 31-bit seed derived from content, so reruns and resumes draw the same continuations."""
+    return int(content_id(*parts)[:8], 16) & 0x7FFFFFFF
+
+
+def direction_of(status: str, cfg: ResampleConfig) -> str | None:
+    if status == "correct" and cfg.r2w:
+        return "r2w"
+    if status == "incorrect" and cfg.w2r:
+        return "w2r"
+    return None
+
+
+def plan_slots(trajectory: dict[str, Any], cfg: ResampleConfig) -> list[Slot]:
+    """Slots of one trajectory per the checkpoint schedule; empty when it is not resampled.
+
+    With `max_pair_tokens` and `prefer_fitting_prefixes`, checkpoints whose prefix cannot fit a pair are skipped
+    before the schedule is applied. The prefix's token count is estimated from its share of the completion's
+    characters (exact counts come later, when pairs are built and filtered).
+    """
+    direction = direction_of(trajectory["status"], cfg)
+    chars = list(trajectory["checkpoint_chars"] or [])
+    if direction is None or not chars:
+        return []
+    indices = list(range(1, len(chars) + 1))
+    if cfg.max_pair_tokens and cfg.prefer_fitting_prefixes:
+        text_len = max(len(trajectory["completion"]), 1)
+        total = trajectory["prompt_tokens"] + trajectory["completion_tokens"]
+        # The original suffix is one side of every pair, so prompt + whole completion bounds the pair from below.
+        if total > cfg.max_pair_tokens:
+            budget = cfg.max_pair_tokens - trajectory["prompt_tokens"]
+            indices = [i for i in indices if trajectory["completion_tokens"] * chars[i - 1] / text_len <= budget]
+    if not indices:
+        return []
+    counts = Counter(schedule_resample_points(len(indices), cfg.policy))
+    return [
+        Slot(
+            direction=direction,
+            problem_id=trajectory["problem_id"],
+            source_sample_id=trajectory["sample_id"],
+            checkpoint_index=indices[pos - 1],
+            checkpoint_char=chars[indices[pos - 1] - 1],
+            draws=n,
+        )
+        for pos, n in sorted(counts.items())
+    ]
+
+
+def slot_key(slot: Slot) -> tuple[str, int]:
+    return (slot.source_sample_id, slot.checkpoint_index)
+
+
+def draws_this_round(slot: Slot, history: Sequence[dict[str, Any]], cfg: ResampleConfig) -> int:
+    """Round 1 draws the schedule; later rounds redraw slots that have not yet yielded a pair, up to max_attempts."""
+    wanted = "incorrect" if slot.direction == "r2w" else "correct"
+    if any(a["status"] == wanted for a in history):
+        return 0
+    return max(0, min(slot.draws, cfg.max_attempts - len(history)))
+
+
+def build_requests(
+    slots_with_draws: Iterable[tuple[Slot, int]],
+    trajectories: dict[str, dict[str, Any]],
+    cfg: ResampleConfig,
+    round_index: int,
+) -> list[GenerationRequest]:
+    """One request per slot: the trajectory's prompt plus its prefix, `n` draws, a content-derived seed."""
+    requests = []
+    for slot, n in slots_with_draws:
+        t = trajectories[slot.source_sample_id]
+        requests.append(
+            GenerationRequest(
+                prompt=t["prompt"] + t["completion"][: slot.checkpoint_char],
+                n=n,
+                seed=stable_seed(slot.source_sample_id, slot.checkpoint_index, round_index, cfg.seed),
+                max_tokens=cfg.max_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                route_key=slot.source_sample_id,
+            )
+        )
+    return requests
+
+
+def attempt_rows(
+    slot: Slot, request: GenerationRequest, result_samples: Sequence[Any], verdicts: Sequence[Any], round_index: int
+) -> list[dict[str, Any]]:
+    """ATTEMPTS rows for one slot's continuations (samples and verdicts in the same order)."""
+    rows = []
+    for draw, (s, v) in enumerate(zip(result_samples, verdicts, strict=True)):
+        rows.append(
+            {
+                "attempt_id": content_id(slot.source_sample_id, slot.checkpoint_index, round_index, draw, request.seed),
+                "round": round_index,
+                "direction": slot.direction,
+                "problem_id": slot.problem_id,
+                "source_sample_id": slot.source_sample_id,
+                "checkpoint_index": slot.checkpoint_index,
+                "checkpoint_char": slot.checkpoint_char,
+                "draw": draw,
+                "seed": request.seed,
+                "continuation": s.text,
+                "completion_tokens": s.num_tokens,
+                "finish_reason": s.finish_reason,
+                "status": v.status,
+                "is_correct": v.is_correct,
+                "extracted": v.extracted,
+            }
+        )
+    return rows
+
+
+def build_pairs(
+    trajectories: dict[str, dict[str, Any]],
+    attempts: Iterable[dict[str, Any]],
+    cfg: ResampleConfig,
+    count_tokens: Callable[[Sequence[str]], list[int]],
+    model: str,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """PAIRS rows from resampling attempts, filtered and deduplicated; returns (pairs, drop counts)."""
+    candidates = []
+    for a in attempts:
+        t = trajectories[a["source_sample_id"]]
+        prefix, suffix = t["completion"][: a["checkpoint_char"]], t["completion"][a["checkpoint_char"] :]
+        if a["direction"] == "r2w" and a["status"] == "incorrect":
+            chosen, rejected = suffix, a["continuation"]
+        elif a["direction"] == "w2r" and a["status"] == "correct":
+            chosen, rejected = a["continuation"], suffix
+        else:
+            continue
+        candidates.append((a, t, prefix, chosen, rejected))
+
+    texts = [x for _, _, prefix, chosen, rejected in candidates for x in (prefix, chosen, rejected)]
+    counts = count_tokens(texts) if texts else []
+    pairs: dict[str, dict[str, Any]] = {}
+    dropped = Counter()
+    for i, (a, t, prefix, chosen, rejected) in enumerate(candidates):
+        prefix_tokens, chosen_tokens, rejected_tokens = counts[3 * i : 3 * i + 3]
+        prompt = t["prompt"] + prefix
+        prompt_tokens = t["prompt_tokens"] + prefix_tokens
+        if cfg.max_pair_tokens and prompt_tokens + max(chosen_tokens, rejected_tokens) > cfg.max_pair_tokens:
+            dropped["over_max_pair_tokens"] += 1
+            continue
+        if cfg.max_length_ratio and max(chosen_tokens, rejected_tokens) > cfg.max_length_ratio * max(
+            1, min(chosen_tokens, rejected_tokens)
+        ):
+            dropped["over_max_length_ratio"] += 1
+            continue
+        pair_id = content_id(prompt, chosen, rejected)
+        if pair_id in pairs:
+            dropped["duplicate"] += 1
+            continue
+        pairs[pair_id] = {
+            "pair_id": pair_id,
+            "pair_type": a["direction"],
+            "problem_id": a["problem_id"],
+            "prompt": prompt,
+            "chosen": chosen,
+            "rejected": rejected,
+            "gold_answer": t["gold_answer"],
+            "source_sample_id": a["source_sample_id"],
+            "checkpoint_index": a["checkpoint_index"],
+            "prompt_tokens": prompt_tokens,
+            "chosen_tokens": chosen_tokens,
+            "rejected_tokens": rejected_tokens,
+            "round": a["round"],
+            "attempt_id": a["attempt_id"],
+            "model": model,
+        }
+    return [pairs[k] for k in sorted(pairs)], dict(dropped)

@@ -1,0 +1,48 @@
+"""Plumbing shared by the Prefect tasks: the environment edge, run-dir layout and content cache keys."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect.context import TaskRunContext
+
+from ckptdpo.configs import Recipe
+
+# Task parameters that identify *where* work happens but not *what* it computes are still part of the key:
+# a cache hit must mean "this exact output already exists in this run directory".
+_IGNORED_PARAMS = frozenset({"progress"})
+
+
+def ckptdpo_home() -> Path:
+    return Path(os.environ.get("CKPTDPO_HOME", Path.home() / ".cache" / "ckptdpo")).expanduser()
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def load_recipe(recipe_path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    return Recipe.from_yaml(recipe_path, overrides=overrides)
+
+
+def stage_dir(run_dir: str | Path, stage: str) -> Path:
+    return Path(run_dir) / stage
+
+
+def content_key(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def content_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Cache key from the task's name and its (small) parameters: stage config, input hashes, model revision.
+
+    Prefect's default policy includes the flow-run id and never hits across runs; this one does. Tasks take
+    paths, hashes and config dicts as parameters, never row data, so hashing them is cheap.
+    """
+    params = {k: v for k, v in parameters.items() if k not in _IGNORED_PARAMS}
+    return content_key(context.task.name, params)

@@ -1,0 +1,240 @@
+"""Prefect tasks for evaluation and the run report.
+
+Layout: `<run_dir>/eval/<benchmark>/_problems/` (the benchmark's problems, sharded), `<run_dir>/eval/<benchmark>/
+<model>/part-*.parquet` (EVAL_SAMPLES, one shard per problem shard) with a manifest holding that pair's metrics, and
+`<run_dir>/eval/results.parquet` (EVAL_RESULTS) with `eval/_manifest.json` written last. Each (benchmark, model)
+directory is a stage keyed by content like the factory's stages, so a rerun only evaluates what changed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from prefect import get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from ckptdpo import evaluate
+from ckptdpo.backends.base import GenerationRequest
+from ckptdpo.configs import BackendConfig, EvalConfig, ProblemsConfig
+from ckptdpo.problems import load_problems
+from ckptdpo.resample import stable_seed
+from ckptdpo.schemas import EVAL_RESULTS, EVAL_SAMPLES, PROBLEMS, SCHEMA_VERSION, make_table
+from ckptdpo.shards import (
+    MANIFEST,
+    atomic_write_bytes,
+    file_sha256,
+    list_shards,
+    prepare_stage,
+    read_manifest,
+    read_shard,
+    shard_path,
+    update_stats,
+    write_manifest,
+    write_shard,
+)
+from tasks.backends import backend_session, model_fingerprint
+from tasks.common import content_cache_key, content_key, hub_offline
+from tasks.stages import RETRY, StagePlan, backend_key, shard_exists
+
+RESULTS_FILE = "results.parquet"
+
+
+def problems_stage(benchmark: str) -> str:
+    return f"eval/{benchmark}/_problems"
+
+
+def samples_stage(benchmark: str, model_name: str) -> str:
+    return f"eval/{benchmark}/{model_name}"
+
+
+@task(name="load_benchmark", **RETRY)
+def load_benchmark(
+    run_dir: str, benchmark: str, problems: dict, shard_size: int, base_dir: str, exclude_training: bool
+) -> dict[str, Any]:
+    """Load one benchmark's problems, drop those the run trained on, and shard them (when their content changed)."""
+    cfg = ProblemsConfig(**problems)
+    problem_set = load_problems(cfg, base_dir=Path(base_dir), offline=hub_offline())
+    rows, excluded = problem_set.rows, 0
+    training = Path(run_dir) / "problems"
+    if exclude_training and list_shards(training):
+        texts = [t for p in list_shards(training) for t in read_shard(p, ["problem"]).column("problem").to_pylist()]
+        rows, excluded = evaluate.exclude_problems(rows, texts)
+    if excluded:
+        get_run_logger().info("%s: %d problems also in the training set left out", benchmark, excluded)
+    key = content_key("eval-problems", [(r["problem_id"], r["problem"], r["answer"]) for r in rows])[:16]
+    stage = Path(run_dir) / problems_stage(benchmark)
+    if not prepare_stage(stage, key):
+        for i in range(0, len(rows), shard_size):
+            write_shard(stage, i // shard_size, make_table(rows[i : i + shard_size], PROBLEMS))
+        stats = {"num_problems": len(rows), "num_excluded": excluded, "source": problem_set.source}
+        write_manifest(stage, config_hash=key, stats=stats)
+    return read_manifest(stage)["stats"]
+
+
+def model_key(backend: BackendConfig, run_dir: str) -> str:
+    """The model's revision for cache keys; a model trained in this run also by its training summary, because a
+    retrained model of the same shapes has the same config and file sizes."""
+    key = model_fingerprint(backend)
+    train_dir = (Path(run_dir) / "train").resolve()
+    summary = train_dir / "summary.json"
+    if Path(backend.model).expanduser().resolve().is_relative_to(train_dir) and summary.is_file():
+        key += "-" + file_sha256(summary)[:16]
+    return key
+
+
+@task(name="evaluate_samples", cache_key_fn=content_cache_key, persist_result=True, **RETRY)
+def evaluate_shard(
+    run_dir: str,
+    index: int,
+    stage_key: str,
+    benchmark: str,
+    model_name: str,
+    eval_config: dict,
+    backend: dict,
+    timeout_s: float,
+    workers: int | None,
+) -> dict[str, float]:
+    """Sample `num_samples` completions per problem of one benchmark shard with one model, verify, write the shard."""
+    stage = samples_stage(benchmark, model_name)
+    if shard_exists(run_dir, stage, index):
+        return {"generate_s": 0.0, "verify_s": 0.0}
+    from ckptdpo.verify import verify_batch
+
+    cfg, bcfg = EvalConfig(**eval_config), BackendConfig(**backend)
+    problems = read_shard(shard_path(Path(run_dir) / problems_stage(benchmark), index)).to_pylist()
+    with backend_session(bcfg) as b:
+        requests = [
+            GenerationRequest(
+                prompt=b.chat_prompt(p["problem"]),
+                n=cfg.num_samples,
+                seed=stable_seed(p["problem_id"], cfg.seed),
+                max_tokens=cfg.max_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                route_key=p["problem_id"],
+            )
+            for p in problems
+        ]
+        t0 = time.perf_counter()
+        results = b.generate(requests)
+        generate_s = time.perf_counter() - t0
+        model = b.model_id
+    failed = [(p["problem_id"], r.error) for p, r in zip(problems, results, strict=True) if r.error]
+    for pid, error in failed:
+        get_run_logger().warning("%s/%s problem %s: generation failed: %s", benchmark, model_name, pid, error)
+    items = [(p["answer"], s.text) for p, r in zip(problems, results, strict=True) for s in r.samples[: cfg.num_samples]]
+    t0 = time.perf_counter()
+    verdicts = verify_batch(items, timeout_s=timeout_s, workers=workers)
+    verify_s = time.perf_counter() - t0
+    rows = evaluate.sample_rows(
+        benchmark, model_name, model, [p["problem_id"] for p in problems], results, verdicts, cfg.num_samples
+    )
+    write_shard(Path(run_dir) / stage, index, make_table(rows, EVAL_SAMPLES))
+    return {"generate_s": generate_s, "verify_s": verify_s, "failed_requests": len(failed)}
+
+
+@task(name="aggregate_eval", **RETRY)
+def finalize_eval_model(plan: StagePlan, shard_results: list[dict[str, Any]], eval_config: dict) -> dict[str, Any]:
+    """One (benchmark, model)'s metrics, streamed shard by shard; its manifest is written last."""
+    cfg = EvalConfig(**eval_config)
+    stats = evaluate.aggregate_shards(evaluate.iter_eval_shards(plan.directory), cfg.num_samples, cfg.k)
+    for name in ("generate_s", "verify_s", "failed_requests"):
+        stats[name] = round(sum(r.get(name, 0) for r in shard_results), 3)
+    stats["wall_s"] = round(time.time() - plan.started, 3)
+    write_manifest(plan.directory, config_hash=plan.key, stats=stats, inputs=plan.inputs)
+    return stats
+
+
+@task(name="finalize_eval", **RETRY)
+def finalize_eval(
+    run_dir: str,
+    benchmarks: dict[str, dict[str, Any]],
+    models: list[str],
+    skipped: dict[str, str],
+    eval_config: dict,
+    started: float,
+) -> dict[str, Any]:
+    """eta and AES against the reference model, `eval/results.parquet`, the eval manifest (last) and stats.json."""
+    cfg = EvalConfig(**eval_config)
+    reference = models[0] if models else ""
+    section: dict[str, dict[str, Any]] = {}
+    for bench in benchmarks:
+        metrics = {}
+        for name in models:
+            m = read_manifest(Path(run_dir) / samples_stage(bench, name))
+            if m is not None:
+                metrics[name] = {k: v for k, v in m["stats"].items() if not k.endswith("_s")}
+        scores = evaluate.compare_to_reference(metrics, reference, cfg.aes_alpha, cfg.aes_beta, cfg.aes_gamma)
+        section[bench] = {name: {**m, **scores[name]} for name, m in metrics.items()}
+    rows = evaluate.results_rows(section, reference)
+    stage = Path(run_dir) / "eval"
+    stage.mkdir(parents=True, exist_ok=True)
+    (stage / MANIFEST).unlink(missing_ok=True)
+    buf = io.BytesIO()
+    pq.write_table(make_table(rows, EVAL_RESULTS), buf)
+    atomic_write_bytes(stage / RESULTS_FILE, buf.getvalue())
+    sha = file_sha256(stage / RESULTS_FILE)
+    manifest = {
+        "num_rows": len(rows),
+        "num_shards": 1,
+        "shards": [{"name": RESULTS_FILE, "num_rows": len(rows), "sha256": sha}],
+        "schema_version": SCHEMA_VERSION,
+        "config_hash": content_key("eval", eval_config)[:16],
+        "code_version": _code_version(),
+        "inputs": {},
+        "stats": {
+            "reference": reference,
+            "models": models,
+            "skipped_models": skipped,
+            "benchmarks": benchmarks,
+            "wall_s": round(time.time() - started, 3),
+        },
+    }
+    atomic_write_bytes(stage / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    update_stats(run_dir, "eval", section)
+    table = [
+        {"benchmark": r["benchmark"], "model": r["model_name"], **{k: _fmt(r[k]) for k in _ARTIFACT_COLUMNS}}
+        for r in rows
+    ]
+    if table:
+        create_table_artifact(table=table, key="eval-results", description="ckptdpo eval: per benchmark and model")
+    return section
+
+
+_ARTIFACT_COLUMNS = ("pass_at_1", "mean_tokens", "mean_tokens_incorrect", "length_share", "loop_share", "eta", "aes")
+
+
+def _fmt(v: Any) -> str:
+    return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _code_version() -> str:
+    from ckptdpo import __version__
+
+    return __version__
+
+
+# --- the report ------------------------------------------------------------------------------------------------------
+
+
+@task(name="write_report", retries=1, retry_delay_seconds=5)
+def write_report(run_dir: str) -> str:
+    """Write `<run_dir>/report/index.html` and publish a link and the headline metrics as artifacts."""
+    from ckptdpo.report import build_report, headline_markdown
+
+    path = build_report(Path(run_dir))
+    slug = re.sub(r"[^a-z0-9-]+", "-", Path(run_dir).name.lower()).strip("-") or "run"
+    create_link_artifact(
+        link=path.resolve().as_uri(), link_text=f"report of {run_dir}", key=f"report-{slug}"[:64],
+        description="ckptdpo run report (self-contained HTML)",
+    )
+    create_markdown_artifact(markdown=headline_markdown(Path(run_dir)), key=f"report-summary-{slug}"[:64],
+                             description="ckptdpo run: headline numbers")
+    return str(path)
+

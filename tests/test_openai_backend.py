@@ -1,0 +1,258 @@
+"""The openai backend against real local HTTP servers (tests/openai_server.py) serving the fake or the hf backend."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from ckptdpo.backends import make_backend
+from ckptdpo.backends.base import GenerationRequest, problem_message
+from ckptdpo.backends.fake import FakeBackend
+from ckptdpo.backends.openai import OpenAIBackend, OpenAIError, _split_proportionally
+from ckptdpo.configs import BackendConfig
+from ckptdpo.errors import UserError
+from tests.openai_server import OpenAIServer
+
+SCRIPT = {
+    "template": "<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n",
+    "problems": {
+        "What is 2+3?": {"samples": ["So 2+3=5.\n\nWait, yes. \\boxed{5}", "It is \\boxed{6}", "Hmm \\boxed{5}"]},
+        "Loop?": {"samples": ["Wait, same.\n\n" * 6 + "And so on", {"text": "x y x y", "finish_reason": "loop"}]},
+    },
+    "continuations": [{"after": "\n\nWait", "texts": [", no. \\boxed{7}", ", yes. \\boxed{5}"]}],
+    "scores": [
+        {"prompt_endswith": "\\boxed{", "continuation": "5", "logprob": -0.5},
+        {"prompt_endswith": "{5", "continuation": "}", "logprob": -0.25},
+    ],
+    "chat": [{"contains": "segment 2", "reply": "REDUNDANT"}],
+    "default_reply": "KEEP",
+}
+
+
+class Sleeps(list):
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def client(*urls: str, sleeps: Sleeps | None = None, **cfg) -> OpenAIBackend:
+    config = BackendConfig(kind="openai", model="served-model", base_urls=list(urls), **cfg)
+    return OpenAIBackend(config, backoff_base_s=0.01, sleep=sleeps if sleeps is not None else Sleeps(), seed=0)
+
+
+@pytest.fixture
+def fake() -> FakeBackend:
+    return FakeBackend(SCRIPT)
+
+
+@pytest.fixture
+def server(fake: FakeBackend):
+    with OpenAIServer(fake) as srv:
+        yield srv
+
+
+def test_n_samples_stop_and_max_tokens_match_the_served_backend(server: OpenAIServer, fake: FakeBackend) -> None:
+    prompt = fake.chat_prompt("What is 2+3?")
+    reqs = [
+        GenerationRequest(prompt, n=3, max_tokens=100, seed=7),
+        GenerationRequest(prompt, n=1, max_tokens=100, stop=("\n\nWait",)),
+        GenerationRequest(prompt, n=2, max_tokens=2, top_k=20),
+    ]
+    be = client(server.base_url)
+    got = be.generate(reqs)
+    want = FakeBackend(SCRIPT).generate(reqs)
+    for g, w in zip(got, want, strict=True):
+        assert g.error is None
+        assert [(s.text, s.finish_reason) for s in g.samples] == [(s.text, s.finish_reason) for s in w.samples]
+        assert g.prompt_tokens == w.prompt_tokens
+        # usage.completion_tokens is a total: n = 1 is exact, n > 1 is split and keeps the sum.
+        assert sum(s.num_tokens for s in g.samples) == sum(s.num_tokens for s in w.samples)
+    assert got[1].samples[0].num_tokens == want[1].samples[0].num_tokens
+    # Requests run concurrently, so the log is in arrival order: find each body by its max_tokens and n.
+    bodies = {(b["max_tokens"], b["n"]): b for b in server.log if b["path"] == "/v1/completions"}
+    assert bodies[100, 3]["seed"] == 7 and bodies[100, 3]["model"] == "served-model"
+    assert "top_k" not in bodies[100, 3] and bodies[2, 2]["top_k"] == 20
+    assert bodies[100, 1]["stop"] == ["\n\nWait"] and "stop" not in bodies[100, 3]
+    assert be.stats.requests == 3 and be.stats.samples == 6
+    be.close()
+
+
+def test_seed_reaches_the_server(server: OpenAIServer, fake: FakeBackend) -> None:
+    prompt = fake.chat_prompt("What is 2+3?") + "So.\n\nWait"
+    texts = SCRIPT["continuations"][0]["texts"]
+    (res,) = client(server.base_url).generate([GenerationRequest(prompt, n=2, seed=1)])
+    assert [s.text for s in res.samples] == [texts[1], texts[0]]
+
+
+def test_request_error_does_not_fail_the_batch(server: OpenAIServer, fake: FakeBackend) -> None:
+    be = client(server.base_url)
+    bad, good, ids = be.generate(
+        [GenerationRequest("unscripted prompt"), GenerationRequest(fake.chat_prompt("What is 2+3?")),
+         GenerationRequest((1, 2, 3))]
+    )  # fmt: skip
+    assert bad.error and "400" in bad.error and not bad.samples
+    assert good.error is None and good.samples
+    assert ids.error and "token ids" in ids.error
+    assert any(b["prompt"] == [1, 2, 3] for b in server.log)  # token-id prompts travel as a list of ints
+    assert len(server.log) == 3  # a 400 is not retried
+
+
+def test_retries_503_then_429_then_succeeds(fake: FakeBackend) -> None:
+    sleeps = Sleeps()
+    with OpenAIServer(fake, fail_first=[503, 429]) as srv:
+        (res,) = client(srv.base_url, sleeps=sleeps, max_retries=3).generate(
+            [GenerationRequest(fake.chat_prompt("What is 2+3?"))]
+        )
+    assert res.error is None and res.samples[0].text.startswith("So 2+3=5.")
+    assert len(srv.log) == 3
+    # exponential backoff with jitter in [0.5, 1] of 0.01 * 2**attempt
+    assert len(sleeps) == 2 and 0.005 <= sleeps[0] <= 0.01 and 0.01 <= sleeps[1] <= 0.02
+
+
+def test_retry_after_is_honoured(fake: FakeBackend) -> None:
+    sleeps = Sleeps()
+    with OpenAIServer(fake, fail_first=[429], retry_after="0.3") as srv:
+        (res,) = client(srv.base_url, sleeps=sleeps).generate([GenerationRequest(fake.chat_prompt("What is 2+3?"))])
+    assert res.error is None and sleeps == [0.3]
+
+
+def test_retries_exhausted_is_a_request_error(fake: FakeBackend) -> None:
+    with OpenAIServer(fake, fail_first=[500] * 10) as srv:
+        (res,) = client(srv.base_url, max_retries=2).generate([GenerationRequest(fake.chat_prompt("What is 2+3?"))])
+    assert res.error and "after 3 attempts" in res.error and "HTTP 500" in res.error
+    assert len(srv.log) == 3
+
+
+def test_connection_errors_are_retried_then_reported() -> None:
+    with OpenAIServer(FakeBackend(SCRIPT)) as srv:
+        url = srv.base_url
+    sleeps = Sleeps()  # the server is gone: every attempt is refused
+    (res,) = client(url, sleeps=sleeps, max_retries=2).generate([GenerationRequest("x")])
+    assert res.error and "ConnectError" in res.error and len(sleeps) == 2
+
+
+def test_api_key_is_sent_as_bearer(fake: FakeBackend) -> None:
+    with OpenAIServer(fake, api_key="sekrit") as srv:
+        base = BackendConfig(kind="openai", model="m", base_urls=[srv.base_url], api_key_env="CKPT_KEY")
+        ok = make_backend(base, home=".", api_key="sekrit").generate(
+            [GenerationRequest(fake.chat_prompt("What is 2+3?"))]
+        )
+        denied = OpenAIBackend(base).generate([GenerationRequest(fake.chat_prompt("What is 2+3?"))])
+    assert ok[0].error is None
+    assert denied[0].error and "401" in denied[0].error
+
+
+def test_sticky_routing_by_route_key_across_two_servers(fake: FakeBackend) -> None:
+    prefix = fake.chat_prompt("What is 2+3?")
+    with OpenAIServer(fake) as a, OpenAIServer(fake) as b:
+        be = client(a.base_url, b.base_url)
+        keys = [f"traj-{i}" for i in range(12)]
+        for round_ in range(3):  # three rounds of continuations per trajectory
+            be.generate([GenerationRequest(f"{prefix}{k} r{round_}\n\nWait", route_key=k) for k in keys])
+        where = {}
+        for name, srv in (("a", a), ("b", b)):
+            for body in srv.log:
+                key = body["prompt"][len(prefix) :].split(" ")[0]
+                where.setdefault(key, set()).add(name)
+        assert set(where) == set(keys)
+        assert all(len(servers) == 1 for servers in where.values())  # every trajectory stayed on one server
+        assert {s for servers in where.values() for s in servers} == {"a", "b"}  # and both servers got work
+        assert all(len(srv.log) % 3 == 0 for srv in (a, b))
+        assert [be.route(k) for k in keys] == [client(a.base_url, b.base_url).route(k) for k in keys]  # stable
+        na, nb = len(a.log), len(b.log)
+        be.generate([GenerationRequest(prefix) for _ in range(4)])  # no key: round-robin
+        assert (len(a.log) - na, len(b.log) - nb) == (2, 2)
+
+
+def test_loop_guard_cuts_returned_text(server: OpenAIServer, fake: FakeBackend) -> None:
+    prompt = fake.chat_prompt("Loop?")
+    (res,) = client(server.base_url).generate([GenerationRequest(prompt, n=2)])
+    looped, engine_loop = res.samples
+    assert looped.finish_reason == "loop" and looped.text == "\n\n".join(["Wait, same."] * 4)
+    assert 0 < looped.num_tokens < 14  # the server counted 14 words for the whole text; the cut keeps ~4/6
+    assert engine_loop.finish_reason == "loop" and engine_loop.text == "x y x y"  # served as "repetition"
+    (off,) = client(server.base_url, loop_guard=False).generate([GenerationRequest(prompt)])
+    assert off.samples[0].finish_reason == "stop" and off.samples[0].text.endswith("And so on")
+
+
+def test_concurrency_is_bounded(fake: FakeBackend) -> None:
+    with OpenAIServer(fake, delay_s=0.05) as srv:
+        be = client(srv.base_url, max_concurrency=2)
+        results = be.generate([GenerationRequest(fake.chat_prompt("What is 2+3?"), seed=i) for i in range(6)])
+    assert all(r.error is None for r in results)
+    assert srv.max_inflight == 2
+
+
+def test_score_via_echo_sums_only_the_continuation(server: OpenAIServer) -> None:
+    be = client(server.base_url)
+    # default_logprob -20 for every other token: counting a prompt token or the generated one would show.
+    assert be.score(["Q: x \\boxed{", "Q: y \\boxed{"], ["5}", "5"]) == [-0.75, -0.5]
+    body = server.log[-1]
+    assert body["echo"] is True and body["logprobs"] == 1 and body["max_tokens"] == 1
+
+
+def test_score_is_not_shifted_by_a_server_bos(fake: FakeBackend) -> None:
+    with OpenAIServer(fake, bos_text="<|begin_of_text|>") as srv:
+        assert client(srv.base_url).score(["Q: x \\boxed{"], ["5}"]) == [-0.75]
+
+
+def test_score_without_echo_support_raises(fake: FakeBackend) -> None:
+    with OpenAIServer(fake, echo_supported=False) as srv:
+        with pytest.raises(OpenAIError, match="echo"):
+            client(srv.base_url).score(["Q: x \\boxed{"], ["5}"])
+
+
+def test_chat_completions(server: OpenAIServer) -> None:
+    convs = [[{"role": "user", "content": "judge segment 2"}], [{"role": "user", "content": "judge segment 3"}]]
+    assert client(server.base_url).chat(convs, max_tokens=8) == ["REDUNDANT", "KEEP"]
+    assert server.log[-1]["path"] == "/v1/chat/completions" and server.log[-1]["max_tokens"] == 8
+
+
+def test_chat_prompt_fallback_is_chatml_and_counts_are_estimates() -> None:
+    be = client("http://127.0.0.1:9/v1")
+    assert be.chat_prompt("P") == f"<|im_start|>user\n{problem_message('P')}<|im_end|>\n<|im_start|>assistant\n"
+    assert be.count_tokens(["abcdefgh", "abc"]) == [2, 1]
+    assert be.revision == "unpinned" and be.model_id == "served-model"
+
+
+def test_config_errors() -> None:
+    with pytest.raises(UserError, match="base_urls"):
+        OpenAIBackend(BackendConfig(kind="openai"))
+
+
+def test_split_proportionally_keeps_the_total() -> None:
+    assert _split_proportionally(10, [1, 1, 2]) == [3, 2, 5]
+    assert _split_proportionally(7, [0, 0]) == [4, 3]
+    assert _split_proportionally(0, []) == []
+    assert _split_proportionally(5, [5]) == [5]
+
+
+@pytest.mark.slow
+def test_against_a_server_serving_the_hf_backend(request: pytest.FixtureRequest) -> None:
+    if importlib.util.find_spec("ckptdpo.backends.hf") is None:
+        pytest.skip("the hf backend is missing (ckptdpo/backends/hf.py not written yet)")
+    from ckptdpo.backends.hf import HFBackend
+
+    try:
+        model_path = Path(request.getfixturevalue("demo_model_path"))
+    except pytest.FixtureLookupError:
+        pytest.skip("the demo_model_path fixture (tests/conftest.py) is missing")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    hf = HFBackend(BackendConfig(kind="hf", model=str(model_path), device="cpu"), home=model_path.parent)
+    with OpenAIServer(hf, decode=lambda ids: tok.decode(ids)) as srv:
+        be = OpenAIBackend(BackendConfig(kind="openai", model=str(model_path), base_urls=[srv.base_url]))
+        prompt = be.chat_prompt("What is 2+3?")
+        assert prompt == hf.chat_prompt("What is 2+3?")  # the local tokenizer's template
+        (res,) = be.generate([GenerationRequest(prompt, n=2, max_tokens=8, seed=3, temperature=0.7)])
+        assert res.error is None and len(res.samples) == 2
+        assert all(0 < s.num_tokens <= 8 for s in res.samples)
+        assert all(s.num_tokens == len(tok(s.text, add_special_tokens=False).input_ids) for s in res.samples)
+        # A short prompt: the test server scores echo token by token (one sequence per prompt token).
+        pair = (["The sum of 2 and 3 is"], [" 5, and the sum of 2 and 4 is 6."])
+        assert be.score(*pair) == pytest.approx(hf.score(*pair), abs=1e-3)
+        (reply,) = be.chat([[{"role": "user", "content": "Say hi."}]], max_tokens=8)
+        assert isinstance(reply, str) and reply
+    hf.close()
