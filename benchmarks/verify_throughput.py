@@ -15,7 +15,8 @@ Two serial baselines run in the main thread over the same non-adversarial items,
   - full: `verify(parse(gold), parse(completion))`, what a plain loop over completions does;
   - box:  the same, but parsing only the extracted `\\boxed{...}`, the work a worker does per item.
 `verify_batch` runs on the same items (warm pool, empty verdict cache), then on everything including the
-adversarial items; the worst per-item latency is the longest time an item spent in a worker.
+adversarial items; the worst per-item latency is the longest time an item spent in a worker. CPU seconds are printed
+beside wall seconds because on a machine shared with other work the wall-clock ratio says little about the pool.
 Goal: >= 1.7x the serial loop on 2 cores; worst <= timeout + 1 s.
 """
 
@@ -105,7 +106,9 @@ def make_completion(rng: random.Random, answer: str, paragraphs: int) -> str:
         "**Solution.** Following the reasoning above, we compute the requested quantity step by step and "
         "check it against the constraints.\n\n**Final Answer**\n"
     )
-    box = rng.choice([f"\\[\n\\boxed{{{answer}}}\n\\]", f"$\\boxed{{{answer}}}$", f"The answer is $\\boxed{{{answer}}}$."])
+    box = rng.choice(
+        [f"\\[\n\\boxed{{{answer}}}\n\\]", f"$\\boxed{{{answer}}}$", f"The answer is $\\boxed{{{answer}}}$."]
+    )
     return f"<think>\n{think}\n</think>\n\n{summary}{box}"
 
 
@@ -150,11 +153,25 @@ def clear_math_verify_caches() -> None:
         getattr(parser, name).cache_clear()
 
 
-def serial_loop(items: list[tuple[str, str]], box_only: bool) -> tuple[float, list[bool]]:
+def worker_cpu_seconds() -> float:
+    """CPU seconds used so far by the live pool workers (Linux /proc), to compare work done apart from machine load."""
+    total = 0
+    for w in V._POOL.workers if V._POOL else []:
+        try:
+            with open(f"/proc/{w.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def serial_loop(items: list[tuple[str, str]], box_only: bool) -> tuple[float, float, list[bool]]:
     from math_verify import parse, verify
 
     clear_math_verify_caches()
     out = []
+    c0 = time.process_time()
     t0 = time.perf_counter()
     for gold, completion in items:
         gold_parsed = parse("\\boxed{" + gold + "}")
@@ -164,14 +181,17 @@ def serial_loop(items: list[tuple[str, str]], box_only: bool) -> tuple[float, li
         else:
             pred = parse(completion)
         out.append(bool(verify(gold_parsed, pred)))
-    return time.perf_counter() - t0, out
+    return time.perf_counter() - t0, time.process_time() - c0, out
 
 
-def timed_batch(items: list[tuple[str, str]], args: argparse.Namespace) -> tuple[float, list, list[float]]:
+def timed_batch(items: list[tuple[str, str]], args: argparse.Namespace) -> tuple[float, float, list, list[float]]:
+    """Wall seconds, CPU seconds (parent + workers; exact only when no worker is killed), verdicts, latencies."""
     V.clear_cache()
+    c0 = time.process_time() + worker_cpu_seconds()
     t0 = time.perf_counter()
     verdicts, latency = V.verify_batch_timed(items, timeout_s=args.timeout_s, workers=args.workers)
-    return time.perf_counter() - t0, verdicts, latency
+    wall = time.perf_counter() - t0
+    return wall, time.process_time() + worker_cpu_seconds() - c0, verdicts, latency
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
 
     items, adversarial = build(args)
-    normal = [it for it, adv in zip(items, adversarial) if not adv]
+    normal = [it for it, adv in zip(items, adversarial, strict=True) if not adv]
     sizes = [len(c) for _, c in normal]
     unique = len({(g, V.extract_answer(c)) for g, c in normal})
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -202,27 +222,39 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     V.verify_batch([("1", "\\boxed{1}")], timeout_s=args.timeout_s, workers=args.workers)
     print(f"pool start (fork server + {args.workers or cores} workers): {time.perf_counter() - t0:.2f} s")
-    # Warm the workers on different items so the measured run is a steady state, not a start-up.
-    V.verify_batch([(str(i), f"\\boxed{{{i}}}") for i in range(64)], timeout_s=args.timeout_s, workers=args.workers)
+    # Workers and the main process both warm up (ANTLR's DFA, sympy's caches) on other problems first, so that
+    # what is measured is a steady state for both.
+    warm_args = argparse.Namespace(**{**vars(args), "items": 200, "seed": args.seed + 1, "adversarial": 0.0})
+    warm_items = build(warm_args)[0]
+    V.verify_batch(warm_items, timeout_s=args.timeout_s, workers=args.workers)
+    serial_loop(warm_items, box_only=True)
 
-    box_s, box_ok = serial_loop(normal, box_only=True)
-    print(f"serial loop, boxed answer only: {box_s:7.2f} s  {len(normal) / box_s:8.1f} verdicts/s")
+    box_s, box_cpu, box_ok = serial_loop(normal, box_only=True)
+    print(
+        f"serial loop, boxed answer only: {box_s:7.2f} s  {len(normal) / box_s:8.1f} verdicts/s  cpu {box_cpu:6.2f} s"
+    )
     if not args.skip_full:
-        full_s, full_ok = serial_loop(normal, box_only=False)
-        print(f"serial loop, full completion:   {full_s:7.2f} s  {len(normal) / full_s:8.1f} verdicts/s")
+        full_s, full_cpu, full_ok = serial_loop(normal, box_only=False)
+        print(
+            f"serial loop, full completion:   {full_s:7.2f} s  {len(normal) / full_s:8.1f} verdicts/s  "
+            f"cpu {full_cpu:6.2f} s"
+        )
 
-    pool_s, verdicts, latency = timed_batch(normal, args)
+    pool_s, pool_cpu, verdicts, latency = timed_batch(normal, args)
     pool_ok = [v.status == "correct" for v in verdicts]
-    print(f"verify_batch, same items:       {pool_s:7.2f} s  {len(normal) / pool_s:8.1f} verdicts/s")
+    print(
+        f"verify_batch, same items:       {pool_s:7.2f} s  {len(normal) / pool_s:8.1f} verdicts/s  "
+        f"cpu {pool_cpu:6.2f} s (parent + workers)"
+    )
     print(f"  speedup vs serial (boxed):  {box_s / pool_s:5.2f}x")
     if not args.skip_full:
         print(f"  speedup vs serial (full):   {full_s / pool_s:5.2f}x")
-        agree = sum(a == b for a, b in zip(pool_ok, full_ok)) / len(normal)
+        agree = sum(a == b for a, b in zip(pool_ok, full_ok, strict=True)) / len(normal)
         print(f"  agreement with the full serial loop: {agree:.1%}")
-    agree_box = sum(a == b for a, b in zip(pool_ok, box_ok)) / len(normal)
+    agree_box = sum(a == b for a, b in zip(pool_ok, box_ok, strict=True)) / len(normal)
     print(f"  agreement with the boxed serial loop: {agree_box:.1%}")
 
-    all_s, verdicts, latency = timed_batch(items, args)
+    all_s, _, verdicts, latency = timed_batch(items, args)
     counts = collections.Counter(v.status for v in verdicts)
     worst = max(latency)
     print(f"verify_batch, all items:        {all_s:7.2f} s  {len(items) / all_s:8.1f} verdicts/s  {dict(counts)}")

@@ -272,6 +272,29 @@ def eval_model_name(entry: str) -> str:
     return Path(entry.rstrip("/")).name or entry
 
 
+class RefreshConfig(_Config):
+    """The (nightly) incremental refresh: when it also trains."""
+
+    train_threshold: int | None = Field(
+        None, ge=1, description="train once this many new pairs (of train.pair_types) arrived since the last training"
+    )
+    train_deployment: str | None = Field(
+        None, description="'flow/deployment' to trigger for training (e.g. 'train/train'); none: train in the refresh"
+    )
+
+
+class TaskRunnerConfig(_Config):
+    """Where shard tasks run: threads in the flow's process, or a Dask or Ray cluster (never part of a cache key)."""
+
+    kind: Literal["thread", "dask", "ray"] = Field(
+        "thread", description="thread, dask (prefect-dask), ray (prefect-ray)"
+    )
+    address: str | None = Field(
+        None, description="dask: 'tcp://host:8786'; ray: 'ray://host:10001' or 'auto'; none: a local cluster per flow"
+    )
+    max_workers: int | None = Field(None, ge=1, description="thread: pool size; dask without address: local workers")
+
+
 class Recipe(_Config):
     """A whole pipeline: problem source, policy backend and one config per stage."""
 
@@ -288,6 +311,8 @@ class Recipe(_Config):
     dto: DTOConfig = Field(default_factory=DTOConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    refresh: RefreshConfig = Field(default_factory=RefreshConfig)
+    task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:

@@ -75,7 +75,9 @@ def resolve_models(cfg: EvalConfig, backend: BackendConfig, run_dir: Path) -> tu
     return specs, skipped
 
 
-def resolve_benchmarks(cfg: EvalConfig, problems: ProblemsConfig, source: str = "<recipe>") -> dict[str, ProblemsConfig]:
+def resolve_benchmarks(
+    cfg: EvalConfig, problems: ProblemsConfig, source: str = "<recipe>"
+) -> dict[str, ProblemsConfig]:
     """`cfg.benchmarks`, or for a demo recipe without any, held-out demo problems (same size, another seed)."""
     if cfg.benchmarks:
         return dict(cfg.benchmarks)

@@ -127,7 +127,9 @@ def attempt_rows(
     for draw, (s, v) in enumerate(zip(result_samples, verdicts, strict=True)):
         rows.append(
             {
-                "attempt_id": content_id(slot.source_sample_id, slot.checkpoint_index, round_index, draw, request.seed),
+                "attempt_id": content_id(
+                    slot.source_sample_id, slot.checkpoint_index, round_index, draw, request.seed
+                ),
                 "round": round_index,
                 "direction": slot.direction,
                 "problem_id": slot.problem_id,

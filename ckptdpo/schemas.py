@@ -102,6 +102,28 @@ PAIRS = pa.schema(
     ]
 )
 
+# One row per correct trajectory that DTO worked on (diagnostics; `ckptdpo.dto.DTOResult` plus where it exited).
+DTO_RESULTS = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("problem_id", pa.string()),
+        ("status", pa.string()),  # pruned | truncated | dropped | no_exit
+        ("exit_kind", pa.string()),  # checkpoint | paragraph: what exit_index counts
+        ("num_candidates", pa.int32()),
+        ("exit_index", pa.int32()),  # 1-based; null when no_exit
+        ("exit_char", pa.int64()),
+        ("exit_probability", pa.float64()),
+        ("reverify_probability", pa.float64()),  # null unless pruning removed segments
+        ("num_segments", pa.int32()),
+        ("removed_segments", pa.list_(pa.int32())),  # 0-based segment indices the judge removed
+        ("truncated_text", pa.string()),
+        ("text", pa.string()),  # the optimized completion; null when no_exit or dropped
+        ("original_tokens", pa.int32()),
+        ("truncated_tokens", pa.int32()),
+        ("pruned_tokens", pa.int32()),
+    ]
+)
+
 # One row per evaluated sample.
 EVAL_SAMPLES = pa.schema(
     [

@@ -7,12 +7,15 @@ resumes from the newest complete one, so a Prefect retry continues), `model/` (s
 
 Launching (`build_launch_command`):
 - one process: `python -m ckptdpo.train --config JOB`;
-- GPUs: `accelerate launch --config_file recipes/accelerate/zero2.yaml --num_processes N -m ckptdpo.train ...`
-  (zero3.yaml gathers 16-bit weights on save, so `model/` holds consolidated safetensors);
-- several CPU processes: `torchrun --standalone --nproc_per_node N -m ckptdpo.train ...` over gloo, with DeepSpeed
-  ZeRO from `train.zero_stage`. DeepSpeed through `accelerate launch` fails on CPU (TRL wraps the reference model
-  in a DeepSpeed engine whose train_batch_size transformers computed for one process), and accelerate's own
-  multi-CPU launcher needs MPI, so CPU multi-process runs go through torchrun.
+- with `train.accelerate_config` (GPUs): `accelerate launch --config_file recipes/accelerate/zero2.yaml
+  --num_processes N --mixed_precision bf16|no -m ckptdpo.train --config JOB` (zero3.yaml gathers 16-bit weights
+  on save, so `model/` holds consolidated safetensors); mixed precision follows `train.bf16`, because transformers
+  refuses a DeepSpeed config whose bf16 setting disagrees with its own;
+- several processes without an accelerate config (the CPU path): `torchrun --standalone --nproc_per_node N
+  -m ckptdpo.train --config JOB`, over gloo on CPU, with DeepSpeed ZeRO from `train.zero_stage`. accelerate's own
+  MULTI_CPU launcher needs MPI (without it, it starts one process), hence torchrun here; `recipes/accelerate/
+  cpu_multi.yaml` is the accelerate alternative (plain DDP). Without a GPU the processes run on CPU by themselves:
+  `use_cpu` is set when no CUDA device is visible.
 
 Pairs are fed to TRL as plain text: `prompt` already holds the chat-templated problem and the trajectory prefix. No
 row is silently truncated: rows over `max_length` are dropped and counted (or, with `truncation: keep_end`, the
@@ -170,13 +173,16 @@ def prepare_pairs(rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: TrainConf
     special = cfg.loss == "dpo"
     bos_id = getattr(tokenizer, "bos_token_id", None) if cfg.loss == "simpo" else None
     encode = _encoder(tokenizer, special)
+    # A chat template that writes BOS itself (R1-Distill's does), encoded by a tokenizer that adds BOS too, would
+    # start every sequence with two BOS tokens; the written one goes.
+    written_bos = _added_bos(tokenizer) if special else None
 
     def extra(ids: list[int]) -> int:
         return 1 if bos_id is not None and (not ids or ids[0] != bos_id) else 0
 
     not_selected: Counter[str] = Counter()
     dropped: Counter[str] = Counter({r: 0 for r in DROP_REASONS})
-    counts = {"num_realigned": 0, "num_cut_keep_end": 0}
+    counts = {"num_realigned": 0, "num_cut_keep_end": 0, "num_bos_deduplicated": 0}
     candidates = []
     for row in rows:
         if row["pair_type"] not in cfg.pair_types:
@@ -188,6 +194,9 @@ def prepare_pairs(rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: TrainConf
         else:
             chosen = row["chosen"] if row["chosen"].endswith(eos) else row["chosen"] + eos
             rejected = row["rejected"] if row["rejected"].endswith(eos) else row["rejected"] + eos
+            if written_bos and row["prompt"].startswith(written_bos):
+                row = {**row, "prompt": row["prompt"][len(written_bos) :]}
+                counts["num_bos_deduplicated"] += 1
             candidates.append((row, chosen, rejected))
 
     kept: list[dict] = []
@@ -250,6 +259,15 @@ def prepare_pairs(rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: TrainConf
         **counts,
     }
     return kept, report
+
+
+def _added_bos(tokenizer: Any) -> str | None:
+    """The BOS text when encoding with special tokens prepends BOS, else None."""
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if not bos or bos_id is None:
+        return None
+    ids = tokenizer("x")["input_ids"]
+    return bos if ids and ids[0] == bos_id else None
 
 
 def split_pairs(rows: Sequence[dict[str, Any]], eval_fraction: float) -> tuple[list[dict], list[dict]]:
@@ -344,7 +362,8 @@ def build_launch_command(job_path: str | Path, cfg: TrainConfig, *, python: str 
     entry = ["-m", "ckptdpo.train", "--config", str(job_path)]
     if cfg.accelerate_config:
         launch = [python, "-m", "accelerate.commands.launch", "--config_file", cfg.accelerate_config]
-        return [*launch, "--num_processes", str(cfg.num_processes), *entry]
+        procs = ["--num_processes", str(cfg.num_processes), "--mixed_precision", "bf16" if cfg.bf16 else "no"]
+        return [*launch, *procs, *entry]
     if cfg.num_processes > 1:
         # --standalone: a private rendezvous on a free port, so concurrent jobs on one host do not collide.
         return [
@@ -446,8 +465,9 @@ def run_job(job: TrainJob, *, started: float) -> dict[str, Any] | None:
     if liger:
         import importlib.util
 
-        if importlib.util.find_spec("liger_kernel") is None:
-            log.warning("train.use_liger_kernel is set but liger-kernel is not installed; training without it")
+        # Liger's kernels are Triton (GPU) kernels.
+        if use_cpu or importlib.util.find_spec("liger_kernel") is None:
+            log.warning("train.use_liger_kernel: liger-kernel is not installed or there is no GPU; training without")
             liger = False
 
     # Base weights in float32 (mixed precision keeps fp32 masters); a LoRA base in bf16 when bf16 is on.
@@ -480,7 +500,7 @@ def run_job(job: TrainJob, *, started: float) -> dict[str, Any] | None:
         deepspeed=deepspeed_config(cfg.zero_stage) if cfg.zero_stage else None,
         model_init_kwargs={"dtype": dtype, "device_map": None},
     )
-    if use_cpu and cfg.zero_stage:
+    if use_cpu:
         _skip_deepspeed_shm_comm()
     peft_config = None
     if cfg.lora:
@@ -558,7 +578,8 @@ def run_job(job: TrainJob, *, started: float) -> dict[str, Any] | None:
             f"{model_dir}: no safetensors were written; with ZeRO-3 set stage3_gather_16bit_weights_on_model_save."
         )
 
-    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else 0
+    zero3 = zero_stage == 3
     rank_info = {
         "rank": rank,
         "local_rank": args.local_process_index,
@@ -589,16 +610,14 @@ def run_job(job: TrainJob, *, started: float) -> dict[str, Any] | None:
         pairs_seen = counter.steps_run * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
         tokens, estimated = int(mean_pair * pairs_seen), True
     steps = summarize_steps(state.log_history)
-    ranks = [json.loads(p.read_text()) for p in sorted((out / RANKS_DIR).glob("rank-*.json"))]
+    ranks = sorted((json.loads(p.read_text()) for p in (out / RANKS_DIR).glob("rank-*.json")), key=lambda r: r["rank"])
     summary = {
         "loss": cfg.loss,
         "loss_type": cfg.loss_type if cfg.loss == "dpo" else "simpo",
         "model": job.model,
         "model_dir": str(model_dir),
         "lora": cfg.lora,
-        "zero_stage": cfg.zero_stage
-        if cfg.zero_stage
-        else (3 if zero3 else (2 if trainer.is_deepspeed_enabled else 0)),
+        "zero_stage": zero_stage,
         "world_size": world_size,
         "ranks": ranks,
         "global_step": state.global_step,
@@ -634,6 +653,10 @@ def _skip_deepspeed_shm_comm() -> None:
     are smoke tests and small models where gloo's allreduce is fast enough. DeepSpeed reads this table when its
     comm backend starts, and keeps edits to it.
     """
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        return
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -181,18 +181,28 @@ def _check(kind: str, gold: str, text: str) -> tuple[str, bool | None, str | Non
 _WARM_UP = [
     ("\\frac{1}{2}", "0.5"),
     ("\\dfrac{3}{4}", "3/4"),
+    ("-\\frac{7}{3}", "-7/3"),
     ("1,450,000", "1450000.0"),
+    ("3.14", "3.140"),
     ("2\\sqrt{3}", "\\sqrt{12}"),
+    ("\\frac{\\sqrt{3}}{2}", "\\frac{1}{\\sqrt{3}}"),
     ("(1, 2)", "\\left(1,2\\right)"),
     ("[0, 1)", "\\left[0,1\\right)"),
-    ("(-\\infty, 2]", "(-\\infty,2]"),
+    ("(-\\infty, 2] \\cup [3, 4]", "(-\\infty,2]\\cup[3,4]"),
     ("\\{1,2,3\\}", "\\{3,2,1\\}"),
     ("\\frac{\\pi}{2}", "\\pi/2"),
+    ("\\frac{5\\pi}{6}", "150^\\circ"),
     ("\\text{Monday}", "Monday"),
+    ("\\text{(B)}", "B"),
     ("x^2+2x+1", "(x+1)^2"),
     ("x=5", "5"),
+    ("x > 3", "(3, \\infty)"),
     ("10\\%", "0.1"),
-    ("3^{2}", "9"),
+    ("2^{10}", "1024"),
+    ("\\binom{5}{2}", "5!"),
+    ("\\log_2 8", "\\sin\\frac{\\pi}{6}"),
+    ("1+2i", "\\left|x-1\\right|"),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
 ]
 
 
@@ -202,10 +212,16 @@ def _quiet_math_verify() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+_warmed = False
+
+
 def _warm_up() -> None:
+    global _warmed
     _quiet_math_verify()
-    for gold, answer in _WARM_UP:
-        _check("box", gold, answer)
+    if not _warmed:  # a worker forked from the warmed fork server inherits all of it
+        for gold, answer in _WARM_UP:
+            _check("box", gold, answer)
+        _warmed = True
 
 
 def _imported_by_fork_server() -> bool:
@@ -231,7 +247,7 @@ def _address_space_bytes() -> int:
 
 
 def _worker_main(conn: Any, memory_limit_bytes: int | None) -> None:
-    """Serve (token, kind, gold, text) jobs over `conn` until EOF; reply (token, status, is_correct, extracted, retire)."""
+    """Serve (token, kind, gold, text) jobs until EOF; reply (token, status, is_correct, extracted, retire)."""
     # Ctrl-C reaches the whole process group; the parent decides what happens to workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -248,7 +264,7 @@ def _worker_main(conn: Any, memory_limit_bytes: int | None) -> None:
     except (ImportError, ValueError, OSError):
         pass
     try:
-        _warm_up()  # instant when forked from the warm fork server; otherwise done before reporting ready
+        _warm_up()  # before reporting ready, so item deadlines never include it
         conn.send(("ready",))
     except Exception:
         return
@@ -541,7 +557,7 @@ def verify_batch_timed(
         if todo:
             jobs = [_Job(*key) for key in todo]
             results, job_latency = _get_pool().run(jobs, timeout_s, workers or _default_workers())
-            for job, result, seconds in zip(jobs, results, job_latency):
+            for job, result, seconds in zip(jobs, results, job_latency, strict=True):
                 if result[0] in _CACHEABLE:
                     _CACHE[job.key] = result
                     if len(_CACHE) > CACHE_SIZE:
@@ -555,7 +571,7 @@ def verify_batch_timed(
 def verify_batch(
     items: Sequence[tuple[str, str]], *, timeout_s: float = 5.0, workers: int | None = None
 ) -> list[Verdict]:
-    """Verify (gold_answer, completion_text) pairs; never hangs past the per-item limit and never raises on bad items."""
+    """Verify (gold_answer, completion_text) pairs; never hangs past the per-item limit, never raises on bad items."""
     return verify_batch_timed(items, timeout_s=timeout_s, workers=workers)[0]
 
 
@@ -584,7 +600,7 @@ def run_verify_command(args: argparse.Namespace) -> int:
     if not args.timeout_s > 0:
         raise UserError(f"--timeout-s {args.timeout_s}: the per-item limit must be a positive number of seconds.")
     if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers {args.workers}: give at least 1 worker process, or leave it out for the CPU count.")
+        raise UserError(f"--workers {args.workers}: give at least 1 worker process, or leave it out to use every CPU.")
     if max_chars is not None and max_chars < 1:
         raise UserError(f"--max-chars {max_chars}: the completion length limit must be a positive number.")
 
@@ -598,7 +614,7 @@ def run_verify_command(args: argparse.Namespace) -> int:
                 f"{max_chars:,}; truncate it or raise --max-chars."
             )
 
-    items = list(zip(golds, completions))
+    items = list(zip(golds, completions, strict=True))
     verdicts: list[Verdict] = []
     chunk = 512  # progress granularity; large enough that the pool stays busy between chunks
     t0 = time.perf_counter()

@@ -26,8 +26,15 @@ from ckptdpo.shards import read_manifest, read_stats
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO / "recipes" / "demo.yaml"
 RECIPE_COPY = "recipe.yaml"
-STAGE_DIRS = {"generate": "generate", "verify": "verify", "checkpoints": "checkpoints", "resample": "resample",
-              "dto": "dto", "train": "train", "eval": "eval"}
+STAGE_DIRS = {
+    "generate": "generate",
+    "verify": "verify",
+    "checkpoints": "checkpoints",
+    "resample": "resample",
+    "dto": "dto",
+    "train": "train",
+    "eval": "eval",
+}
 
 
 def preflight(recipe: Recipe, recipe_path: Path, home: Path, stages: list[str]) -> None:
@@ -39,9 +46,14 @@ def preflight(recipe: Recipe, recipe_path: Path, home: Path, stages: list[str]) 
         raise UserError(f"{recipe_path}: backend.script {recipe.backend.script!r} does not exist; set it to a script.")
     if "generate" in stages:
         load_problems(recipe.problems, base_dir=recipe_path.resolve().parent, offline=offline)
+    from flows.runners import make_task_runner
+
+    make_task_runner(recipe.task_runner)  # a missing prefect-dask / prefect-ray is a user error, before any write
 
 
-def run_recipe(recipe_path: Path, run_dir: Path, overrides: dict[str, Any], stages: list[str] | None, home: Path) -> dict:
+def run_recipe(
+    recipe_path: Path, run_dir: Path, overrides: dict[str, Any], stages: list[str] | None, home: Path
+) -> dict:
     recipe = Recipe.from_yaml(recipe_path, overrides)
     wanted = stages or list(recipe.stages)
     unknown = [s for s in wanted if s not in STAGES]
@@ -49,6 +61,8 @@ def run_recipe(recipe_path: Path, run_dir: Path, overrides: dict[str, Any], stag
         raise UserError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}.")
     preflight(recipe, recipe_path, home, wanted)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The ephemeral API's default 20 s start-up limit is too short on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.pipeline import pipeline_flow
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +114,8 @@ def _headline(stage: str, s: dict[str, Any]) -> str:
         return ", ".join(f"{k}: {v['checkpoints']['mean']} ckpt/traj" for k, v in by.items() if v.get("count"))
     if stage == "resample":
         p = s.get("pairs", {})
-        return f"{len(s.get('rounds', []))} rounds, pairs {p.get('by_type')}, {p.get('pairs_per_1k_generated_tokens')}/1k tok"
+        per_1k = p.get("pairs_per_1k_generated_tokens")
+        return f"{len(s.get('rounds', []))} rounds, pairs {p.get('by_type')}, {per_1k} per 1k generated tokens"
     keys = [k for k, v in s.items() if not isinstance(v, (dict, list))][:6]
     return ", ".join(f"{k}={s[k]}" for k in keys)
 

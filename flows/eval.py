@@ -29,8 +29,8 @@ def eval_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None =
     models, skipped = evaluate.resolve_models(cfg, recipe.backend, Path(run_dir))
     for name, reason in skipped.items():
         log.warning("model %s skipped: %s", name, reason)
-    if cfg.backends:
-        # A model of its own backend must not share a loaded backend's memory with the previous one.
+    if models and models[0].backend != recipe.backend:
+        # The pipeline's generation backend may still be loaded; one in-process model at a time.
         close_backends()
     bench_stats = {
         name: eval_tasks.load_benchmark(
@@ -48,26 +48,25 @@ def eval_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None =
                 sampling,
                 stages.backend_key(spec.backend),
                 eval_tasks.model_key(spec.backend, run_dir),
-                # The aggregation's inputs: a change of k re-aggregates without regenerating (shards are kept).
-                cfg.k,
                 shards_of=eval_tasks.problems_stage(bench),
             )
-            if plan.done:
-                continue
-            results = _fan_out(
-                plan,
-                eval_tasks.evaluate_shard,
-                plan.stage,
-                benchmark=bench,
-                model_name=spec.name,
-                eval_config=cfg.model_dump(),
-                backend=spec.backend.model_dump(),
-                timeout_s=recipe.verify.timeout_s,
-                workers=recipe.verify.workers,
+            results = (
+                []
+                if plan.done
+                else _fan_out(
+                    plan,
+                    eval_tasks.evaluate_shard,
+                    plan.stage,
+                    benchmark=bench,
+                    model_name=spec.name,
+                    eval_config=cfg.model_dump(),
+                    backend=spec.backend.model_dump(),
+                    timeout_s=recipe.verify.timeout_s,
+                    workers=recipe.verify.workers,
+                )
             )
+            # Always: a changed k list re-aggregates the kept shards without generating again.
             eval_tasks.finalize_eval_model(plan, results, cfg.model_dump())
         # One loaded model at a time: two in-process engines (vLLM above all) would not fit on one GPU.
         close_backends()
-    return eval_tasks.finalize_eval(
-        run_dir, bench_stats, [m.name for m in models], skipped, cfg.model_dump(), started
-    )
+    return eval_tasks.finalize_eval(run_dir, bench_stats, [m.name for m in models], skipped, cfg.model_dump(), started)

@@ -9,6 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+from flows.runners import with_task_runner
 from tasks import stages
 from tasks.backends import close_backends, model_fingerprint
 from tasks.common import load_recipe
@@ -68,12 +69,17 @@ def verify_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None
     # The verifier's timeout and pool size do not change verdicts of well-behaved items; the key still includes
     # the timeout because it decides which items end as `timeout`.
     plan = stages.plan_stage(
-        run_dir, "verify", stages.fingerprints(run_dir, "problems", "generate"), recipe.verify.timeout_s,
+        run_dir,
+        "verify",
+        stages.fingerprints(run_dir, "problems", "generate"),
+        recipe.verify.timeout_s,
         shards_of="generate",
     )
     if plan.done:
         return {"stage": "verify", "skipped": True}
-    results = _fan_out(plan, stages.verify_shard, "verify", timeout_s=recipe.verify.timeout_s, workers=recipe.verify.workers)
+    results = _fan_out(
+        plan, stages.verify_shard, "verify", timeout_s=recipe.verify.timeout_s, workers=recipe.verify.workers
+    )
     return stages.finalize_stage(plan, results)
 
 
@@ -82,7 +88,10 @@ def checkpoint_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | 
     """Trajectories + verdicts -> checkpoints per trajectory."""
     recipe = load_recipe(recipe_path, overrides)
     plan = stages.plan_stage(
-        run_dir, "checkpoints", stages.fingerprints(run_dir, "generate", "verify"), recipe.checkpoints.model_dump(),
+        run_dir,
+        "checkpoints",
+        stages.fingerprints(run_dir, "generate", "verify"),
+        recipe.checkpoints.model_dump(),
         shards_of="generate",
     )
     if plan.done:
@@ -108,8 +117,13 @@ def resample_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | No
     for r in range(1, cfg.max_rounds + 1):
         previous = stages.fingerprints(run_dir, *[stages.round_dir(i) for i in range(1, r)])
         plan = stages.plan_stage(
-            run_dir, stages.round_dir(r), {**inputs, **previous}, cfg.model_dump(exclude={"max_rounds", "token_budget"}),
-            stages.backend_key(backend), model, shards_of="generate",
+            run_dir,
+            stages.round_dir(r),
+            {**inputs, **previous},
+            cfg.model_dump(exclude={"max_rounds", "token_budget"}),
+            stages.backend_key(backend),
+            model,
+            shards_of="generate",
         )
         if not plan.done:
             results = _fan_out(
@@ -130,13 +144,21 @@ def resample_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | No
             break
     rounds = len(round_stats)
     plan = stages.plan_stage(
-        run_dir, "resample/pairs", stages.fingerprints(run_dir, *[stages.round_dir(i) for i in range(1, rounds + 1)]),
-        cfg.model_dump(include={"max_pair_tokens", "max_length_ratio", "r2w", "w2r"}), model, shards_of="generate",
+        run_dir,
+        "resample/pairs",
+        stages.fingerprints(run_dir, *[stages.round_dir(i) for i in range(1, rounds + 1)]),
+        cfg.model_dump(include={"max_pair_tokens", "max_length_ratio", "r2w", "w2r"}),
+        model,
+        shards_of="generate",
     )
     pair_results = []
     if not plan.done:
         pair_results = _fan_out(
-            plan, stages.pairs_shard, "resample/pairs", rounds=rounds, resample=cfg.model_dump(),
+            plan,
+            stages.pairs_shard,
+            "resample/pairs",
+            rounds=rounds,
+            resample=cfg.model_dump(),
             backend=backend.model_dump(),
         )
         stages.finalize_stage(plan, pair_results)
@@ -162,12 +184,12 @@ def pipeline_flow(
         }
         for name in DATA_STAGES:
             if name in wanted:
-                results[name] = flows[name](recipe_path, run_dir, overrides)
+                results[name] = with_task_runner(flows[name], recipe.task_runner)(recipe_path, run_dir, overrides)
         pair_sources = [s for s, on in (("resample/pairs", "resample" in wanted), ("dto", "dto" in wanted)) if on]
         if "dto" in wanted:
             from flows.dto import dto_flow
 
-            results["dto"] = dto_flow(recipe_path, run_dir, overrides)
+            results["dto"] = with_task_runner(dto_flow, recipe.task_runner)(recipe_path, run_dir, overrides)
         if pair_sources:
             results["pairs"] = stages.collect_pairs(run_dir, pair_sources)
         if "train" in wanted:

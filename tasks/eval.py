@@ -40,7 +40,7 @@ from ckptdpo.shards import (
 )
 from tasks.backends import backend_session, model_fingerprint
 from tasks.common import content_cache_key, content_key, hub_offline
-from tasks.stages import RETRY, StagePlan, backend_key, shard_exists
+from tasks.stages import RETRY, StagePlan, shard_exists
 
 RESULTS_FILE = "results.parquet"
 
@@ -128,7 +128,9 @@ def evaluate_shard(
     failed = [(p["problem_id"], r.error) for p, r in zip(problems, results, strict=True) if r.error]
     for pid, error in failed:
         get_run_logger().warning("%s/%s problem %s: generation failed: %s", benchmark, model_name, pid, error)
-    items = [(p["answer"], s.text) for p, r in zip(problems, results, strict=True) for s in r.samples[: cfg.num_samples]]
+    items = [
+        (p["answer"], s.text) for p, r in zip(problems, results, strict=True) for s in r.samples[: cfg.num_samples]
+    ]
     t0 = time.perf_counter()
     verdicts = verify_batch(items, timeout_s=timeout_s, workers=workers)
     verify_s = time.perf_counter() - t0
@@ -141,12 +143,20 @@ def evaluate_shard(
 
 @task(name="aggregate_eval", **RETRY)
 def finalize_eval_model(plan: StagePlan, shard_results: list[dict[str, Any]], eval_config: dict) -> dict[str, Any]:
-    """One (benchmark, model)'s metrics, streamed shard by shard; its manifest is written last."""
+    """One (benchmark, model)'s metrics, streamed shard by shard; its manifest is written last.
+
+    A stage already done is re-aggregated only when the k list changed (its shards do not depend on k).
+    """
     cfg = EvalConfig(**eval_config)
+    old = (read_manifest(plan.directory) or {}).get("stats", {}) if plan.done else {}
+    if plan.done and old.get("k") == cfg.k:
+        return old
     stats = evaluate.aggregate_shards(evaluate.iter_eval_shards(plan.directory), cfg.num_samples, cfg.k)
-    for name in ("generate_s", "verify_s", "failed_requests"):
-        stats[name] = round(sum(r.get(name, 0) for r in shard_results), 3)
-    stats["wall_s"] = round(time.time() - plan.started, 3)
+    stats["k"] = cfg.k
+    for name in ("generate_s", "verify_s", "failed_requests", "wall_s"):
+        stats[name] = old.get(name, 0) if plan.done else round(sum(r.get(name, 0) for r in shard_results), 3)
+    if not plan.done:
+        stats["wall_s"] = round(time.time() - plan.started, 3)
     write_manifest(plan.directory, config_hash=plan.key, stats=stats, inputs=plan.inputs)
     return stats
 
@@ -231,10 +241,14 @@ def write_report(run_dir: str) -> str:
     path = build_report(Path(run_dir))
     slug = re.sub(r"[^a-z0-9-]+", "-", Path(run_dir).name.lower()).strip("-") or "run"
     create_link_artifact(
-        link=path.resolve().as_uri(), link_text=f"report of {run_dir}", key=f"report-{slug}"[:64],
+        link=path.resolve().as_uri(),
+        link_text=f"report of {run_dir}",
+        key=f"report-{slug}"[:64],
         description="ckptdpo run report (self-contained HTML)",
     )
-    create_markdown_artifact(markdown=headline_markdown(Path(run_dir)), key=f"report-summary-{slug}"[:64],
-                             description="ckptdpo run: headline numbers")
+    create_markdown_artifact(
+        markdown=headline_markdown(Path(run_dir)),
+        key=f"report-summary-{slug}"[:64],
+        description="ckptdpo run: headline numbers",
+    )
     return str(path)
-

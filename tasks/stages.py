@@ -190,7 +190,9 @@ def verify_shard(run_dir: str, index: int, stage_key: str, timeout_s: float, wor
     gold = {p["problem_id"]: p["answer"] for p in _read(run_dir, "problems", index, ["problem_id", "answer"])}
     samples = _read(run_dir, "generate", index, ["sample_id", "problem_id", "completion"])
     t0 = time.perf_counter()
-    verdicts = verify_batch([(gold[s["problem_id"]], s["completion"]) for s in samples], timeout_s=timeout_s, workers=workers)
+    verdicts = verify_batch(
+        [(gold[s["problem_id"]], s["completion"]) for s in samples], timeout_s=timeout_s, workers=workers
+    )
     elapsed = time.perf_counter() - t0
     rows = [
         {
@@ -343,8 +345,11 @@ def collect_pairs(run_dir: str, sources: list[str]) -> dict[str, Any]:
         (read_manifest(Path(run_dir) / s) or {}).get("stats", {}).get("generated_tokens", 0)
         for s in ("generate", "resample")
     )
-    rows = _read_all(run_dir, "pairs", ["pair_type", "problem_id", "round", "checkpoint_index", "prompt_tokens",
-                                        "chosen_tokens", "rejected_tokens"])
+    rows = _read_all(
+        run_dir,
+        "pairs",
+        ["pair_type", "problem_id", "round", "checkpoint_index", "prompt_tokens", "chosen_tokens", "rejected_tokens"],
+    )
     stats = summary.summarize_pairs(rows, generated)
     write_manifest(stage, config_hash=key, stats=stats, inputs=inputs)
     return stats
@@ -391,8 +396,11 @@ def finalize_resample(plan: StagePlan, round_stats: list[dict[str, Any]], pair_r
     rounds = [{"round": i, **s} for i, s in enumerate(round_stats, 1)]
     generated = sum(r["tokens"] for r in rounds)
     base = (read_manifest(Path(plan.run_dir) / "generate") or {}).get("stats", {}).get("generated_tokens", 0)
-    rows = _read_all(plan.run_dir, "resample/pairs", ["pair_type", "problem_id", "round", "checkpoint_index",
-                                                      "prompt_tokens", "chosen_tokens", "rejected_tokens"])
+    rows = _read_all(
+        plan.run_dir,
+        "resample/pairs",
+        ["pair_type", "problem_id", "round", "checkpoint_index", "prompt_tokens", "chosen_tokens", "rejected_tokens"],
+    )
     stats = {
         "rounds": rounds,
         "generated_tokens": generated,

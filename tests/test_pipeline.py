@@ -68,7 +68,10 @@ def recipe(tmp_path: Path) -> Path:
 def run(recipe: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "ckptdpo.cli", "run", str(recipe), "--run-dir", str(run_dir), *extra],
-        capture_output=True, text=True, timeout=600, env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
     )
 
 
@@ -86,7 +89,9 @@ def test_exact_pairs_from_scripted_trajectories(prefect_harness, recipe: Path, t
     assert sorted(by_type) == ["r2w", "w2r"] and len(pairs) == 2
 
     r2w, w2r = by_type["r2w"], by_type["w2r"]
-    chat = TEMPLATE.replace("{message}", "What is 2 + 3?\n\nPlease reason step by step, and put your final answer within \\boxed{}.")
+    chat = TEMPLATE.replace(
+        "{message}", "What is 2 + 3?\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+    )
     assert r2w["prompt"] == chat + "Let me add the numbers.\n\n"
     assert r2w["chosen"] == "Wait, 2 + 3 is 5.\n\nSo the answer is \\boxed{5}."
     assert r2w["rejected"] == "Wait, 2 + 3 is 7, so \\boxed{7}."
@@ -161,7 +166,10 @@ def test_kill_during_resampling_then_resume_gives_the_same_pairs(tmp_path: Path)
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "ckptdpo.cli", "run", str(recipe), "--run-dir", str(run_dir)],
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     round1 = run_dir / "resample" / "round-01"
     deadline = time.time() + 300

@@ -137,7 +137,16 @@ def test_bad_items_never_raise() -> None:
         item,
     ]
     verdicts = verify_batch(items, timeout_s=TIMEOUT_S)  # type: ignore[arg-type]
-    assert [v.status for v in verdicts] == ["error", "error", "no_answer", "error", "error", "error", "correct", "correct"]
+    assert [v.status for v in verdicts] == [
+        "error",
+        "error",
+        "no_answer",
+        "error",
+        "error",
+        "error",
+        "correct",
+        "correct",
+    ]
     assert verdicts[-1].extracted == answer
     assert verify_batch([], timeout_s=TIMEOUT_S) == []
 

@@ -86,6 +86,10 @@ def test_overlong_prompt_is_a_request_error_and_the_rest_run(make) -> None:
     assert results[1].error and "64 tokens" in results[1].error and not results[1].samples
     assert results[0].error is None and results[2].error is None and results[0].samples
     assert len(be.llm.calls) == 1 and len(be.llm.calls[0].prompts) == 2  # one engine call, the long one left out
+    (fits,) = be.generate([GenerationRequest("x" * 63, max_tokens=8, seed=0)])
+    assert fits.error is None and fits.samples[0].num_tokens <= 1  # the context ends after one token
+    with pytest.raises(ValueError, match="maximum model length"):  # what the engine would do to the whole batch
+        be.llm.generate([{"prompt_token_ids": [5]}, {"prompt_token_ids": [5] * 64}])
 
 
 def test_stop_strings_and_length(make) -> None:
@@ -103,7 +107,7 @@ def test_loop_guard_uses_vllm_repetition_detection(make) -> None:
     be = make(loop_ngram=8, loop_min_repeats=4)
     (res,) = be.generate([GenerationRequest("go LOOP", max_tokens=1000)])
     rd = be.llm.calls[0].params[0].repetition_detection
-    assert (rd.min_pattern_size, rd.min_count) == (8, 4) and rd.max_pattern_size >= 8
+    assert (rd.min_pattern_size, rd.max_pattern_size, rd.min_count) == (8, 16, 4)
     (s,) = res.samples
     assert s.finish_reason == "loop" and s.num_tokens < 1000
     assert be.stats.finish_reasons == {"loop": 1}

@@ -55,6 +55,7 @@ def local_revision(path: Path) -> str:
 
     Hashing all weights of a large model takes seconds to minutes; 16 chunks of 64 KiB per weight file (the first
     holds the safetensors header) change whenever training rewrites the weights, which is what cache keys need.
+    An edit confined to a few unsampled bytes would go unseen: set `backend.revision` explicitly for such models.
     """
     h = hashlib.sha256()
     for name in ("config.json", *TOKENIZER_FILES):
@@ -131,6 +132,33 @@ class _Row:
     finish: str | None = None
 
 
+def plan_batches(prepared: list[_Prepared], budget: int, max_rows: int) -> list[list[_Unit]]:
+    """Pack sample groups into batches under the row cap and the token budget (rows x longest prompt+new tokens).
+
+    A request whose samples do not fit one batch is split into groups; each group pays its own prefill. A single
+    row over the budget still runs, alone.
+    """
+    units: list[_Unit] = []
+    for p in prepared:
+        cap = max(1, min(max_rows, budget // (len(p.ids) + p.max_new)))
+        units += [_Unit(p, s, min(cap, p.request.n - s)) for s in range(0, p.request.n, cap)]
+    # Similar lengths together waste less on padding; the order is a function of the requests alone.
+    units.sort(key=lambda u: (len(u.prep.ids), u.prep.max_new, u.prep.index, u.start))
+    batches: list[list[_Unit]] = []
+    cur: list[_Unit] = []
+    rows = longest = 0
+    for u in units:
+        new_rows, new_longest = rows + u.count, max(longest, u.cost)
+        if cur and (new_rows > max_rows or new_rows * new_longest > budget):
+            batches.append(cur)
+            cur, new_rows, new_longest = [], u.count, u.cost
+        cur.append(u)
+        rows, longest = new_rows, new_longest
+    if cur:
+        batches.append(cur)
+    return batches
+
+
 class HFBackend:
     """transformers causal LM, loaded once; see the module docstring for batching, sharing and seeds."""
 
@@ -188,7 +216,7 @@ class HFBackend:
                 results[i] = GenerationResult(samples=[], prompt_tokens=e.prompt_tokens, error=str(e))
         samples: dict[int, list[Sample | None]] = {p.index: [None] * p.request.n for p in prepared}
         computed: dict[int, int] = {p.index: 0 for p in prepared}
-        for batch in self._plan(prepared):
+        for batch in plan_batches(prepared, self.cfg.batch_token_budget, self.cfg.max_batch_size):
             self._run_batch(batch, samples, computed)
         for p in prepared:
             got = samples[p.index]
@@ -220,29 +248,6 @@ class HFBackend:
                 len(ids),
             )
         return _Prepared(index, ids, min(req.max_tokens, self.max_len - len(ids)), req)
-
-    def _plan(self, prepared: list[_Prepared]) -> list[list[_Unit]]:
-        """Pack sample groups into batches under the row cap and the token budget (prompt + new tokens per row)."""
-        budget, max_rows = self.cfg.batch_token_budget, self.cfg.max_batch_size
-        units: list[_Unit] = []
-        for p in prepared:
-            cap = max(1, min(max_rows, budget // (len(p.ids) + p.max_new)))
-            units += [_Unit(p, s, min(cap, p.request.n - s)) for s in range(0, p.request.n, cap)]
-        # Similar lengths together waste less on padding; the order is a function of the requests alone.
-        units.sort(key=lambda u: (len(u.prep.ids), u.prep.max_new, u.prep.index, u.start))
-        batches: list[list[_Unit]] = []
-        cur: list[_Unit] = []
-        rows = longest = 0
-        for u in units:
-            new_rows, new_longest = rows + u.count, max(longest, u.cost)
-            if cur and (new_rows > max_rows or new_rows * new_longest > budget):
-                batches.append(cur)
-                cur, new_rows, new_longest = [], u.count, u.cost
-            cur.append(u)
-            rows, longest = new_rows, new_longest
-        if cur:
-            batches.append(cur)
-        return batches
 
     @torch.inference_mode()
     def _run_batch(
@@ -516,4 +521,3 @@ class _SamplingParams:
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids for left-padded rows: 0 at each row's first real token (padding gets 1, as generate does)."""
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-

@@ -8,10 +8,14 @@
   prompt that does not fit the context (`llm_engine.model_config.max_model_len`) fail alone: vLLM would raise for
   the whole `generate` call.
 - One `SamplingParams` per request (n, temperature, top_p, top_k, max_tokens, seed, stop). With the loop guard on,
-  vLLM's own `repetition_detection` stops a sample whose last `loop_min_repeats` blocks of `loop_ngram` to
-  LOOP_MAX_PERIOD tokens are identical (finish_reason "repetition" -> `loop`), so loops cost no further tokens;
-  a shorter cycle is caught once it has repeated enough to fill `loop_ngram` tokens per block. The paragraph check of
-  the loop guard (same paragraph modulo whitespace and case) then runs post hoc on the text, as in the openai backend.
+  vLLM's own `repetition_detection` (since 0.17) stops a sample whose output ends in `loop_min_repeats` copies of a
+  block of `loop_ngram` to 2 * `loop_ngram` tokens (finish_reason "repetition" -> `loop`), so a loop costs no
+  further tokens. Every cycle up to 2 * `loop_ngram` tokens long is caught (a shorter one through a multiple of it
+  in that range). The range is kept narrow because vLLM runs the check in Python for every sequence at every step:
+  vLLM 0.33's check on a 32k-token non-looping sequence took about 40 us per step for sizes 32..64 and 350 us for
+  32..256 (on a loaded 2-core CPU), so the wide range would add ~20 ms per decode step at batch 64. Longer cycles and
+  near-identical paragraphs (same modulo whitespace and case) are left to the loop guard's paragraph check, run post
+  hoc on the text as in the openai backend: it labels the sample `loop` and cuts it, but saves no tokens.
 - Prompt tokens computed = prompt length minus `num_cached_tokens` (prefix-cache hits), which is what the stats show.
 - `score` sums `prompt_logprobs` (SamplingParams(max_tokens=1, prompt_logprobs=0)) over the continuation's
   positions of prompt ids + continuation ids, tokenized separately as in the hf backend.
@@ -40,8 +44,6 @@ from ckptdpo.models import resolve_model
 
 log = logging.getLogger(__name__)
 
-# Longest token cycle vLLM's repetition check looks for; its per-step work is (max - min + 1) * min_count compares.
-LOOP_MAX_PERIOD = 256
 _FINISH = {"stop": "stop", "length": "length", "repetition": "loop", "abort": "error", "error": "error"}
 
 
@@ -86,9 +88,9 @@ class VLLMBackend:
         self.stats = BackendStats()
         self._repetition = None
         if cfg.loop_guard:
-            period = max(LOOP_MAX_PERIOD, cfg.loop_ngram)
+            # Sizes n..2n cover every period up to 2n (see the module docstring for why not more).
             self._repetition = RepetitionDetectionParams(
-                max_pattern_size=period, min_pattern_size=cfg.loop_ngram, min_count=cfg.loop_min_repeats
+                max_pattern_size=2 * cfg.loop_ngram, min_pattern_size=cfg.loop_ngram, min_count=cfg.loop_min_repeats
             )
 
     def _encode(self, text: str) -> list[int]:

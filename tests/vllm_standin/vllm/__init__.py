@@ -1,12 +1,12 @@
 """Stand-in for the part of vLLM 0.33.0 that ckptdpo.backends.vllm uses; tests put its parent folder on sys.path.
 
-Names, signatures and fields follow vLLM's source and API docs (v0.31-0.33):
+Names, signatures and fields follow the vllm-0.33.0 wheel's source (the files named below):
 - `LLM(model, *, tokenizer, tensor_parallel_size, dtype, revision, seed, gpu_memory_utilization, **engine_kwargs)`
   (vllm/entrypoints/llm.py; `enable_prefix_caching`, `max_model_len` reach `EngineArgs` through **kwargs, which
   rejects unknown names), `llm.llm_engine.model_config.max_model_len`, `llm.get_tokenizer()`;
   `LLM.generate(prompts, sampling_params=None, *, use_tqdm=True, lora_request=None, priority=None)` with one
-  SamplingParams per prompt allowed, returning RequestOutputs in prompt order; a prompt longer than
-  max_model_len raises ValueError for the whole call (vLLM's input processor does so).
+  SamplingParams per prompt allowed, returning RequestOutputs in prompt order; a prompt of max_model_len tokens
+  or more raises for the whole call (vllm/v1/engine/input_processor.py; VLLMValidationError is a ValueError).
 - `RequestOutput(request_id, prompt, prompt_token_ids, prompt_logprobs, outputs, finished, num_cached_tokens)` and
   `CompletionOutput(index, text, token_ids, cumulative_logprob, logprobs, finish_reason, stop_reason)`
   (vllm/outputs.py); `finish_reason` is one of "stop", "length", "abort", "error", "repetition"
@@ -150,7 +150,7 @@ class LLM:
         quantization: str | None = None,
         revision: str | None = None,
         seed: int = 0,
-        gpu_memory_utilization: float = 0.9,
+        gpu_memory_utilization: float = 0.92,
         enforce_eager: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -198,7 +198,7 @@ class LLM:
         encoded = []
         for p in prompts:
             ids = list(p["prompt_token_ids"]) if isinstance(p, dict) else self._tokenizer.encode(p)
-            if len(ids) > max_len:
+            if len(ids) >= max_len:  # equal leaves no room for the one output token
                 raise ValueError(
                     f"The decoder prompt (length {len(ids)}) is longer than the maximum model length of {max_len}. "
                     "Make sure that `max_model_len` is no smaller than the number of text tokens."
@@ -229,7 +229,7 @@ class LLM:
 
     def _sample(self, ids: list[int], sp: SamplingParams, index: int) -> CompletionOutput:
         if sp.temperature == 0:
-            rng = random.Random(hash(("greedy", tuple(ids))))
+            rng = random.Random(hash((-1, tuple(ids))))  # no str inside: stable across processes
         elif sp.seed is not None:
             rng = random.Random(hash((sp.seed, index, tuple(ids))))
         else:

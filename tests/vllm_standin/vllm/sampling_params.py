@@ -1,4 +1,4 @@
-"""Stand-in for `vllm.sampling_params` (vLLM 0.33.0): the fields the ckptdpo adapter sets, real names and defaults.
+"""Stand-in for `vllm.sampling_params` (vllm-0.33.0 wheel): the fields the adapter sets, real names and defaults.
 
 Follows vllm/sampling_params.py (`SamplingParams`, a msgspec Struct there, keyword arguments only;
 `RepetitionDetectionParams`, added in vLLM 0.17). Only the checks that could catch an adapter bug are kept.

@@ -1,0 +1,41 @@
+"""The train flow: resolve the base model and the pair stages, then one training task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from ckptdpo.errors import UserError
+from ckptdpo.models import resolve_model
+from ckptdpo.shards import stage_fingerprint
+from tasks.common import ckptdpo_home, hub_offline, load_recipe, stage_dir
+from tasks.train import train_model
+
+# `<run_dir>/pairs` is the union of every pair-producing stage (resample, dto).
+PAIR_STAGES = ("pairs",)
+
+
+def resolve_accelerate_config(path: str, recipe_path: str) -> str:
+    """An accelerate config path as given, else relative to the recipe's folder, else relative to the recipes/ root."""
+    recipe_dir = Path(recipe_path).resolve().parent
+    for candidate in (Path(path).expanduser(), recipe_dir / path, recipe_dir.parent / path):
+        if candidate.is_file():
+            return str(candidate.resolve())
+    raise UserError(f"{recipe_path}: train.accelerate_config '{path}' not found; give a path to an accelerate YAML.")
+
+
+@flow(name="train")
+def train_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None = None) -> dict:
+    """DPO / SimPO on `<run_dir>/pairs` -> `<run_dir>/train/model` and the train section of stats.json."""
+    recipe = load_recipe(recipe_path, overrides)
+    get_run_logger().info("train of recipe %s, config hash %s", recipe.name, recipe.config_hash("train"))
+    model = resolve_model(recipe.backend.model, ckptdpo_home(), offline=hub_offline())
+    train = recipe.train.model_dump(mode="json")
+    if recipe.train.accelerate_config:
+        train["accelerate_config"] = resolve_accelerate_config(recipe.train.accelerate_config, recipe_path)
+    pairs_dirs = [str(stage_dir(run_dir, s)) for s in PAIR_STAGES]
+    fingerprints = {s: stage_fingerprint(d) for s, d in zip(PAIR_STAGES, pairs_dirs, strict=True)}
+    job = {"train": train, "pairs_dirs": pairs_dirs, "model": model}
+    return train_model(run_dir, job, fingerprints)

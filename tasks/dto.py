@@ -1,0 +1,237 @@
+"""Prefect tasks of the DTO stage: optimize the correct trajectories of each shard, then build SimPO pairs.
+
+Layout under `<run_dir>/dto`: `optimized/part-XXXXX.parquet` (DTO_RESULTS, one shard per generate shard, the
+shard's `optimize_trajectories` stats in its Parquet metadata) and `part-XXXXX.parquet` (PAIRS) with the stage's
+`_manifest.json`. The pair shards sit directly in `dto/` because the pairs stage and the stage fingerprint read
+every `part-*.parquet` there; the diagnostics live one level down so they are never mistaken for pairs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from contextlib import ExitStack, nullcontext
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from prefect import get_run_logger, task
+
+from ckptdpo import summary
+from ckptdpo.configs import BackendConfig, DTOConfig
+from ckptdpo.dto import (
+    DTOItem,
+    DTOResult,
+    build_dto_pairs,
+    candidate_positions,
+    merge_dto_stats,
+    optimize_trajectories,
+)
+from ckptdpo.schemas import DTO_RESULTS, PAIRS, make_table
+from ckptdpo.shards import (
+    list_shards,
+    read_manifest,
+    read_shard,
+    shard_path,
+    update_stats,
+    write_manifest,
+    write_shard,
+)
+from ckptdpo.verify import verify_batch
+from tasks.backends import backend_session
+from tasks.common import content_cache_key
+from tasks.stages import RETRY, load_trajectories, publish_table, shard_exists
+
+OPTIMIZED = "dto/optimized"
+STATS_METADATA = b"ckptdpo.dto_stats"
+PAIRS_PER_SHARD = 10_000
+
+
+def _read(run_dir: str, stage: str, index: int, columns: list[str] | None = None) -> list[dict[str, Any]]:
+    return read_shard(shard_path(Path(run_dir) / stage, index), columns=columns).to_pylist()
+
+
+def _result_row(result: DTOResult, kind: str, num_candidates: int) -> dict[str, Any]:
+    return {
+        "sample_id": result.sample_id,
+        "problem_id": result.problem_id,
+        "status": result.status,
+        "exit_kind": kind,
+        "num_candidates": num_candidates,
+        "exit_index": result.exit_index,
+        "exit_char": result.exit_char,
+        "exit_probability": result.exit_probability,
+        "reverify_probability": result.reverify_probability,
+        "num_segments": result.num_segments,
+        "removed_segments": result.removed_segments,
+        "truncated_text": result.truncated_text,
+        "text": result.text,
+        "original_tokens": result.tokens_before,
+        "truncated_tokens": result.tokens_after_truncation,
+        "pruned_tokens": result.tokens_after_pruning,
+    }
+
+
+def _row_result(row: dict[str, Any]) -> DTOResult:
+    return DTOResult(
+        problem_id=row["problem_id"],
+        sample_id=row["sample_id"],
+        status=row["status"],
+        exit_index=row["exit_index"],
+        exit_char=row["exit_char"],
+        exit_probability=row["exit_probability"],
+        truncated_text=row["truncated_text"],
+        text=row["text"],
+        num_segments=row["num_segments"],
+        removed_segments=list(row["removed_segments"] or []),
+        reverify_probability=row["reverify_probability"],
+        tokens_before=row["original_tokens"],
+        tokens_after_truncation=row["truncated_tokens"],
+        tokens_after_pruning=row["pruned_tokens"],
+    )
+
+
+def read_shard_stats(run_dir: str, index: int) -> dict[str, Any]:
+    """The stats `dto_shard` stored in an optimized shard's metadata (so a resumed run still has them)."""
+    metadata = pq.read_schema(shard_path(Path(run_dir) / OPTIMIZED, index)).metadata or {}
+    return json.loads(metadata[STATS_METADATA])
+
+
+@task(name="optimize_trajectories", cache_key_fn=content_cache_key, persist_result=True, **RETRY)
+def dto_shard(
+    run_dir: str,
+    index: int,
+    stage_key: str,
+    dto: dict,
+    backend: dict,
+    judge_backend: dict | None,
+    markers: list[str],
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Exit probing, truncation, judge pruning and re-verification of the correct trajectories of one shard.
+
+    `judge_backend` None means the policy backend judges too.
+    """
+    if shard_exists(run_dir, OPTIMIZED, index):
+        return read_shard_stats(run_dir, index)
+    cfg, bcfg = DTOConfig(**dto), BackendConfig(**backend)
+    jcfg = BackendConfig(**judge_backend) if judge_backend is not None else bcfg
+    problems = {p["problem_id"]: p["problem"] for p in _read(run_dir, "problems", index, ["problem_id", "problem"])}
+    trajectories = sorted(load_trajectories(run_dir, index).values(), key=lambda t: t["sample_id"])
+    items = [
+        DTOItem(
+            problem_id=t["problem_id"],
+            sample_id=t["sample_id"],
+            problem=problems[t["problem_id"]],
+            prompt=t["prompt"],
+            completion=t["completion"],
+            gold=t["gold_answer"],
+        )
+        for t in trajectories
+        if t["status"] == "correct"
+    ]
+    results: list[DTOResult] = []
+    stats: dict[str, Any] = merge_dto_stats([])
+    elapsed = 0.0
+    if items:  # a shard without correct trajectories never loads a model
+        verify_fn = functools.partial(verify_batch, timeout_s=timeout_s)
+        # Same config: reuse the one session (a nested session on the same lock would deadlock). Otherwise the
+        # policy lock is always taken before the judge's, so two shards running at once cannot deadlock.
+        same = jcfg.model_dump_json() == bcfg.model_dump_json()
+        with backend_session(bcfg) as policy:
+            judge_session = (
+                nullcontext(None) if not cfg.prune else nullcontext(policy) if same else backend_session(jcfg)
+            )
+            with judge_session as judge:
+                t0 = time.perf_counter()
+                results, stats = optimize_trajectories(policy, judge, items, cfg, verify_fn, markers=markers)
+                elapsed = time.perf_counter() - t0
+    stats = {**stats, "optimize_s": round(elapsed, 3)}
+    rows = []
+    for item, result in zip(items, results, strict=True):
+        kind, positions = candidate_positions(item.completion, markers, cfg.min_checkpoints)
+        rows.append(_result_row(result, kind, len(positions)))
+    table = make_table(rows, DTO_RESULTS)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), STATS_METADATA: json.dumps(stats)})
+    write_shard(Path(run_dir) / OPTIMIZED, index, table)
+    return stats
+
+
+def _originals(run_dir: str, index: int) -> list[dict[str, Any]]:
+    """Every generated trajectory of one shard (any verdict) with its verdict status: the rejected candidates."""
+    status = {v["sample_id"]: v["status"] for v in _read(run_dir, "verify", index, ["sample_id", "status"])}
+    rows = _read(run_dir, "generate", index, ["sample_id", "problem_id", "prompt", "completion", "model"])
+    return [{**r, "status": status[r["sample_id"]]} for r in rows]
+
+
+@task(name="build_dto_pairs", **RETRY)
+def dto_pairs(
+    run_dir: str,
+    stage_key: str,
+    dto: dict,
+    backend: dict,
+    inputs: dict[str, str] | None = None,
+    started: float | None = None,
+) -> dict[str, Any]:
+    """DTO pairs from all optimized shards; writes the pair shards, the stage manifest and the `dto` stats section.
+
+    Not cached by Prefect: it is the step that writes the manifest, and a cache hit would skip writing it.
+    """
+    started = time.time() if started is None else started
+    cfg, bcfg = DTOConfig(**dto), BackendConfig(**backend)
+    stage = Path(run_dir) / "dto"
+    num_shards = len(list_shards(Path(run_dir) / "generate"))
+    missing = [i for i in range(num_shards) if not shard_exists(run_dir, OPTIMIZED, i)]
+    if missing:
+        raise RuntimeError(f"{stage / 'optimized'}: shards {missing} are missing; run the dto shards first")
+    t0 = time.perf_counter()
+    pairs: list[dict[str, Any]] = []
+    by_status: dict[str, int] = {}
+    # Shard by shard: all samples of a problem live in its one generate shard, so every problem sees all of its
+    # optimized and original trajectories while only one shard is in memory.
+    with ExitStack() as stack:
+        b = None  # opened on first use: a stage without any optimized text loads no model just to count tokens
+        for i in range(num_shards):
+            optimized = [_row_result(r) for r in _read(run_dir, OPTIMIZED, i)]
+            for r in optimized:
+                by_status[r.status] = by_status.get(r.status, 0) + 1
+            if not any(r.text is not None for r in optimized):
+                continue
+            if b is None:
+                b = stack.enter_context(backend_session(bcfg))
+            problems = _read(run_dir, "problems", i, ["problem_id", "answer"])
+            originals = _originals(run_dir, i)
+            pairs.extend(
+                build_dto_pairs(
+                    problems, optimized, originals, b.count_tokens, rejected=cfg.rejected, model=b.model_id
+                )
+            )
+    pairs_s = time.perf_counter() - t0
+    written = 0
+    for start in range(0, max(len(pairs), 1), PAIRS_PER_SHARD):
+        write_shard(stage, written, make_table(pairs[start : start + PAIRS_PER_SHARD], PAIRS))
+        written += 1
+    for p in list_shards(stage)[written:]:
+        p.unlink()  # a rerun under the same key with fewer pairs must not leave an old shard behind
+
+    shard_stats = [read_shard_stats(run_dir, i) for i in range(num_shards)]
+    stats: dict[str, Any] = merge_dto_stats(shard_stats, num_pairs=len(pairs))
+    stats["optimize_s"] = round(stats.get("optimize_s", 0.0), 3)
+    stats["by_status"] = dict(sorted(by_status.items()))
+    generated = (read_manifest(Path(run_dir) / "generate") or {}).get("stats", {}).get("generated_tokens", 0)
+    stats["pairs"] = summary.summarize_pairs(pairs, generated)
+    stats["pairs_s"] = round(pairs_s, 3)
+    stats["wall_s"] = round(time.time() - started, 3)
+    write_manifest(stage, config_hash=stage_key, stats=stats, inputs=inputs)
+    update_stats(run_dir, "dto", stats)
+    publish_table("dto", stats)
+    get_run_logger().info(
+        "dto: %d trajectories, tokens %d -> %d (truncated) -> %d (pruned), %d pairs",
+        stats["num_trajectories"],
+        stats["tokens_before"],
+        stats["tokens_after_truncation"],
+        stats["tokens_after_pruning"],
+        stats["num_pairs"],
+    )
+    return stats

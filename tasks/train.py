@@ -1,0 +1,118 @@
+"""Prefect task: train on the pair shards in a subprocess (python, torchrun or accelerate launch).
+
+Layout: `<run_dir>/train/` holds `job.yaml` (what the subprocess runs), `train.log`, `checkpoint-*`, `model/`,
+`ranks/`, `summary.json` and `_manifest.json`, written last. The stage is keyed by the train config, the base
+model and the fingerprints of the pair stages: a stage left by an interrupted run under the same key keeps its
+checkpoints, so a retry resumes from the newest one; a stage written under another key is cleared first, so no
+run resumes from a checkpoint of a different config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from pydantic import ValidationError
+
+from ckptdpo.configs import describe_validation_error
+from ckptdpo.errors import UserError
+from ckptdpo.shards import prepare_stage, read_manifest, update_stats, write_manifest
+from ckptdpo.train import SUMMARY, TrainJob, build_launch_command, write_job
+from tasks.common import content_cache_key, content_key
+
+STAGE = "train"
+JOB_FILE = "job.yaml"
+LOG_FILE = "train.log"
+_USER_ERROR = re.compile(r"^(?:\[rank\d+\]:\s*)?error: (.+)$")
+
+
+class TrainFailed(RuntimeError):
+    """The training subprocess exited with an error (retried: it resumes from its newest checkpoint)."""
+
+
+def _retry_unless_user_error(task, task_run, state) -> bool:
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # a result that cannot be read back: let the retry policy decide
+        return True
+    return not isinstance(exc, UserError)
+
+
+def train_key(job: TrainJob, inputs: dict[str, str]) -> str:
+    """Content key of a training run: train config, base model, pair fingerprints (not where it writes)."""
+    what = job.model_dump(mode="json", exclude={"output_dir", "fail_after_step"})
+    return content_key(STAGE, what, inputs)[:16]
+
+
+@task(
+    name="train_model",
+    cache_key_fn=content_cache_key,
+    persist_result=True,
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=_retry_unless_user_error,
+)
+def train_model(run_dir: str, job: dict[str, Any], pairs_fingerprints: dict[str, str]) -> dict[str, Any]:
+    """Run one training job into `<run_dir>/train`; returns its summary (also the `train` section of stats.json).
+
+    `job` is a `TrainJob` without `output_dir`; `pairs_fingerprints` (stage name -> fingerprint of each pair
+    stage) makes the cache key follow the pairs' content.
+    """
+    log = get_run_logger()
+    stage = Path(run_dir) / STAGE
+    try:
+        train_job = TrainJob.model_validate({**job, "output_dir": str(stage)})
+    except ValidationError as e:
+        raise UserError(describe_validation_error(e, "train job")) from None
+    key = train_key(train_job, pairs_fingerprints)
+    manifest = read_manifest(stage)
+    if manifest and manifest.get("config_hash") == key and manifest.get("inputs") == pairs_fingerprints:
+        log.info("train stage already done under key %s; skipping", key)
+        return json.loads((stage / SUMMARY).read_text())
+    prepare_stage(stage, key)
+    (stage / SUMMARY).unlink(missing_ok=True)  # a summary left by an earlier attempt is not this run's
+    job_path = write_job(train_job, stage / JOB_FILE)
+    cmd = build_launch_command(job_path, train_job.train)
+    log.info("train key %s: %s", key, " ".join(cmd))
+    rc, tail = _run_streaming(cmd, stage / LOG_FILE, log)
+    if rc != 0:
+        # `python -m ckptdpo.train` prints a user error as one "error: ..." line (torchrun may prefix "[rankN]:").
+        user = next((m.group(1) for line in reversed(tail) if (m := _USER_ERROR.match(line))), None)
+        if user:
+            raise UserError(user)
+        raise TrainFailed(f"training exited with status {rc}; see {stage / LOG_FILE}; last lines:\n" + "\n".join(tail))
+    summary = json.loads((stage / SUMMARY).read_text())
+    compact = {k: v for k, v in summary.items() if k not in ("steps", "ranks")}
+    write_manifest(stage, config_hash=key, stats=compact, inputs=pairs_fingerprints)
+    update_stats(run_dir, STAGE, summary)
+    return summary
+
+
+def _run_streaming(cmd: list[str], log_path: Path, log) -> tuple[int, list[str]]:
+    """Run `cmd`, sending each output line to the Prefect run log and to `log_path`; returns (status, last lines)."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    tail: deque[str] = deque(maxlen=20)
+    with open(log_path, "a") as sink:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env, errors="replace"
+        )
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                line = line.rstrip()
+                sink.write(line + "\n")
+                if line:
+                    tail.append(line)
+                    log.info(line)
+        finally:
+            # A cancelled flow run must not leave the trainer behind.
+            if proc.poll() is None:
+                proc.kill()
+            rc = proc.wait()
+    return rc, list(tail)

@@ -1,0 +1,178 @@
+"""Operations end to end: the incremental refresh, and a real Prefect server with workers, deployments and UI.
+
+The refresh tests run in process under the session's temporary Prefect API. The server tests start one real server
+on loopback through `ckptdpo server up` (once for the module: the server start is the cost), run the pipeline
+deployment from the `prefect` CLI through a worker, look at the UI in headless Chromium and stop everything with
+`ckptdpo server down`. Everything runs on the fake backend, so a flow run takes seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ckptdpo.shards import read_manifest, read_stage
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = "<|user|>\n{message}\n<|assistant|>\n"
+
+
+def scripted(question: str, gold: int) -> tuple[dict, list[dict]]:
+    """One problem whose right and wrong trajectory each have one checkpoint: exactly one r2w and one w2r pair."""
+    right = f"Let me work out {question}\n\nWait, it is {gold}.\n\nSo the answer is \\boxed{{{gold}}}."
+    wrong = f"I guess {question}\n\nBut maybe it is {gold + 1}.\n\nSo the answer is \\boxed{{{gold + 1}}}."
+    continuations = [
+        {"after": f"Let me work out {question}\n\n", "texts": [f"Wait, it is {gold + 2}, so \\boxed{{{gold + 2}}}."]},
+        {"after": f"I guess {question}\n\n", "texts": [f"But no: it is {gold}, so \\boxed{{{gold}}}."]},
+    ]
+    return {question: {"samples": [right, wrong]}}, continuations
+
+
+QUESTIONS = [("What is 2 + 3?", 5), ("What is 1 + 6?", 7), ("What is 3 * 3?", 9)]
+
+
+def write_script(path: Path, questions=QUESTIONS, **extra) -> Path:
+    script = {"template": TEMPLATE, "problems": {}, "continuations": [], **extra}
+    for q, gold in questions:
+        problems, continuations = scripted(q, gold)
+        script["problems"].update(problems)
+        script["continuations"].extend(continuations)
+    path.write_text(yaml.safe_dump(script))
+    return path
+
+
+def write_problems(path: Path, questions) -> Path:
+    rows = [{"id": f"q{i}", "problem": q, "answer": str(gold)} for i, (q, gold) in enumerate(questions)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_recipe(tmp: Path, **sections) -> Path:
+    """A fake-backend recipe over `problems.jsonl` next to it; every problem is its own shard."""
+    recipe = {
+        "name": "ops",
+        "stages": ["generate", "verify", "checkpoints", "resample"],
+        "problems": {"source": "file", "path": "problems.jsonl"},
+        "backend": {"kind": "fake", "model": "fake", "script": str(tmp / "script.yaml")},
+        "generate": {"num_samples": 2, "max_tokens": 100, "shard_size": 1},
+        "verify": {"timeout_s": 5, "workers": 1},
+        "resample": {"max_rounds": 2, "max_attempts": 2, "max_tokens": 100},
+        **sections,
+    }
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+
+
+# --- the refresh ---------------------------------------------------------------------------------------------------
+
+
+def test_refresh_processes_only_new_problems_and_versions_the_pairs(prefect_harness, tmp_path: Path, monkeypatch):
+    import flows.train
+    from flows.refresh import refresh_flow
+
+    trained = []
+    monkeypatch.setattr(flows.train, "train_flow", lambda **kw: trained.append(kw) or {"trained": True})
+    write_script(tmp_path / "script.yaml")
+    recipe = write_recipe(tmp_path, refresh={"train_threshold": 3})
+    problems = write_problems(tmp_path / "problems.jsonl", QUESTIONS[:1])
+    data = tmp_path / "data"
+
+    first = refresh_flow(str(recipe), str(data))
+    v1 = data / "versions" / first["version"]
+    assert first["new_problems"] == 1 and first["previous"] is None
+    assert first["num_pairs"] == 2 and first["by_type"] == {"r2w": 1, "w2r": 1}
+    assert (data / "latest").resolve() == v1.resolve() and not trained  # 2 new pairs < threshold 3
+    before = hashes(v1)
+    v1_ids = set(read_stage(v1 / "pairs").column("pair_id").to_pylist())
+
+    write_problems(problems, QUESTIONS)  # the source grew by two problems
+    second = refresh_flow(str(recipe), str(data))
+    v2 = data / "versions" / second["version"]
+    assert second["version"] > first["version"] and second["previous"] == first["version"]
+    # Only the two new problems went through the pipeline: the run saw 2 problems and generated 2 x 2 samples.
+    run2 = Path(second["run_dir"])
+    assert read_manifest(run2 / "problems")["num_rows"] == 2
+    assert sorted(read_stage(run2 / "problems").column("problem_id").to_pylist()) == ["q1", "q2"]
+    assert read_manifest(run2 / "generate")["num_rows"] == 4
+    pairs2 = read_stage(v2 / "pairs").to_pylist()
+    assert len(pairs2) == 6 and second["new_pairs"] == 4 and second["carried_pairs"] == 2
+    assert v1_ids < {p["pair_id"] for p in pairs2} and sorted({p["problem_id"] for p in pairs2}) == ["q0", "q1", "q2"]
+    assert read_manifest(v2 / "pairs")["num_rows"] == 6
+    assert (data / "latest").is_symlink() and (data / "latest").resolve() == v2.resolve()
+    assert hashes(v1) == before, "the first version changed"
+    # 6 new pairs since the last training >= 3: the refresh trained on the new version's pairs.
+    assert len(trained) == 1 and trained[0]["run_dir"] == second["training"]["run_dir"]
+    assert read_stage(Path(trained[0]["run_dir"]) / "pairs").num_rows == 6
+
+    third = refresh_flow(str(recipe), str(data))
+    assert third["version"] is None and third["latest"] == second["version"]
+    assert sorted(p.name for p in (data / "versions").iterdir()) == sorted([first["version"], second["version"]])
+
+
+def test_refresh_changed_problem_and_new_model_revision(prefect_harness, tmp_path: Path):
+    from flows.refresh import refresh_flow
+
+    script = write_script(tmp_path / "script.yaml", QUESTIONS[:2])
+    recipe = write_recipe(tmp_path)
+    problems = write_problems(tmp_path / "problems.jsonl", QUESTIONS[:2])
+    data = tmp_path / "data"
+    first = refresh_flow(str(recipe), str(data))
+    assert first["num_pairs"] == 4
+
+    # q1's gold answer is corrected: q1 is processed again and its old pairs leave the dataset.
+    rows = [json.loads(line) for line in problems.read_text().splitlines()]
+    rows[1]["answer"] = "8"
+    problems.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    second = refresh_flow(str(recipe), str(data))
+    assert second["new_problems"] == 1 and second["changed_problems"] == 1 and second["dropped_pairs"] == 2
+    pairs = read_stage(data / "versions" / second["version"] / "pairs").to_pylist()
+    assert [p["problem_id"] for p in pairs].count("q0") == 2
+    assert all(p["gold_answer"] == "8" for p in pairs if p["problem_id"] == "q1")
+
+    # A new model revision (here: another fake script) starts a new lineage: everything again, nothing carried.
+    write_script(script, QUESTIONS[:2], default_logprob=-5.0)
+    third = refresh_flow(str(recipe), str(data))
+    assert third["new_problems"] == 2 and third["previous"] is None and third["carried_pairs"] == 0
+    assert (data / "latest").resolve() == (data / "versions" / third["version"]).resolve()
+
+
+@pytest.mark.slow
+def test_dask_cluster_runs_the_shard_tasks_and_gives_the_same_pairs(prefect_harness, tmp_path: Path):
+    pytest.importorskip("prefect_dask")
+    import dask
+    from distributed import Client, LocalCluster, get_task_stream
+
+    from flows.pipeline import pipeline_flow
+
+    write_script(tmp_path / "script.yaml", QUESTIONS[:2])
+    recipe = write_recipe(tmp_path)
+    write_problems(tmp_path / "problems.jsonl", QUESTIONS[:2])
+    pipeline_flow(str(recipe), str(tmp_path / "threads"))
+    # A cluster as a user would run one: worker processes, non-daemonic so the verifier can start its own.
+    with dask.config.set({"distributed.worker.daemon": False}):
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    with cluster, Client(cluster) as client, get_task_stream(client) as stream:
+        runner = {"task_runner": {"kind": "dask", "address": cluster.scheduler_address}}
+        pipeline_flow(str(recipe), str(tmp_path / "dask"), runner)
+        ran_on = {t["worker"] for t in stream.data}
+        workers = set(client.scheduler_info()["workers"])
+    ids = [sorted(read_stage(tmp_path / d / "pairs").column("pair_id").to_pylist()) for d in ("threads", "dask")]
+    assert ids[0] == ids[1] and len(ids[0]) == 4
+    # The shard tasks of all four stages ran on the cluster's workers, not in the flow's process.
+    assert len(stream.data) >= 4 * 2 and ran_on and ran_on <= workers
