@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         f"verify_batch, same items:       {pool_s:7.2f} s  {len(normal) / pool_s:8.1f} verdicts/s  "
         f"cpu {pool_cpu:6.2f} s (parent + workers)"
     )
-    print(f"  speedup vs serial (boxed):  {box_s / pool_s:5.2f}x")
+    print(f"  speedup vs serial (boxed):  {box_s / pool_s:5.2f}x  cpu seconds, serial/pool: {box_cpu / pool_cpu:.2f}")
     if not args.skip_full:
         print(f"  speedup vs serial (full):   {full_s / pool_s:5.2f}x")
         agree = sum(a == b for a, b in zip(pool_ok, full_ok, strict=True)) / len(normal)

@@ -313,7 +313,7 @@ class _Job:
 
 
 class _Worker:
-    def __init__(self, ctx: Any, memory_limit_bytes: int | None, now: float) -> None:
+    def __init__(self, ctx: Any, memory_limit_bytes: int | None) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(
             target=_worker_main, args=(child, memory_limit_bytes), daemon=True, name="ckptdpo-verify"
@@ -323,7 +323,7 @@ class _Worker:
         finally:
             child.close()  # the parent keeps only its end, so a dead worker reads as EOF
         self.ready = False
-        self.start_deadline = now + WORKER_STARTUP_TIMEOUT_S
+        self.start_deadline = time.monotonic() + WORKER_STARTUP_TIMEOUT_S
         self.job: int | None = None
         self.token = 0
         self.sent = 0.0
@@ -358,9 +358,9 @@ class _Pool:
         self.workers: list[_Worker] = []
         self.token = 0
 
-    def _spawn(self, now: float) -> bool:
+    def _spawn(self) -> bool:
         try:
-            self.workers.append(_Worker(self.ctx, self.memory_limit_bytes, now))
+            self.workers.append(_Worker(self.ctx, self.memory_limit_bytes))
             return True
         except Exception:
             log.warning("could not start a verification worker", exc_info=True)
@@ -392,11 +392,11 @@ class _Pool:
         send_failures = [0] * len(jobs)
         try:
             while pending or any(w.job is not None for w in self.workers):
-                now = time.monotonic()
                 while pending and len(self.workers) < target and failures < MAX_STARTUP_FAILURES:
-                    if not self._spawn(now):
+                    if not self._spawn():
                         failures += 1
                 if failures >= MAX_STARTUP_FAILURES and pending:
+                    log.error("verify: workers failed to start %d times; %d items get `error`", failures, len(pending))
                     for i in pending:
                         results[i] = jobs[i].failed()
                     pending.clear()
@@ -405,6 +405,7 @@ class _Pool:
                         continue
                     i = pending.popleft()
                     self.token += 1
+                    now = time.monotonic()  # starting other workers above may have taken a while
                     try:
                         w.conn.send((self.token, jobs[i].kind, jobs[i].gold, jobs[i].text))
                     except Exception:

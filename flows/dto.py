@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.pipeline import _fan_out
+from flows.pipeline import fan_out
 from tasks import dto as dto_tasks
 from tasks import stages
 from tasks.backends import model_fingerprint
@@ -36,7 +36,7 @@ def dto_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None = 
     )
     if plan.done:
         return {"stage": "dto", "skipped": True}
-    _fan_out(
+    fan_out(
         plan,
         dto_tasks.dto_shard,
         dto_tasks.OPTIMIZED,

@@ -9,7 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from ckptdpo import evaluate
-from flows.pipeline import _fan_out
+from flows.pipeline import fan_out
 from tasks import eval as eval_tasks
 from tasks import stages
 from tasks.backends import close_backends
@@ -53,7 +53,7 @@ def eval_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None =
             results = (
                 []
                 if plan.done
-                else _fan_out(
+                else fan_out(
                     plan,
                     eval_tasks.evaluate_shard,
                     plan.stage,

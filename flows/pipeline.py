@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from tasks.common import load_recipe
 DATA_STAGES = ("generate", "verify", "checkpoints", "resample")
 
 
-def _fan_out(plan: stages.StagePlan, task, refresh_stage: str, **params: Any) -> list[dict[str, Any]]:
+def fan_out(plan: stages.StagePlan, task, refresh_stage: str, **params: Any) -> list[dict[str, Any]]:
     """One task run per shard still to write, with a progress artifact; a shard whose file is gone is recomputed
     even when Prefect's cache remembers it (the cache outlives a deleted run directory)."""
     artifact = create_progress_artifact(progress=0.0, description=f"{plan.stage}: shards written")
@@ -52,7 +51,7 @@ def generate_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | No
     )
     if plan.done:
         return {"stage": "generate", "skipped": True}
-    results = _fan_out(
+    results = fan_out(
         plan,
         stages.generate_shard,
         "generate",
@@ -77,7 +76,7 @@ def verify_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None
     )
     if plan.done:
         return {"stage": "verify", "skipped": True}
-    results = _fan_out(
+    results = fan_out(
         plan, stages.verify_shard, "verify", timeout_s=recipe.verify.timeout_s, workers=recipe.verify.workers
     )
     return stages.finalize_stage(plan, results)
@@ -96,7 +95,7 @@ def checkpoint_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | 
     )
     if plan.done:
         return {"stage": "checkpoints", "skipped": True}
-    results = _fan_out(plan, stages.checkpoint_shard, "checkpoints", markers=recipe.checkpoints.markers)
+    results = fan_out(plan, stages.checkpoint_shard, "checkpoints", markers=recipe.checkpoints.markers)
     return stages.finalize_stage(plan, results)
 
 
@@ -126,7 +125,7 @@ def resample_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | No
             shards_of="generate",
         )
         if not plan.done:
-            results = _fan_out(
+            results = fan_out(
                 plan,
                 stages.resample_shard,
                 plan.stage,
@@ -153,7 +152,7 @@ def resample_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | No
     )
     pair_results = []
     if not plan.done:
-        pair_results = _fan_out(
+        pair_results = fan_out(
             plan,
             stages.pairs_shard,
             "resample/pairs",
@@ -200,7 +199,7 @@ def pipeline_flow(
             from flows.eval import eval_flow
 
             results["eval"] = eval_flow(recipe_path, run_dir, overrides)
-        if Path(run_dir, "stats.json").exists() and importlib.util.find_spec("flows.report"):  # TODO(lead): drop guard
+        if Path(run_dir, "stats.json").exists():
             from flows.report import report_step
 
             report_step(run_dir)

@@ -76,7 +76,8 @@ def write_recipe(tmp: Path, **sections) -> Path:
 
 
 def hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+    files = (p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 # --- the refresh ---------------------------------------------------------------------------------------------------
@@ -167,9 +168,10 @@ def test_dask_cluster_runs_the_shard_tasks_and_gives_the_same_pairs(prefect_harn
     # A cluster as a user would run one: worker processes, non-daemonic so the verifier can start its own.
     with dask.config.set({"distributed.worker.daemon": False}):
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
-    with cluster, Client(cluster) as client, get_task_stream(client) as stream:
-        runner = {"task_runner": {"kind": "dask", "address": cluster.scheduler_address}}
-        pipeline_flow(str(recipe), str(tmp_path / "dask"), runner)
+    with cluster, Client(cluster) as client:
+        with get_task_stream(client) as stream:  # filled in when the block exits
+            runner = {"task_runner": {"kind": "dask", "address": cluster.scheduler_address}}
+            pipeline_flow(str(recipe), str(tmp_path / "dask"), runner)
         ran_on = {t["worker"] for t in stream.data}
         workers = set(client.scheduler_info()["workers"])
     ids = [sorted(read_stage(tmp_path / d / "pairs").column("pair_id").to_pylist()) for d in ("threads", "dask")]

@@ -232,7 +232,7 @@ FORMULAS = {
     "word_mul_add": lambda a, b, c: a * b + c,
 }
 SHAPES = {
-    "add": r"What is \d+ \+ \d+\?",
+    "add": r"What is \d+ \+ \d+\?|Compute \d+ \+ \d+\.",
     "sub": r"What is \d+ - \d+\?",
     "mul": r"What is \d+ × \d+\?",
     "add_mul": r"What is \d+ \+ \d+ × \d+\?",
@@ -253,7 +253,7 @@ def test_demo_gold_answers_are_correct():
         assert numbers == it.operands, it.problem
         assert it.answer == FORMULAS[it.kind](*numbers), it.problem
         assert it.answer >= 0
-        row = it.row()
+        row = it.row("x")
         assert row["answer"] == str(FORMULAS[it.kind](*numbers)) and row["source"] == "demo"
 
 
@@ -264,7 +264,14 @@ def test_demo_is_deterministic_and_seeded():
     assert [r["problem"] for r in a] != [r["problem"] for r in b]
     assert generate_demo_problems(20, seed=0) == a[:20]  # prefix-stable
     make_table(a, PROBLEMS)
-    assert len({r["problem_id"] for r in a}) == len({r["problem"] for r in a}) == 50
+    assert [r["problem_id"] for r in a] == [f"demo-0-{i}" for i in range(50)]
+    assert len({r["problem"] for r in a}) == 50  # distinct while the levels have unused problems
+
+
+def test_demo_ids_stay_unique_when_a_level_runs_out():
+    rows = generate_demo_problems(120, seed=0, mix={1: 1.0})  # level 1 has only 50 distinct problems
+    assert len({r["problem"] for r in rows}) == 50
+    assert len({r["problem_id"] for r in rows}) == 120
 
 
 def test_demo_mix_controls_levels():
