@@ -7,6 +7,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# The ephemeral API's default 20 s start-up limit is too short on a busy 2-core machine.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 
 .PHONY: demo test lint fmt venv model browser clean
 

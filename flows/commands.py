@@ -116,6 +116,14 @@ def _headline(stage: str, s: dict[str, Any]) -> str:
         p = s.get("pairs", {})
         per_1k = p.get("pairs_per_1k_generated_tokens")
         return f"{len(s.get('rounds', []))} rounds, pairs {p.get('by_type')}, {per_1k} per 1k generated tokens"
+    if stage == "eval":
+        return "; ".join(
+            f"{bench}/{model}: pass@1 {m.get('pass_at_1')}, {m.get('mean_tokens')} tokens"
+            for bench, models in s.items()
+            if isinstance(models, dict)
+            for model, m in models.items()
+            if isinstance(m, dict) and "pass_at_1" in m
+        )
     keys = [k for k, v in s.items() if not isinstance(v, (dict, list))][:6]
     return ", ".join(f"{k}={s[k]}" for k in keys)
 

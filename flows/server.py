@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import socket
@@ -70,6 +71,7 @@ def server_settings(home: Path, environ: dict[str, str] | None = None) -> Server
 
 
 def server_command(args: argparse.Namespace, home: Path) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe is noise
     s = server_settings(home)
     if args.action == "up":
         return server_up(s)

@@ -178,3 +178,197 @@ def test_dask_cluster_runs_the_shard_tasks_and_gives_the_same_pairs(prefect_harn
     assert ids[0] == ids[1] and len(ids[0]) == 4
     # The shard tasks of all four stages ran on the cluster's workers, not in the flow's process.
     assert len(stream.data) >= 4 * 2 and ran_on and ran_on <= workers
+
+
+# --- a real server: `ckptdpo server up`, deployments, workers, the UI, `ckptdpo server down` -------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ckptdpo(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ckptdpo.cli", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+class Server:
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # Nothing of the test session's own Prefect settings (the temporary harness API) leaks into the server.
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        self.env = {
+            **clean,
+            "CKPTDPO_HOME": str(root / "home"),
+            "PREFECT_HOME": str(root / "prefect"),
+            "CKPTDPO_SERVER_PORT": str(self.port),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",  # workers pick runs up in about a second, not ten
+        }
+        self.cli_env = {**self.env, "PREFECT_API_URL": f"{self.url}/api"}
+
+    @property
+    def processes(self) -> list[dict]:
+        state = self.root / "home" / "server" / "server.json"
+        return json.loads(state.read_text())["processes"] if state.exists() else []
+
+    def api(self, method: str, path: str, **kw):
+        import httpx
+
+        r = httpx.request(method, f"{self.url}/api{path}", timeout=30, **kw)
+        r.raise_for_status()
+        return r.json()
+
+    def wait_for_run(self, run_id: str, timeout: float = 240) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.api("GET", f"/flow_runs/{run_id}")
+            if run["state"] and run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                return run
+            time.sleep(1)
+        raise AssertionError(f"flow run {run_id} did not finish in {timeout} s; see {self.root}/home/server/logs")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    srv = Server(root)
+    r = ckptdpo(srv.env, "server", "up")
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        yield srv
+    finally:
+        ckptdpo(srv.env, "server", "down", timeout=120)
+        for p in srv.processes:  # a failed `down` must not leave processes behind
+            if _pid_alive(p["pid"]):
+                os.killpg(p["pid"], signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_server_deploys_everything_and_runs_the_pipeline_deployment_from_the_cli(server: Server, tmp_path: Path):
+    deployments = {d["name"]: d for d in server.api("POST", "/deployments/filter", json={})}
+    spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    assert set(deployments) == {d["name"] for d in spec["deployments"]}
+    assert {"pipeline", "generate", "verify", "checkpoints", "resample", "dto", "train", "eval"} < set(deployments)
+    assert deployments["verify"]["work_pool_name"] == "cpu" and deployments["pipeline"]["work_pool_name"] == "gpu"
+    nightly = deployments["nightly-refresh"]
+    schedule = nightly["schedules"][0]["schedule"]
+    assert schedule["cron"] == "0 3 * * *" and schedule["timezone"] == "UTC" and nightly["schedules"][0]["active"]
+    assert nightly["entrypoint"] == "flows/refresh.py:refresh_flow"
+    pools = {p["name"]: p for p in server.api("POST", "/work_pools/filter", json={})}
+    assert {"cpu", "gpu"} <= set(pools) and all(pools[p]["type"] == "process" for p in ("cpu", "gpu"))
+
+    write_script(tmp_path / "script.yaml")
+    recipe = write_recipe(tmp_path)
+    write_problems(tmp_path / "problems.jsonl", QUESTIONS)
+    run_dir = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "prefect", "deployment", "run", "pipeline/pipeline",
+         "--param", f"recipe_path={recipe}", "--param", f"run_dir={run_dir}"],
+        env=server.cli_env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", r.stdout).group(1)
+    run = server.wait_for_run(run_id)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["deployment_id"] == deployments["pipeline"]["id"] and run["work_pool_name"] == "gpu"
+    pairs = read_stage(run_dir / "pairs").to_pylist()
+    assert len(pairs) == 6 and {p["problem_id"] for p in pairs} == {"q0", "q1", "q2"}
+    server.pipeline_run_id = run_id
+
+
+@pytest.mark.slow
+def test_ui_shows_deployments_schedule_and_the_finished_run_with_artifacts(server: Server, tmp_path: Path):
+    from playwright.sync_api import sync_playwright
+
+    run_id = getattr(server, "pipeline_run_id", None)
+    if run_id is None:
+        pytest.skip("needs the pipeline run of the previous test")
+    # The pipeline's stage subflows carry the artifacts: find the resample subflow of this run through the API.
+    artifact = server.api(
+        "POST", "/artifacts/filter", json={"artifacts": {"key": {"any_": ["resample-pairs-summary"]}}}
+    )
+    resample_run = server.api("GET", f"/flow_runs/{artifact[0]['flow_run_id']}")
+    parent_task = server.api("GET", f"/task_runs/{resample_run['parent_task_run_id']}")
+    assert parent_task["flow_run_id"] == run_id
+
+    pages = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            for name, path, wait_for in [
+                ("deployments", "/deployments", "nightly-refresh"),
+                ("run", f"/runs/flow-run/{run_id}", "Completed"),
+                ("resample", f"/runs/flow-run/{resample_run['id']}", "Completed"),
+            ]:
+                page.goto(server.url + path)
+                page.get_by_text(wait_for).first.wait_for()
+                if name == "resample":
+                    page.get_by_text("Artifacts", exact=True).first.click()
+                    page.get_by_text("resample-pairs-summary").first.wait_for()
+                page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
+                pages[name] = page.inner_text("body")
+        finally:
+            browser.close()
+    for name in (
+        "pipeline",
+        "generate",
+        "verify",
+        "checkpoints",
+        "resample",
+        "dto",
+        "train",
+        "eval",
+        "nightly-refresh",
+    ):
+        assert name in pages["deployments"]
+    assert "At 03:00 AM every day" in pages["deployments"]
+    assert "Completed" in pages["run"] and "pipeline" in pages["run"] and "Subflow Runs" in pages["run"]
+    assert "resample-pairs-summary" in pages["resample"] and "resample-summary" in pages["resample"]
+    assert all((tmp_path / f"{n}.png").stat().st_size > 10_000 for n in pages)
+
+
+@pytest.mark.slow
+def test_server_status_up_again_and_down_stops_only_what_it_started(server: Server, tmp_path: Path):
+    assert ckptdpo(server.env, "server", "status").returncode == 0
+    r = ckptdpo(server.env, "server", "up")  # idempotent while running
+    assert r.returncode == 0 and "already running" in r.stdout
+    other = {**server.env, "CKPTDPO_HOME": str(tmp_path / "other")}
+    r = ckptdpo(other, "server", "up")  # the port is taken: one sentence, nothing started
+    assert r.returncode == 2 and f"port {server.port}" in r.stderr and not (tmp_path / "other" / "server").exists()
+
+    ours = [p["pid"] for p in server.processes]
+    assert len(ours) == 3 and all(_pid_alive(pid) for pid in ours)
+    bystander = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        r = ckptdpo(server.env, "server", "down", timeout=120)
+        assert r.returncode == 0 and "server" in r.stdout
+        assert not any(_pid_alive(pid) for pid in ours)
+        assert bystander.poll() is None, "server down stopped a process it did not start"
+        assert ckptdpo(server.env, "server", "status").returncode == 1
+    finally:
+        bystander.kill()
+        bystander.wait()
