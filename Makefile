@@ -33,7 +33,8 @@ demo: model
 
 test: model browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	# One torch thread per process: tests run next to Prefect servers and verifier workers on 2 cores.
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

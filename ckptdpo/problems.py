@@ -221,7 +221,7 @@ def _one_line(e: Exception) -> str:
 # Share of each level in a demo set. Calibrated on the demo model SmolLM2-135M-Instruct (temperature 0.6, top_p 0.95,
 # the \boxed{} instruction) so that it solves roughly 0.35-0.65 of the samples, with both right and wrong answers on
 # many problems; per-level accuracies and the measurement are in benchmarks/demo_calibration.py's docstring.
-DEFAULT_DEMO_MIX: dict[int, float] = {1: 0.35, 2: 0.35, 3: 0.15, 4: 0.1, 5: 0.05}
+DEFAULT_DEMO_MIX: dict[int, float] = {1: 0.5, 2: 0.3, 3: 0.1, 4: 0.06, 5: 0.04}
 
 NAMES = ("Tom", "Mia", "Sam", "Ana", "Ben", "Lily", "Omar", "Zoe", "Raj", "Emma", "Leo", "Nina")
 ITEMS = ("apples", "pencils", "stickers", "marbles", "cookies", "books", "shells", "cards", "balloons", "stamps")

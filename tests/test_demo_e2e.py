@@ -1,0 +1,61 @@
+"""The demo recipe end to end on the real demo model (reduced sizes), through the CLI, as `make demo` runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ckptdpo.shards import read_manifest, read_stage
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = {
+    "problems.num_problems": 4,
+    "generate.num_samples": 3,
+    "generate.max_tokens": 48,
+    "generate.shard_size": 2,
+    "resample.max_rounds": 1,
+    "resample.max_tokens": 24,
+    "dto.judge.max_tokens": 8,
+    "dto.judge.max_segments": 2,
+    "train.max_steps": 1,
+    "train.pair_types": "[r2w, w2r, dto]",
+    "eval.benchmarks.heldout.num_problems": 2,
+    "eval.num_samples": 2,
+    "eval.k": "[1, 2]",
+    "eval.max_tokens": 24,
+}
+
+
+@pytest.mark.slow
+def test_demo_recipe_on_the_real_model(demo_model_path, tmp_path: Path):
+    run_dir = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "ckptdpo.cli", "demo", "--run-dir", str(run_dir)]
+    for k, v in SMALL.items():
+        cmd += ["--set", f"{k}={v}"]
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    stats = json.loads((run_dir / "stats.json").read_text())
+    for section in ("generate", "verify", "checkpoints", "resample", "dto", "train", "eval"):
+        assert section in stats, section
+    assert stats["generate"]["num_samples"] == 12
+    assert sum(stats["verify"]["by_status"].values()) == 12
+    assert read_manifest(run_dir / "pairs") is not None
+    pairs = read_stage(run_dir / "pairs").to_pylist() if read_manifest(run_dir / "pairs")["num_rows"] else []
+    for p in pairs:
+        assert p["pair_type"] in ("r2w", "w2r", "dto") and p["chosen"] != p["rejected"]
+        if p["pair_type"] in ("r2w", "w2r"):
+            assert p["prompt"].startswith("<|im_start|>")
+    assert (run_dir / "report" / "index.html").stat().st_size > 10_000
+    assert "heldout" in stats["eval"]
+
+    # The same command again recomputes nothing.
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run_dir / "stats.json").read_text())["generate"] == stats["generate"]

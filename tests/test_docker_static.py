@@ -1,0 +1,185 @@
+"""The Docker images and the compose stack, checked statically (no Docker engine on these machines): each image
+installs the extras and entry point that pyproject and the README promise, copies only what exists and is not
+ignored, and the compose services point at existing Dockerfiles and at the work pools of deployments/prefect.yaml.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import tomllib
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKER = REPO / "docker"
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+# Which extras each image is for, and the package that extra must bring (what the README's layout promises:
+# "CPU demo, GPU generation (vLLM), GPU training (DeepSpeed)").
+IMAGES = {
+    "Dockerfile.cpu": ({"train"}, None),
+    "Dockerfile.gpu-vllm": ({"gpu"}, "vllm"),
+    "Dockerfile.train": ({"train"}, "deepspeed"),
+}
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
+    out, buf = [], ""
+    for line in path.read_text().splitlines():
+        if not buf and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        buf += line.rstrip()
+        if buf.endswith("\\"):
+            buf = buf[:-1] + " "
+            continue
+        op, _, args = buf.strip().partition(" ")
+        out.append((op.upper(), args.strip()))
+        buf = ""
+    return out
+
+
+def pip_installs(steps: list[tuple[str, str]]) -> list[tuple[int, list[str]]]:
+    """(step index, arguments) of every `pip install` inside RUN steps."""
+    found = []
+    for i, (op, args) in enumerate(steps):
+        if op != "RUN":
+            continue
+        for command in re.split(r"&&|;", args):
+            words = shlex.split(command)
+            if len(words) >= 2 and words[0] in ("pip", "pip3") and words[1] == "install":
+                found.append((i, words[2:]))
+    return found
+
+
+def project_install(steps) -> tuple[int, set[str]]:
+    """The step that installs the project itself (`pip install .[extras]`) and its extras."""
+    for i, words in pip_installs(steps):
+        for w in words:
+            m = re.fullmatch(r"\.(?:\[([\w,-]+)\])?", w)
+            if m:
+                return i, set(filter(None, (m.group(1) or "").split(",")))
+    raise AssertionError("the image never installs the project (`pip install .[...]`)")
+
+
+def dockerignored(rel: str) -> bool:
+    patterns = [
+        p.strip() for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")
+    ]
+    parts = rel.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(
+        fnmatch.fnmatch(pre, pat.removeprefix("**/")) or fnmatch.fnmatch(pre, pat)
+        for pre in prefixes
+        for pat in patterns
+    )
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_image_installs_its_extras_and_the_entry_point(name: str):
+    steps = instructions(DOCKER / name)
+    extras_wanted, brings = IMAGES[name]
+    index, extras = project_install(steps)
+    declared = PYPROJECT["project"]["optional-dependencies"]
+    assert extras == extras_wanted and extras <= set(declared), f"{name} installs .[{','.join(sorted(extras))}]"
+    if brings:
+        assert any(dep.startswith(brings) for e in extras for dep in declared[e]), f"{name}: no {brings} in its extras"
+
+    # Everything setuptools packages (pyproject's packages.find) is copied in before the project is installed.
+    copied_before = {src for op, a in steps[:index] if op == "COPY" for src in shlex.split(a)[:-1]}
+    for pattern in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]:
+        assert any(fnmatch.fnmatch(c, pattern) for c in copied_before), f"{name} installs before copying {pattern}"
+    assert {"pyproject.toml", "README.md"} <= copied_before  # setuptools reads both
+    for op, args in steps:
+        if op == "COPY":
+            for src in shlex.split(args)[:-1]:
+                assert (REPO / src).exists(), f"{name} copies {src}, which does not exist"
+                assert not dockerignored(src), f"{name} copies {src}, which .dockerignore leaves out of the context"
+
+    # The console script pyproject declares is what the image runs, and the build checks that it is installed.
+    (script,) = PYPROJECT["project"]["scripts"]
+    entry = [json.loads(a) for op, a in steps if op == "ENTRYPOINT"]
+    assert entry == [[script]], f"{name} must use the `{script}` entry point"
+    assert any(op == "RUN" and f"{script} --help" in a for op, a in steps[index:])
+    (cmd,) = [json.loads(a) for op, a in steps if op == "CMD"]
+    from ckptdpo.cli import make_parser
+
+    make_parser().parse_args(cmd)  # the default command is one the CLI accepts (SystemExit otherwise)
+    if "--stages" in cmd:
+        from ckptdpo.configs import STAGES
+
+        assert set(cmd[cmd.index("--stages") + 1].split(",")) <= set(STAGES)
+    for arg in cmd:
+        if arg.startswith("recipes/"):
+            assert (REPO / arg).is_file(), f"{name} runs {arg}, which does not exist"
+
+
+def test_cpu_image_installs_cpu_torch_first_and_gpu_images_do_not():
+    makefile_pin = re.search(r"pip install (?:-q )?(torch==[\d.]+)", (REPO / "Makefile").read_text()).group(1)
+    steps = instructions(DOCKER / "Dockerfile.cpu")
+    project, _ = project_install(steps)
+    torch_steps = [(i, w) for i, w in pip_installs(steps) if makefile_pin in w]
+    first, words = torch_steps[0]
+    assert first < project and CPU_INDEX in words, "the CPU image must install the CPU torch wheel before the project"
+    # The project install repeats the pin, so no dependency can swap in another (CUDA) torch.
+    assert any(i == project and makefile_pin in w for i, w in pip_installs(steps))
+    for name in ("Dockerfile.gpu-vllm", "Dockerfile.train"):
+        assert CPU_INDEX not in (DOCKER / name).read_text(), f"{name} must not install the CPU build of torch"
+
+
+def test_dockerignore_keeps_what_the_images_need_and_drops_the_rest():
+    for needed in ("pyproject.toml", "README.md", "ckptdpo/cli.py", "flows/pipeline.py", "tasks/stages.py",
+                   "deployments/prefect.yaml", "recipes/demo.yaml"):  # fmt: skip
+        assert not dockerignored(needed), needed
+    for dropped in (".git", ".venv/bin/python", "runs/demo/pairs/part-00000.parquet", "tests/test_ops.py",
+                    "ckptdpo/__pycache__/cli.cpython-311.pyc", ".prefect/prefect.db"):  # fmt: skip
+        assert dockerignored(dropped), dropped
+
+
+def test_compose_builds_existing_images_and_serves_the_deployments_pools():
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services = compose["services"]
+    built = {}
+    for name, svc in services.items():
+        if "build" in svc:
+            context = (DOCKER / svc["build"]["context"]).resolve()
+            assert context == REPO, f"{name}: the build context must be the repository root"
+            assert (context / svc["build"]["dockerfile"]).is_file(), f"{name}: no {svc['build']['dockerfile']}"
+            built[svc["image"]] = svc["build"]["dockerfile"]
+    assert set(built.values()) == {f"docker/{n}" for n in IMAGES}, "every image in docker/ is built by the stack"
+    for name, svc in services.items():
+        image = svc.get("image", "")
+        assert image in built or not image.startswith("ckptdpo:"), f"{name} uses {image}, which nothing builds"
+
+    # The server runs on Postgres, published on loopback only.
+    server = services["prefect-server"]
+    assert server["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
+    assert server["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert all(str(p).startswith("127.0.0.1:") for p in server["ports"])
+
+    # Workers serve exactly the pools and queues deployments/prefect.yaml uses; the GPU ones ask for GPUs.
+    spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    used = {(d["work_pool"]["name"], d["work_pool"].get("work_queue_name") or "default") for d in spec["deployments"]}
+    served = set()
+    for svc in services.values():
+        cmd = svc.get("entrypoint", [])
+        if cmd[:3] != ["prefect", "worker", "start"]:
+            continue
+        pool = cmd[cmd.index("--pool") + 1]
+        queue = cmd[cmd.index("--work-queue") + 1] if "--work-queue" in cmd else None
+        served |= {(p, q) for p, q in used if p == pool and queue in (None, q)}
+        assert svc["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+        assert svc["environment"]["CKPTDPO_REPO"] == "/app", "the pull step of prefect.yaml runs flows from /app"
+        if pool == "gpu":
+            devices = svc["deploy"]["resources"]["reservations"]["devices"]
+            assert devices[0]["capabilities"] == ["gpu"]
+            assert built[svc["image"]] != "docker/Dockerfile.cpu"
+    assert served == used, f"no worker serves {used - served}"
+    deploy = " ".join(services["deploy"]["command"])
+    assert "--prefect-file deployments/prefect.yaml" in deploy
+    assert all(f"work-pool create {p} --type process" in deploy for p, _ in used)
