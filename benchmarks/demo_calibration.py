@@ -4,7 +4,14 @@ Samples a few completions per demo problem at the reference settings (temperatur
 project's prompt (chat template + the \\boxed{} instruction), verifies them, and prints accuracy per level.
 The goal for the default mix is an overall accuracy of about 0.35-0.65 with both right and wrong answers.
 
-    .venv/bin/python benchmarks/demo_calibration.py --num-problems 40 --samples 2 --max-tokens 160
+    .venv/bin/python benchmarks/demo_calibration.py --num-problems 80 --samples 2 --max-tokens 160 --threads 1
+
+Measured (2 shared CPU cores, --threads 1, batch 10, 160 new tokens, verify_batch; default mix 1:.5 2:.3 3:.1 4:.06
+5:.04), accuracy per level 1..5 and overall:
+    seed 1, 80 problems x 2: 0.60 0.54 0.06 0.00 0.00 -> 0.47; 44% of problems have a right and a wrong sample
+    seed 0, 64 problems x 2: 0.67 0.53 0.08 0.00 0.17 -> 0.51; 42% mixed
+The model almost never boxes (1-2% of samples have a non-empty \\boxed{}; it echoes an empty `\\boxed{}` in ~14%),
+so the answers come from math-verify's extraction of the tail. An even mix measured 0.22 overall, hence the weights.
 """
 
 from __future__ import annotations

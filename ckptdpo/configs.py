@@ -66,6 +66,7 @@ class BackendConfig(_Config):
     device: str = Field("auto", description="hf: 'cpu', 'cuda', or 'auto'")
     batch_token_budget: int = Field(16384, ge=1, description="hf: max prompt+new tokens per batch")
     max_batch_size: int = Field(16, ge=1, description="hf: max sequences per forward batch")
+    threads: int | None = Field(None, ge=1, description="hf: torch intra-op threads on CPU (default: torch's)")
     max_model_len: int | None = Field(None, ge=1, description="context length override")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: tensor parallel size")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory to use")

@@ -91,8 +91,8 @@ class FakeScript(_Strict):
 
 
 def count_words(text: str) -> int:
-    """The fake backend's token count: whitespace-separated words."""
-    return len(_WORD.findall(text))
+    """The fake backend's token count: whitespace-separated words (str.split: same words as \\S+, ~5x faster)."""
+    return len(text.split())
 
 
 def _first_words(text: str, k: int) -> str:
