@@ -24,7 +24,7 @@ from ckptdpo.configs import describe_validation_error
 from ckptdpo.errors import UserError
 from ckptdpo.shards import prepare_stage, read_manifest, update_stats, write_manifest
 from ckptdpo.train import SUMMARY, TrainJob, build_launch_command, write_job
-from tasks.common import content_cache_key, content_key
+from tasks.common import content_key
 
 STAGE = "train"
 JOB_FILE = "job.yaml"
@@ -50,10 +50,10 @@ def train_key(job: TrainJob, inputs: dict[str, str]) -> str:
     return content_key(STAGE, what, inputs)[:16]
 
 
+# No Prefect result cache here: a cached result outlives a deleted run directory and would skip training with no
+# model on disk. The task checks the stage's own manifest (same key, same pairs) and returns at once when done.
 @task(
     name="train_model",
-    cache_key_fn=content_cache_key,
-    persist_result=True,
     retries=1,
     retry_delay_seconds=5,
     retry_condition_fn=_retry_unless_user_error,
