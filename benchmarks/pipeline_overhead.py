@@ -35,7 +35,8 @@ def main() -> None:
     p.add_argument("--wall-s", type=float, default=None, help="with --from-run: the measured process wall time")
     args = p.parse_args()
     if args.from_run:
-        report(json.loads((Path(args.from_run) / "stats.json").read_text()), args.wall_s)
+        print(f"measured wall time of the run: {args.wall_s} s" if args.wall_s else "")
+        report(json.loads((Path(args.from_run) / "stats.json").read_text()), None)
         return
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="ckptdpo-overhead-")) / "run"
     cmd = [sys.executable, "-m", "ckptdpo.cli", "run", args.recipe, "--run-dir", str(run_dir), "--stages", args.stages]

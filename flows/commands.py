@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ckptdpo.configs import STAGES, Recipe, parse_override
@@ -22,6 +23,7 @@ from ckptdpo.errors import UserError
 from ckptdpo.models import resolve_model
 from ckptdpo.problems import load_problems
 from ckptdpo.shards import read_manifest, read_stats
+from flows import progress
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO / "recipes" / "demo.yaml"
@@ -68,7 +70,26 @@ def run_recipe(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RECIPE_COPY).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     t0 = time.time()
-    result = pipeline_flow(str(recipe_path.resolve()), str(run_dir.resolve()), overrides, wanted)
+    with Progress(
+        TextColumn("{task.description:<20}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("shards"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    ) as bars:
+        ids: dict[str, Any] = {}
+
+        def show(stage: str, done: int, total: int) -> None:
+            if stage not in ids:
+                ids[stage] = bars.add_task(stage, total=total)
+            bars.update(ids[stage], completed=done, total=total)
+
+        unsubscribe = progress.subscribe(show)
+        try:
+            result = pipeline_flow(str(recipe_path.resolve()), str(run_dir.resolve()), overrides, wanted)
+        finally:
+            unsubscribe()
     print_summary(run_dir, time.time() - t0)
     return result
 

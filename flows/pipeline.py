@@ -8,6 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+from flows import progress
 from flows.runners import with_task_runner
 from tasks import stages
 from tasks.backends import close_backends, model_fingerprint
@@ -27,9 +28,11 @@ def fan_out(plan: stages.StagePlan, task, refresh_stage: str, **params: Any) -> 
         for i in plan.indices
     ]
     results = []
+    progress.publish(plan.stage, 0, len(futures))
     for done, f in enumerate(futures, 1):
         results.append(f.result())
         update_progress_artifact(artifact, progress=100.0 * done / max(len(futures), 1))
+        progress.publish(plan.stage, done, len(futures))
     return results
 
 
