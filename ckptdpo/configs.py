@@ -294,6 +294,9 @@ class TaskRunnerConfig(_Config):
         None, description="dask: 'tcp://host:8786'; ray: 'ray://host:10001' or 'auto'; none: a local cluster per flow"
     )
     max_workers: int | None = Field(None, ge=1, description="thread: pool size; dask without address: local workers")
+    max_in_flight: int = Field(
+        2, ge=1, description="shard tasks submitted at once per stage; each holds one shard in memory"
+    )
 
 
 class Recipe(_Config):

@@ -45,6 +45,7 @@ def dto_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None = 
         judge_backend=cfg.judge.backend.model_dump() if cfg.judge.backend else None,
         markers=recipe.checkpoints.markers,
         timeout_s=recipe.verify.timeout_s,
+        in_flight=recipe.task_runner.max_in_flight,
     )
     return dto_tasks.dto_pairs(
         run_dir, plan.key, cfg.model_dump(), backend.model_dump(), inputs=plan.inputs, started=plan.started

@@ -63,6 +63,7 @@ def eval_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None =
                     backend=spec.backend.model_dump(),
                     timeout_s=recipe.verify.timeout_s,
                     workers=recipe.verify.workers,
+                    in_flight=recipe.task_runner.max_in_flight,
                 )
             )
             # Always: a changed k list re-aggregates the kept shards without generating again.

@@ -17,22 +17,31 @@ from tasks.common import load_recipe
 DATA_STAGES = ("generate", "verify", "checkpoints", "resample")
 
 
-def fan_out(plan: stages.StagePlan, task, refresh_stage: str, **params: Any) -> list[dict[str, Any]]:
-    """One task run per shard still to write, with a progress artifact; a shard whose file is gone is recomputed
-    even when Prefect's cache remembers it (the cache outlives a deleted run directory)."""
+def fan_out(
+    plan: stages.StagePlan, task, refresh_stage: str, *, in_flight: int = 2, **params: Any
+) -> list[dict[str, Any]]:
+    """One task run per shard still to write, at most `in_flight` at a time, with a progress artifact.
+
+    The window bounds memory: each running task holds one shard, so peak memory follows the window, not the number
+    of shards. A shard whose file is gone is recomputed even when Prefect's cache remembers it (the cache outlives a
+    deleted run directory).
+    """
     artifact = create_progress_artifact(progress=0.0, description=f"{plan.stage}: shards written")
-    futures = [
-        task.with_options(refresh_cache=not stages.shard_exists(plan.run_dir, refresh_stage, i)).submit(
-            plan.run_dir, i, plan.key, **params
-        )
-        for i in plan.indices
-    ]
+    total = len(plan.indices)
+    progress.publish(plan.stage, 0, total)
+
+    def submit(i: int):
+        refresh = not stages.shard_exists(plan.run_dir, refresh_stage, i)
+        return task.with_options(refresh_cache=refresh).submit(plan.run_dir, i, plan.key, **params)
+
+    pending = [submit(i) for i in plan.indices[:in_flight]]
     results = []
-    progress.publish(plan.stage, 0, len(futures))
-    for done, f in enumerate(futures, 1):
-        results.append(f.result())
-        update_progress_artifact(artifact, progress=100.0 * done / max(len(futures), 1))
-        progress.publish(plan.stage, done, len(futures))
+    for done in range(1, total + 1):
+        results.append(pending.pop(0).result())
+        if done + len(pending) < total:
+            pending.append(submit(plan.indices[done + len(pending)]))
+        update_progress_artifact(artifact, progress=100.0 * done / max(total, 1))
+        progress.publish(plan.stage, done, total)
     return results
 
 
@@ -60,6 +69,7 @@ def generate_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | No
         "generate",
         generate=recipe.generate.model_dump(),
         backend=recipe.backend.model_dump(),
+        in_flight=recipe.task_runner.max_in_flight,
     )
     return stages.finalize_stage(plan, results)
 
@@ -80,7 +90,12 @@ def verify_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None
     if plan.done:
         return {"stage": "verify", "skipped": True}
     results = fan_out(
-        plan, stages.verify_shard, "verify", timeout_s=recipe.verify.timeout_s, workers=recipe.verify.workers
+        plan,
+        stages.verify_shard,
+        "verify",
+        timeout_s=recipe.verify.timeout_s,
+        workers=recipe.verify.workers,
+        in_flight=recipe.task_runner.max_in_flight,
     )
     return stages.finalize_stage(plan, results)
 
@@ -98,7 +113,13 @@ def checkpoint_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | 
     )
     if plan.done:
         return {"stage": "checkpoints", "skipped": True}
-    results = fan_out(plan, stages.checkpoint_shard, "checkpoints", markers=recipe.checkpoints.markers)
+    results = fan_out(
+        plan,
+        stages.checkpoint_shard,
+        "checkpoints",
+        markers=recipe.checkpoints.markers,
+        in_flight=recipe.task_runner.max_in_flight,
+    )
     return stages.finalize_stage(plan, results)
 
 
@@ -136,6 +157,7 @@ def resample_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | No
                 resample=cfg.model_dump(),
                 backend=backend.model_dump(),
                 timeout_s=recipe.verify.timeout_s,
+                in_flight=recipe.task_runner.max_in_flight,
             )
             stats = stages.finalize_stage(plan, results)
         else:
@@ -162,6 +184,7 @@ def resample_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | No
             rounds=rounds,
             resample=cfg.model_dump(),
             backend=backend.model_dump(),
+            in_flight=recipe.task_runner.max_in_flight,
         )
         stages.finalize_stage(plan, pair_results)
     return stages.finalize_resample(top, round_stats, pair_results)

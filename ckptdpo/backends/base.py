@@ -101,3 +101,13 @@ class Backend(Protocol):
 def problem_message(problem: str) -> str:
     """The user turn every backend sends: the problem, a blank line, the instruction from DESIGN.md."""
     return f"{problem}\n\n{INSTRUCTION}"
+
+
+def templated_prompts(tokenizer, conversations: Sequence[Sequence[dict[str, str]]]) -> list[str]:
+    """A tokenizer's chat template around each conversation, ending where the assistant speaks."""
+    return [tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True) for c in conversations]
+
+
+def templated_problem(tokenizer, problem: str) -> str:
+    """The chat prompt of one problem: the user turn from `problem_message`, templated by the tokenizer."""
+    return templated_prompts(tokenizer, [[{"role": "user", "content": problem_message(problem)}]])[0]

@@ -31,7 +31,8 @@ from ckptdpo.backends.base import (
     GenerationRequest,
     GenerationResult,
     Sample,
-    problem_message,
+    templated_problem,
+    templated_prompts,
 )
 from ckptdpo.backends.loopguard import LoopGuard
 from ckptdpo.configs import BackendConfig
@@ -437,18 +438,13 @@ class HFBackend:
 
     def chat_prompt(self, problem: str) -> str:
         """The model's chat template around the problem and the instruction, ending where the assistant speaks."""
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": problem_message(problem)}], tokenize=False, add_generation_prompt=True
-        )
+        return templated_problem(self.tokenizer, problem)
 
     def chat(
         self, conversations: Sequence[Sequence[dict[str, str]]], *, max_tokens: int, temperature: float = 0.0
     ) -> list[str]:
         """Reply text per conversation; a conversation that cannot be generated (too long) gets an empty reply."""
-        prompts = [
-            self.tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True)
-            for c in conversations
-        ]
+        prompts = templated_prompts(self.tokenizer, conversations)
         requests = [GenerationRequest(p, n=1, seed=0, max_tokens=max_tokens, temperature=temperature) for p in prompts]
         replies = []
         for res in self.generate(requests):

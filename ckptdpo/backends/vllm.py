@@ -35,7 +35,8 @@ from ckptdpo.backends.base import (
     GenerationRequest,
     GenerationResult,
     Sample,
-    problem_message,
+    templated_problem,
+    templated_prompts,
 )
 from ckptdpo.backends.openai import loop_cut
 from ckptdpo.configs import BackendConfig
@@ -164,18 +165,13 @@ class VLLMBackend:
         return scores
 
     def chat_prompt(self, problem: str) -> str:
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": problem_message(problem)}], tokenize=False, add_generation_prompt=True
-        )
+        return templated_problem(self.tokenizer, problem)
 
     def chat(
         self, conversations: Sequence[Sequence[dict[str, str]]], *, max_tokens: int, temperature: float = 0.0
     ) -> list[str]:
         """Reply per conversation; one that does not fit the context gets an empty reply (logged)."""
-        prompts = [
-            self.tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True)
-            for c in conversations
-        ]
+        prompts = templated_prompts(self.tokenizer, conversations)
         reqs = [GenerationRequest(p, seed=0, max_tokens=max_tokens, temperature=temperature) for p in prompts]
         replies = []
         for res in self.generate(reqs):
