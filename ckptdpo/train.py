@@ -523,29 +523,22 @@ def run_job(job: TrainJob, *, started: float) -> dict[str, Any] | None:
             precompute_ref_log_probs=cfg.precompute_ref_log_probs,
             include_num_input_tokens_seen="non_padding",
         )
-        trainer = DPOTrainer(
-            model=job.model,
-            args=args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=callbacks,
-        )
+        trainer_cls = DPOTrainer
     else:
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
         # TRL's simpo_gamma is the absolute target margin; SimPO's paper parametrizes it as gamma/beta.
         args = CPOConfig(**common, loss_type="simpo", cpo_alpha=0.0, simpo_gamma=cfg.gamma_beta_ratio * cfg.beta)
-        trainer = CPOTrainer(
-            model=job.model,
-            args=args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=callbacks,
-        )
+        trainer_cls = CPOTrainer
+    trainer = trainer_cls(
+        model=job.model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
 
     rank, world_size = args.process_index, args.world_size
     if rank != 0:
