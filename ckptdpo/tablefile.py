@@ -23,7 +23,13 @@ def read_table_file(path: str | Path, required: list[str] | None = None) -> pa.T
         except Exception as e:  # pyarrow raises several types for corrupt files
             raise UserError(f"{path}: not a readable Parquet file ({type(e).__name__}); re-export it.") from None
     elif suffix in (".jsonl", ".json"):
-        table = pa.Table.from_pylist(read_json_records(path))
+        try:
+            table = pa.Table.from_pylist(read_json_records(path))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            msg = " ".join(str(e).split())[:200]
+            raise UserError(
+                f"{path}: a column mixes value types ({msg}); give each field one type in every row."
+            ) from None
     else:
         raise UserError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet.")
     missing = [c for c in (required or []) if c not in table.column_names]

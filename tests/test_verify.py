@@ -378,3 +378,18 @@ def test_cli_output_must_be_parquet(tmp_path, capsys) -> None:
     assert cli_main(["verify", str(src), "-o", str(tmp_path / "out.jsonl")]) == 2
     assert ".parquet" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [src]
+
+
+def test_cli_mixed_column_types_is_one_sentence_and_exit_2(tmp_path):
+    """A JSONL column holding a list in one row and a string in another is a user error, not a traceback."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "mixed.jsonl"
+    src.write_text('{"gold": [1], "completion": "x"}\n{"gold": "1", "completion": "y"}\n')
+    out = tmp_path / "out.parquet"
+    r = subprocess.run(
+        [sys.executable, "-m", "ckptdpo.cli", "verify", str(src), "-o", str(out)], capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "mixes value types" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
