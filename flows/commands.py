@@ -24,24 +24,16 @@ from ckptdpo.models import resolve_model
 from ckptdpo.problems import load_problems
 from ckptdpo.shards import read_manifest, read_stats
 from flows import progress
+from tasks.common import hub_offline
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO / "recipes" / "demo.yaml"
 RECIPE_COPY = "recipe.yaml"
-STAGE_DIRS = {
-    "generate": "generate",
-    "verify": "verify",
-    "checkpoints": "checkpoints",
-    "resample": "resample",
-    "dto": "dto",
-    "train": "train",
-    "eval": "eval",
-}
 
 
 def preflight(recipe: Recipe, recipe_path: Path, home: Path, stages: list[str]) -> None:
     """Fail fast, with one sentence, on what would otherwise fail minutes into a run."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = hub_offline()
     if recipe.backend.kind in ("hf", "vllm"):
         resolve_model(recipe.backend.model, home, offline=offline)
     if recipe.backend.kind == "fake" and (not recipe.backend.script or not Path(recipe.backend.script).exists()):
@@ -159,7 +151,7 @@ def status_command(args: argparse.Namespace) -> int:
     for col in ("stage", "state", "rows", "shards", "wall_s"):
         table.add_column(col)
     for stage in ["problems", *wanted, "pairs"]:
-        d = run_dir / STAGE_DIRS.get(stage, stage)
+        d = run_dir / stage
         m = read_manifest(d)
         if m:
             table.add_row(stage, "done", str(m["num_rows"]), str(m["num_shards"]), str(m["stats"].get("wall_s", "")))

@@ -35,6 +35,7 @@ from ckptdpo.resample import (
 )
 from ckptdpo.schemas import ATTEMPTS, CHECKPOINTS, PAIRS, PROBLEMS, SAMPLES, VERDICTS, make_table
 from ckptdpo.shards import (
+    content_id,
     list_shards,
     prepare_stage,
     read_manifest,
@@ -157,7 +158,7 @@ def generate_shard(run_dir: str, index: int, stage_key: str, generate: dict, bac
         for j, s in enumerate(samples):
             rows.append(
                 {
-                    "sample_id": content_id_sample(p["problem_id"], req.prompt, req.seed, j, model),
+                    "sample_id": content_id("sample", p["problem_id"], req.prompt, req.seed, j, model),
                     "problem_id": p["problem_id"],
                     "sample_index": j,
                     "seed": req.seed,
@@ -171,12 +172,6 @@ def generate_shard(run_dir: str, index: int, stage_key: str, generate: dict, bac
             )
     write_shard(Path(run_dir) / "generate", index, make_table(rows, SAMPLES))
     return {"generate_s": elapsed}
-
-
-def content_id_sample(problem_id: str, prompt: str, seed: int | None, j: int, model: str) -> str:
-    from ckptdpo.shards import content_id
-
-    return content_id("sample", problem_id, prompt, seed, j, model)
 
 
 # --- verify --------------------------------------------------------------------------------------------------------
