@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 # The ephemeral API's default 20 s start-up limit is too short on a busy 2-core machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 
-.PHONY: demo test lint fmt venv model browser clean
+.PHONY: demo test test-fast lint fmt venv model browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: model browser
 	$(BIN)/ruff check .
 	# One torch thread per process: tests run next to Prefect servers and verifier workers on 2 cores.
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15
+
+# The unit tests alone (no Prefect server, no model): the edit-test loop, well under a minute.
+test-fast: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests/unit -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

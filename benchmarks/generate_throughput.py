@@ -22,7 +22,7 @@ import torch
 
 from ckptdpo.backends.base import GenerationRequest
 from ckptdpo.backends.hf import HFBackend
-from ckptdpo.configs import BackendConfig
+from ckptdpo.configs import backend_config
 
 QUESTIONS = [
     "What is 17 * 23?",
@@ -163,7 +163,7 @@ def shared_prefill(backend: HFBackend, args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> None:
     home = Path(os.environ.get("CKPTDPO_HOME", Path.home() / ".cache" / "ckptdpo")).expanduser()
-    backend = HFBackend(BackendConfig(kind="hf", model=args.model, device=args.device), home=home)
+    backend = HFBackend(backend_config(kind="hf", model=args.model, device=args.device), home=home)
     print(
         f"model {args.model} ({backend.revision}) on {backend.device}, "
         f"{os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}"

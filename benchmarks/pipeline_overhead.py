@@ -39,7 +39,7 @@ def main() -> None:
         report(json.loads((Path(args.from_run) / "stats.json").read_text()), None)
         return
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="ckptdpo-overhead-")) / "run"
-    cmd = [sys.executable, "-m", "ckptdpo.cli", "run", args.recipe, "--run-dir", str(run_dir), "--stages", args.stages]
+    cmd = [sys.executable, "-m", "commands", "run", args.recipe, "--run-dir", str(run_dir), "--stages", args.stages]
     for o in args.overrides:
         cmd += ["--set", o]
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}

@@ -67,7 +67,7 @@ def measure(num_problems: int, shard_size: int, keep: bool) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f"ckptdpo-scale-{num_problems}-"))
     recipe = write_inputs(tmp, num_problems, shard_size)
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
-    cmd = [sys.executable, "-m", "ckptdpo.cli", "run", str(recipe), "--run-dir", str(tmp / "run")]
+    cmd = [sys.executable, "-m", "commands", "run", str(recipe), "--run-dir", str(tmp / "run")]
     t0 = time.perf_counter()
     # A wrapper process per size, so RUSAGE_CHILDREN's max RSS is this run's pipeline process alone.
     probe = (

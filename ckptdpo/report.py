@@ -7,13 +7,11 @@ Plots are PNGs drawn with matplotlib's object API (no pyplot, no global backend 
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
 import json
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -340,7 +338,7 @@ def section_training(summary: Mapping[str, Any] | None) -> str:
         ax.set_title(label)
     loss = summary.get("loss_type") or summary.get("loss") or "?"
     steps_run = summary.get("global_step", len(steps))
-    caption = f"{loss} training, {steps_run} steps, final loss {_fmt(summary.get('final_loss'), 4)}."
+    caption = f"{loss} training, {steps_run} steps, final loss {format_number(summary.get('final_loss'), 4)}."
     return _img(fig, "training curves") + _caption(caption)
 
 
@@ -415,7 +413,7 @@ def section_accuracy_tokens(stats: Mapping[str, Any]) -> str:
     )
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def format_number(value: Any, digits: int = 3) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -448,16 +446,16 @@ def metric_rows(section: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> tuple
                 [
                     bench,
                     name,
-                    _fmt(m.get("num_problems")),
-                    _fmt(m.get("pass_at_1")),
-                    *[_fmt(pk.get(str(k))) for k in ks if k > 1],
-                    *[_fmt(ck.get(str(k))) for k in ks],
-                    _fmt(m.get("mean_tokens")),
-                    _fmt(m.get("mean_tokens_incorrect")),
-                    _fmt(m.get("length_share")),
-                    _fmt(m.get("loop_share")),
-                    _fmt(m.get("eta")),
-                    _fmt(m.get("aes")),
+                    format_number(m.get("num_problems")),
+                    format_number(m.get("pass_at_1")),
+                    *[format_number(pk.get(str(k))) for k in ks if k > 1],
+                    *[format_number(ck.get(str(k))) for k in ks],
+                    format_number(m.get("mean_tokens")),
+                    format_number(m.get("mean_tokens_incorrect")),
+                    format_number(m.get("length_share")),
+                    format_number(m.get("loop_share")),
+                    format_number(m.get("eta")),
+                    format_number(m.get("aes")),
                 ]
             )
     return header, rows
@@ -492,16 +490,18 @@ def headline(stats: Mapping[str, Any]) -> list[str]:
         for name in names[1:]:
             m = models[name]
             kmax = max((int(k) for k in m.get("pass_at_k") or {}), default=None)
-            parts = [f"pass@1 {_fmt(ref.get('pass_at_1'))} → {_fmt(m.get('pass_at_1'))}"]
+            parts = [f"pass@1 {format_number(ref.get('pass_at_1'))} → {format_number(m.get('pass_at_1'))}"]
             if kmax and kmax > 1 and str(kmax) in (ref.get("pass_at_k") or {}):
                 gaps = [x["pass_at_k"][str(kmax)] - (x.get("pass_at_1") or 0) for x in (ref, m)]
                 parts.append(f"pass@{kmax} − pass@1 gap {gaps[0]:.3f} → {gaps[1]:.3f}")
-            parts.append(f"mean tokens {_fmt(ref.get('mean_tokens'))} → {_fmt(m.get('mean_tokens'))}")
+            parts.append(
+                f"mean tokens {format_number(ref.get('mean_tokens'))} → {format_number(m.get('mean_tokens'))}"
+            )
             lines.append(f"{bench}, {names[0]} → {name}: " + ", ".join(parts) + ".")
         if len(names) == 1:
             lines.append(
-                f"{bench}, {names[0]}: pass@1 {_fmt(ref.get('pass_at_1'))}, mean tokens "
-                f"{_fmt(ref.get('mean_tokens'))}."
+                f"{bench}, {names[0]}: pass@1 {format_number(ref.get('pass_at_1'))}, mean tokens "
+                f"{format_number(ref.get('mean_tokens'))}."
             )
     return lines
 
@@ -510,17 +510,22 @@ def section_overview(stats: Mapping[str, Any], run_dir: Path) -> str:
     rows = []
     problems = stats.get("problems") or {}
     if problems:
-        rows.append(("problems", f"{_fmt(problems.get('num_problems'))} ({problems.get('source', '')})"))
+        rows.append(("problems", f"{format_number(problems.get('num_problems'))} ({problems.get('source', '')})"))
     gen = stats.get("generate") or {}
     if gen:
-        rows.append(("trajectories", f"{_fmt(gen.get('num_samples'))}, {_fmt(gen.get('completion_tokens'))} tokens"))
+        rows.append(
+            (
+                "trajectories",
+                f"{format_number(gen.get('num_samples'))}, {format_number(gen.get('completion_tokens'))} tokens",
+            )
+        )
     ver = stats.get("verify") or {}
     if ver:
-        rows.append(("accuracy of trajectories", _fmt(ver.get("accuracy"))))
+        rows.append(("accuracy of trajectories", format_number(ver.get("accuracy"))))
     pairs = (stats.get("resample") or {}).get("pairs") or {}
     if pairs:
         by_type = ", ".join(f"{k} {v:,}" for k, v in (pairs.get("by_type") or {}).items()) or "none"
-        per_1k = _fmt(pairs.get("pairs_per_1k_generated_tokens"))
+        per_1k = format_number(pairs.get("pairs_per_1k_generated_tokens"))
         rows.append(("resample pairs", f"{by_type} ({per_1k} per 1k generated tokens)"))
     collected = (read_manifest(run_dir / "pairs") or {}).get("stats") or {}
     if collected.get("by_type"):
@@ -528,7 +533,7 @@ def section_overview(stats: Mapping[str, Any], run_dir: Path) -> str:
     train = stats.get("train") or {}
     if train:
         keys = [k for k, v in train.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)][:5]
-        rows.append(("train", ", ".join(f"{k} {_fmt(train[k])}" for k in keys)))
+        rows.append(("train", ", ".join(f"{k} {format_number(train[k])}" for k in keys)))
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
     lines = "".join(f"<li>{html.escape(line)}</li>" for line in headline(stats))
     out = f'<table class="overview">{body}</table>' if rows else _note("stats.json holds no stage yet.")
@@ -622,12 +627,6 @@ def headline_markdown(run_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_report_command(args: argparse.Namespace) -> int:
-    path = build_report(Path(args.run_dir))
-    print(path)
-    return 0
-
-
 # --- compare ---------------------------------------------------------------------------------------------------------
 
 COMPARED = (
@@ -641,7 +640,7 @@ COMPARED = (
 )
 
 
-def _eval_of(run_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
+def read_eval_section(run_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory; pass two run directories.")
     section = _eval_section(read_stats(run_dir))
@@ -664,36 +663,3 @@ def compare_rows(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[tuple[str, 
         for label, get in metrics:
             out.append((bench, model, label, get(ma) if ma else None, get(mb) if mb else None))
     return out
-
-
-def compare_table(run_a: Path, run_b: Path):
-    """A rich table of two runs' eval metrics side by side, with B - A."""
-    from rich.table import Table
-
-    a, b = _eval_of(run_a), _eval_of(run_b)
-    name_a, name_b = str(run_a), str(run_b)
-    table = Table(title="ckptdpo compare (eval metrics)")
-    for col, justify in (
-        ("benchmark", "left"),
-        ("model", "left"),
-        ("metric", "left"),
-        (name_a, "right"),
-        (name_b, "right"),
-        ("B - A", "right"),
-    ):
-        table.add_column(col, justify=justify, overflow="fold")
-    last = None
-    for bench, model, label, va, vb in compare_rows(a, b):
-        delta = vb - va if va is not None and vb is not None else None
-        shown = (bench, model) if (bench, model) != last else ("", "")
-        last = (bench, model)
-        sign = "" if delta is None or delta <= 0 or math.isclose(delta, 0) else "+"
-        table.add_row(*shown, label, _fmt(va, 4), _fmt(vb, 4), "-" if delta is None else sign + _fmt(delta, 4))
-    return table
-
-
-def run_compare_command(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    Console().print(compare_table(Path(args.run_a), Path(args.run_b)))
-    return 0

@@ -53,7 +53,8 @@ from ckptdpo.shards import (
 from flows.pipeline import DATA_STAGES, pipeline_flow
 from tasks import stages
 from tasks.backends import model_fingerprint
-from tasks.common import hub_offline, load_recipe
+from tasks.common import load_recipe
+from tasks.environment import hub_offline
 
 STATE = "state.json"
 LATEST = "latest"

@@ -10,7 +10,8 @@ from prefect import flow, get_run_logger
 from ckptdpo.errors import UserError
 from ckptdpo.models import resolve_model
 from ckptdpo.shards import stage_fingerprint
-from tasks.common import ckptdpo_home, hub_offline, load_recipe, stage_dir
+from tasks.common import load_recipe, stage_dir
+from tasks.environment import ckptdpo_home, hub_offline
 from tasks.train import train_model
 
 # `<run_dir>/pairs` is the union of every pair-producing stage (resample, dto).

@@ -12,7 +12,7 @@ from pathlib import Path
 from ckptdpo.backends import Backend, make_backend
 from ckptdpo.configs import BackendConfig
 from ckptdpo.models import resolve_model
-from tasks.common import ckptdpo_home, hub_offline
+from tasks.environment import ckptdpo_home, hub_offline
 
 _BACKENDS: dict[str, Backend] = {}
 _LOCKS: dict[str, threading.Lock] = {}

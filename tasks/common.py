@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +14,6 @@ from ckptdpo.configs import Recipe
 # Task parameters that identify *where* work happens but not *what* it computes are still part of the key:
 # a cache hit must mean "this exact output already exists in this run directory".
 _IGNORED_PARAMS = frozenset({"progress"})
-
-
-def ckptdpo_home() -> Path:
-    return Path(os.environ.get("CKPTDPO_HOME", Path.home() / ".cache" / "ckptdpo")).expanduser()
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def load_recipe(recipe_path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:

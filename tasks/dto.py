@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
 from ckptdpo import summary
-from ckptdpo.configs import BackendConfig, DTOConfig
+from ckptdpo.configs import DTOConfig, backend_config
 from ckptdpo.dto import (
     DTOItem,
     DTOResult,
@@ -115,8 +115,8 @@ def dto_shard(
     """
     if shard_exists(run_dir, OPTIMIZED, index):
         return read_shard_stats(run_dir, index)
-    cfg, bcfg = DTOConfig(**dto), BackendConfig(**backend)
-    jcfg = BackendConfig(**judge_backend) if judge_backend is not None else bcfg
+    cfg, bcfg = DTOConfig(**dto), backend_config(**backend)
+    jcfg = backend_config(**judge_backend) if judge_backend is not None else bcfg
     problems = {p["problem_id"]: p["problem"] for p in _read(run_dir, "problems", index, ["problem_id", "problem"])}
     trajectories = sorted(load_trajectories(run_dir, index).values(), key=lambda t: t["sample_id"])
     items = [
@@ -179,7 +179,7 @@ def dto_pairs(
     Not cached by Prefect: it is the step that writes the manifest, and a cache hit would skip writing it.
     """
     started = time.time() if started is None else started
-    cfg, bcfg = DTOConfig(**dto), BackendConfig(**backend)
+    cfg, bcfg = DTOConfig(**dto), backend_config(**backend)
     stage = Path(run_dir) / "dto"
     num_shards = len(list_shards(Path(run_dir) / "generate"))
     missing = [i for i in range(num_shards) if not shard_exists(run_dir, OPTIMIZED, i)]

@@ -21,7 +21,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from ckptdpo import evaluate
 from ckptdpo.backends.base import GenerationRequest
-from ckptdpo.configs import BackendConfig, EvalConfig, ProblemsConfig
+from ckptdpo.configs import BackendConfig, EvalConfig, ProblemsConfig, backend_config
 from ckptdpo.problems import load_problems
 from ckptdpo.resample import stable_seed
 from ckptdpo.schemas import EVAL_RESULTS, EVAL_SAMPLES, PROBLEMS, SCHEMA_VERSION, make_table
@@ -39,7 +39,8 @@ from ckptdpo.shards import (
     write_shard,
 )
 from tasks.backends import backend_session, model_fingerprint
-from tasks.common import content_cache_key, content_key, hub_offline
+from tasks.common import content_cache_key, content_key
+from tasks.environment import hub_offline
 from tasks.stages import RETRY, StagePlan, shard_exists
 
 RESULTS_FILE = "results.parquet"
@@ -106,7 +107,7 @@ def evaluate_shard(
         return {"generate_s": 0.0, "verify_s": 0.0}
     from ckptdpo.verify import verify_batch
 
-    cfg, bcfg = EvalConfig(**eval_config), BackendConfig(**backend)
+    cfg, bcfg = EvalConfig(**eval_config), backend_config(**backend)
     problems = read_shard(shard_path(Path(run_dir) / problems_stage(benchmark), index)).to_pylist()
     with backend_session(bcfg) as b:
         requests = [

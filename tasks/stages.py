@@ -22,7 +22,14 @@ from prefect.artifacts import create_table_artifact
 from ckptdpo import summary
 from ckptdpo.backends.base import GenerationRequest
 from ckptdpo.checkpoints import count_paragraphs, locate_checkpoints
-from ckptdpo.configs import BackendConfig, CheckpointConfig, GenerateConfig, ProblemsConfig, ResampleConfig
+from ckptdpo.configs import (
+    BackendConfig,
+    CheckpointConfig,
+    GenerateConfig,
+    ProblemsConfig,
+    ResampleConfig,
+    backend_config,
+)
 from ckptdpo.problems import load_problems
 from ckptdpo.resample import (
     attempt_rows,
@@ -48,7 +55,8 @@ from ckptdpo.shards import (
 )
 from ckptdpo.verify import verify_batch
 from tasks.backends import backend_session
-from tasks.common import content_cache_key, content_key, hub_offline
+from tasks.common import content_cache_key, content_key
+from tasks.environment import hub_offline
 
 RETRY = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_jitter_factor": 0.5}
 
@@ -127,7 +135,7 @@ def generate_shard(run_dir: str, index: int, stage_key: str, generate: dict, bac
     """Sample `num_samples` trajectories per problem of one shard."""
     if shard_exists(run_dir, "generate", index):
         return {"generate_s": 0.0}
-    cfg, bcfg = GenerateConfig(**generate), BackendConfig(**backend)
+    cfg, bcfg = GenerateConfig(**generate), backend_config(**backend)
     problems = _read(run_dir, "problems", index)
     with backend_session(bcfg) as b:
         prompts = [b.chat_prompt(p["problem"]) for p in problems]
@@ -260,7 +268,7 @@ def resample_shard(
     stage = round_dir(round_index)
     if shard_exists(run_dir, stage, index):
         return {"generate_s": 0.0, "verify_s": 0.0}
-    cfg, bcfg = ResampleConfig(**resample), BackendConfig(**backend)
+    cfg, bcfg = ResampleConfig(**resample), backend_config(**backend)
     trajectories = load_trajectories(run_dir, index)
     history: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in range(1, round_index):
@@ -305,7 +313,7 @@ def pairs_shard(
     """r2w / w2r pairs of one shard from all rounds' attempts."""
     if shard_exists(run_dir, "resample/pairs", index):
         return {}
-    cfg, bcfg = ResampleConfig(**resample), BackendConfig(**backend)
+    cfg, bcfg = ResampleConfig(**resample), backend_config(**backend)
     trajectories = load_trajectories(run_dir, index)
     attempts = [a for r in range(1, rounds + 1) for a in _read(run_dir, round_dir(r), index)]
     with backend_session(bcfg) as b:

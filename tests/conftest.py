@@ -26,8 +26,8 @@ def demo_model_path(ckptdpo_home_dir: Path) -> Path:
 def hf_backend(demo_model_path: Path, ckptdpo_home_dir: Path):
     """The demo model in the hf backend on CPU, loaded once per session; tests must not leave settings changed."""
     from ckptdpo.backends.hf import HFBackend
-    from ckptdpo.configs import BackendConfig
+    from ckptdpo.configs import backend_config
 
-    backend = HFBackend(BackendConfig(kind="hf", model=str(demo_model_path), device="cpu"), home=ckptdpo_home_dir)
+    backend = HFBackend(backend_config(kind="hf", model=str(demo_model_path), device="cpu"), home=ckptdpo_home_dir)
     yield backend
     backend.close()

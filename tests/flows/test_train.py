@@ -27,7 +27,7 @@ from ckptdpo.train import (
     write_job,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAX_LENGTH = 128
 CORPUS = [
     "What is 2+3? Let me add the numbers.\n\nWait, 2+3=5. The answer is \\boxed{5}.",

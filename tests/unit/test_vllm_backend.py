@@ -9,7 +9,7 @@ import pytest
 
 from ckptdpo.backends import make_backend
 from ckptdpo.backends.base import GenerationRequest, problem_message
-from ckptdpo.configs import BackendConfig
+from ckptdpo.configs import backend_config
 from ckptdpo.errors import UserError
 
 STANDIN = Path(__file__).parent / "vllm_standin"
@@ -32,7 +32,7 @@ def vllm(monkeypatch):
 @pytest.fixture
 def make(vllm, tmp_path):
     def build(**overrides):
-        cfg = BackendConfig(kind="vllm", model=str(tmp_path), **overrides)
+        cfg = backend_config(kind="vllm", model=str(tmp_path), **overrides)
         return make_backend(cfg, home=tmp_path)
 
     return build
@@ -166,4 +166,4 @@ def test_chat_prompt_and_chat(make) -> None:
 def test_missing_vllm_is_a_user_error(monkeypatch, tmp_path) -> None:
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(UserError, match="gpu extra"):
-        make_backend(BackendConfig(kind="vllm", model=str(tmp_path)), home=tmp_path)
+        make_backend(backend_config(kind="vllm", model=str(tmp_path)), home=tmp_path)

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ckptdpo import verify as V
-from ckptdpo.cli import main as cli_main
 from ckptdpo.verify import Verdict, extract_answer, verify_batch, verify_batch_timed
+from commands.cli import main as cli_main
 
 TIMEOUT_S = 1.0
 _fresh = itertools.count(1000)
@@ -389,7 +389,7 @@ def test_cli_mixed_column_types_is_one_sentence_and_exit_2(tmp_path):
     src.write_text('{"gold": [1], "completion": "x"}\n{"gold": "1", "completion": "y"}\n')
     out = tmp_path / "out.parquet"
     r = subprocess.run(
-        [sys.executable, "-m", "ckptdpo.cli", "verify", str(src), "-o", str(out)], capture_output=True, text=True
+        [sys.executable, "-m", "commands", "verify", str(src), "-o", str(out)], capture_output=True, text=True
     )
     assert r.returncode == 2 and "mixes value types" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()

@@ -9,7 +9,7 @@ import pytest
 from ckptdpo.backends import make_backend
 from ckptdpo.backends.base import Backend, GenerationRequest, problem_message
 from ckptdpo.backends.fake import FakeBackend, count_words
-from ckptdpo.configs import BackendConfig
+from ckptdpo.configs import backend_config
 from ckptdpo.errors import UserError
 
 SCRIPT = {
@@ -131,12 +131,14 @@ def test_count_tokens_is_word_count(fake: FakeBackend) -> None:
 def test_from_config_loads_yaml_and_json(tmp_path) -> None:
     yml = tmp_path / "script.yaml"
     yml.write_text("problems:\n  'Q?':\n    samples: ['A \\boxed{1}']\n")
-    backend = make_backend(BackendConfig(kind="fake", script=str(yml)), home=tmp_path)
+    backend = make_backend(backend_config(kind="fake", script=str(yml)), home=tmp_path)
     (res,) = backend.generate([GenerationRequest(backend.chat_prompt("Q?"))])
     assert res.samples[0].text == "A \\boxed{1}"
     js = tmp_path / "script.json"
     js.write_text(json.dumps(SCRIPT))
-    assert FakeBackend.from_config(BackendConfig(kind="fake", script=str(js))).revision == FakeBackend(SCRIPT).revision
+    assert (
+        FakeBackend.from_config(backend_config(kind="fake", script=str(js))).revision == FakeBackend(SCRIPT).revision
+    )
 
 
 @pytest.mark.parametrize(
@@ -154,10 +156,10 @@ def test_from_config_user_errors(tmp_path, content, needle) -> None:
     if content is not None:
         path.write_text(content)
     with pytest.raises(UserError, match=needle) as err:
-        FakeBackend.from_config(BackendConfig(kind="fake", script=str(path)))
+        FakeBackend.from_config(backend_config(kind="fake", script=str(path)))
     assert str(path) in str(err.value)
     with pytest.raises(UserError, match="backend.script"):
-        FakeBackend.from_config(BackendConfig(kind="fake"))
+        FakeBackend.from_config(backend_config(kind="fake"))
 
 
 def test_template_with_braces_in_problem() -> None:

@@ -4,33 +4,27 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from pathlib import Path
 
 from ckptdpo.errors import UserError
+from tasks.environment import ckptdpo_home
 
 log = logging.getLogger("ckptdpo")
-
-
-def ckptdpo_home() -> Path:
-    """CKPTDPO_HOME (model cache and other state), default ~/.cache/ckptdpo. Read here, at the edge, only."""
-    return Path(os.environ.get("CKPTDPO_HOME", Path.home() / ".cache" / "ckptdpo")).expanduser()
 
 
 # --- handlers: one per subcommand; each owns its imports ---------------------------------------------------------
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from ckptdpo.verify import run_verify_command
+    from commands.verify import verify_command
 
-    return run_verify_command(args)
+    return verify_command(args)
 
 
 def _cmd_checkpoints(args: argparse.Namespace) -> int:
-    from ckptdpo.checkpoints import run_checkpoints_command
+    from commands.checkpoints import checkpoints_command
 
-    return run_checkpoints_command(args)
+    return checkpoints_command(args)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -42,38 +36,38 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    # flows/ is the orchestration layer; imported only by the commands that run flows.
-    from flows.commands import run_command
+    # Prefect is imported only by the commands that run flows.
+    from commands.run import run_command
 
     return run_command(args, home=ckptdpo_home())
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from flows.commands import demo_command
+    from commands.run import demo_command
 
     return demo_command(args, home=ckptdpo_home())
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from flows.commands import status_command
+    from commands.run import status_command
 
     return status_command(args)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from ckptdpo.report import run_report_command
+    from commands.report import report_command
 
-    return run_report_command(args)
+    return report_command(args)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from ckptdpo.report import run_compare_command
+    from commands.report import compare_command
 
-    return run_compare_command(args)
+    return compare_command(args)
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
-    from flows.server import server_command
+    from commands.server import server_command
 
     return server_command(args, home=ckptdpo_home())
 

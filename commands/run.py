@@ -24,7 +24,7 @@ from ckptdpo.models import resolve_model
 from ckptdpo.problems import load_problems
 from ckptdpo.shards import read_manifest, read_stats
 from flows import progress
-from tasks.common import hub_offline
+from tasks.environment import hub_offline
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO / "recipes" / "demo.yaml"

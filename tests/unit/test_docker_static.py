@@ -15,7 +15,7 @@ import pytest
 import tomllib
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 # Which extras each image is for, and the package that extra must bring (what the README's layout promises:
@@ -107,7 +107,7 @@ def test_image_installs_its_extras_and_the_entry_point(name: str):
     assert entry == [[script]], f"{name} must use the `{script}` entry point"
     assert any(op == "RUN" and f"{script} --help" in a for op, a in steps[index:])
     (cmd,) = [json.loads(a) for op, a in steps if op == "CMD"]
-    from ckptdpo.cli import make_parser
+    from commands.cli import make_parser
 
     make_parser().parse_args(cmd)  # the default command is one the CLI accepts (SystemExit otherwise)
     if "--stages" in cmd:
@@ -133,10 +133,10 @@ def test_cpu_image_installs_cpu_torch_first_and_gpu_images_do_not():
 
 
 def test_dockerignore_keeps_what_the_images_need_and_drops_the_rest():
-    for needed in ("pyproject.toml", "README.md", "ckptdpo/cli.py", "flows/pipeline.py", "tasks/stages.py",
+    for needed in ("pyproject.toml", "README.md", "commands/cli.py", "flows/pipeline.py", "tasks/stages.py",
                    "deployments/prefect.yaml", "recipes/demo.yaml"):  # fmt: skip
         assert not dockerignored(needed), needed
-    for dropped in (".git", ".venv/bin/python", "runs/demo/pairs/part-00000.parquet", "tests/test_ops.py",
+    for dropped in (".git", ".venv/bin/python", "runs/demo/pairs/part-00000.parquet", "tests/flows/test_ops.py",
                     "ckptdpo/__pycache__/cli.cpython-311.pyc", ".prefect/prefect.db"):  # fmt: skip
         assert dockerignored(dropped), dropped
 

@@ -11,7 +11,7 @@ from ckptdpo.backends import make_backend
 from ckptdpo.backends.base import GenerationRequest, problem_message
 from ckptdpo.backends.fake import FakeBackend
 from ckptdpo.backends.openai import OpenAIBackend, OpenAIError, _split_proportionally
-from ckptdpo.configs import BackendConfig
+from ckptdpo.configs import backend_config
 from ckptdpo.errors import UserError
 from tests.openai_server import OpenAIServer
 
@@ -37,7 +37,7 @@ class Sleeps(list):
 
 
 def client(*urls: str, sleeps: Sleeps | None = None, **cfg) -> OpenAIBackend:
-    config = BackendConfig(kind="openai", model="served-model", base_urls=list(urls), **cfg)
+    config = backend_config(kind="openai", model="served-model", base_urls=list(urls), **cfg)
     return OpenAIBackend(config, backoff_base_s=0.01, sleep=sleeps if sleeps is not None else Sleeps(), seed=0)
 
 
@@ -134,7 +134,7 @@ def test_connection_errors_are_retried_then_reported() -> None:
 
 def test_api_key_is_sent_as_bearer(fake: FakeBackend) -> None:
     with OpenAIServer(fake, api_key="sekrit") as srv:
-        base = BackendConfig(kind="openai", model="m", base_urls=[srv.base_url], api_key_env="CKPT_KEY")
+        base = backend_config(kind="openai", model="m", base_urls=[srv.base_url], api_key_env="CKPT_KEY")
         ok = make_backend(base, home=".", api_key="sekrit").generate(
             [GenerationRequest(fake.chat_prompt("What is 2+3?"))]
         )
@@ -218,7 +218,7 @@ def test_chat_prompt_fallback_is_chatml_and_counts_are_estimates() -> None:
 
 def test_config_errors() -> None:
     with pytest.raises(UserError, match="base_urls"):
-        OpenAIBackend(BackendConfig(kind="openai"))
+        OpenAIBackend(backend_config(kind="openai"))
 
 
 def test_split_proportionally_keeps_the_total() -> None:
@@ -241,7 +241,7 @@ def test_against_a_server_serving_the_hf_backend(request: pytest.FixtureRequest)
 
     tok = AutoTokenizer.from_pretrained(model_path)
     with OpenAIServer(hf, decode=lambda ids: tok.decode(ids)) as srv:
-        be = OpenAIBackend(BackendConfig(kind="openai", model=str(model_path), base_urls=[srv.base_url]))
+        be = OpenAIBackend(backend_config(kind="openai", model=str(model_path), base_urls=[srv.base_url]))
         prompt = be.chat_prompt("What is 2+3?")
         assert prompt == hf.chat_prompt("What is 2+3?")  # the local tokenizer's template
         req = GenerationRequest(prompt, n=2, max_tokens=6, seed=3, temperature=0.7)

@@ -1,28 +1,18 @@
-"""One validated config model per stage; a recipe is YAML of these."""
+"""One validated config model per stage."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from ckptdpo.errors import UserError
+from ckptdpo.configs.backend import BackendConfig
+from ckptdpo.configs.base import _Config
 
 STAGES = ("generate", "verify", "checkpoints", "resample", "dto", "train", "eval")
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-
-
-class ConfigError(UserError, ValueError):
-    """A user error in a recipe or config: the message is one sentence naming the file, the field and the fix."""
-
-
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ProblemsConfig(_Config):
@@ -54,32 +44,6 @@ class ProblemsConfig(_Config):
         if self.source in ("file", "hf") and not self.path:
             raise ValueError(f"problems.path is required when problems.source is {self.source!r}")
         return self
-
-
-class BackendConfig(_Config):
-    """A generation backend: which implementation, which model, and engine settings."""
-
-    kind: Literal["hf", "vllm", "openai", "fake"] = Field("hf", description="backend implementation")
-    model: str = Field("demo", description="local path, 'demo', or a Hugging Face hub id")
-    revision: str | None = Field(None, description="model revision (part of every cache key)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights dtype")
-    device: str = Field("auto", description="hf: 'cpu', 'cuda', or 'auto'")
-    batch_token_budget: int = Field(16384, ge=1, description="hf: max prompt+new tokens per batch")
-    max_batch_size: int = Field(16, ge=1, description="hf: max sequences per forward batch")
-    threads: int | None = Field(None, ge=1, description="hf: torch intra-op threads on CPU (default: torch's)")
-    max_model_len: int | None = Field(None, ge=1, description="context length override")
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm: tensor parallel size")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory to use")
-    enable_prefix_caching: bool = Field(True, description="vllm: automatic prefix caching")
-    base_urls: list[str] = Field(default_factory=list, description="openai: endpoints, sticky by trajectory")
-    api_key_env: str | None = Field(None, description="openai: name of the env variable holding the API key")
-    max_concurrency: int = Field(8, ge=1, description="openai: concurrent requests")
-    request_timeout_s: float = Field(600.0, gt=0, description="openai: per request timeout")
-    max_retries: int = Field(5, ge=0, description="openai: retries on 429/5xx/timeouts")
-    loop_guard: bool = Field(True, description="stop a sample that repeats a paragraph or n-gram")
-    loop_min_repeats: int = Field(4, ge=2, description="loop guard: repeats of a paragraph that count as a loop")
-    loop_ngram: int = Field(32, ge=4, description="loop guard: n-gram size in tokens for the n-gram check")
-    script: str | None = Field(None, description="fake: path of a JSON/YAML script of trajectories")
 
 
 class GenerateConfig(_Config):
@@ -131,7 +95,15 @@ class ResampleConfig(_Config):
     max_pair_tokens: int | None = Field(None, ge=1, description="drop pairs whose prompt+longer side exceed this")
     prefer_fitting_prefixes: bool = Field(True, description="skip checkpoints whose prefix cannot fit a pair")
     max_length_ratio: float | None = Field(None, gt=1, description="drop pairs with chosen/rejected token ratio over")
-    shard_size: int = Field(256, ge=1, description="trajectories per shard")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_dead_shard_size(cls, data: Any) -> Any:
+        # Resample shards follow the generate shards; `shard_size` here was never read. Older recipes that set it
+        # still load, and it no longer enters the cache key.
+        if isinstance(data, dict) and "shard_size" in data:
+            data = {k: v for k, v in data.items() if k != "shard_size"}
+        return data
 
 
 class JudgeConfig(_Config):
@@ -297,96 +269,3 @@ class TaskRunnerConfig(_Config):
     max_in_flight: int = Field(
         2, ge=1, description="shard tasks submitted at once per stage; each holds one shard in memory"
     )
-
-
-class Recipe(_Config):
-    """A whole pipeline: problem source, policy backend and one config per stage."""
-
-    name: str = "recipe"
-    stages: list[Literal["generate", "verify", "checkpoints", "resample", "dto", "train", "eval"]] = Field(
-        default_factory=lambda: ["generate", "verify", "checkpoints", "resample"]
-    )
-    problems: ProblemsConfig = Field(default_factory=ProblemsConfig)
-    backend: BackendConfig = Field(default_factory=BackendConfig)
-    generate: GenerateConfig = Field(default_factory=GenerateConfig)
-    verify: VerifyConfig = Field(default_factory=VerifyConfig)
-    checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    resample: ResampleConfig = Field(default_factory=ResampleConfig)
-    dto: DTOConfig = Field(default_factory=DTOConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    refresh: RefreshConfig = Field(default_factory=RefreshConfig)
-    task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
-        """Load a recipe, apply dotted-key overrides, validate; errors are one ConfigError sentence."""
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: recipe file not found; pass the path of a recipe YAML file.") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read the recipe ({e}); check the file.") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({_one_line(e)}); fix the syntax.") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a recipe must be a YAML mapping of sections, got {type(data).__name__}.")
-        for key, value in (overrides or {}).items():
-            _set_dotted(data, key, value, path)
-        return cls.from_dict(data, source=str(path))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "<recipe>") -> Recipe:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise ConfigError(describe_validation_error(e, source)) from None
-
-    def config_hash(self, *sections: str) -> str:
-        """Content hash of the named sections (all when none): part of every cache key and manifest."""
-        dump = self.model_dump(mode="json")
-        if sections:
-            dump = {s: dump[s] for s in sections}
-        return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def describe_validation_error(e: ValidationError, source: str) -> str:
-    """One sentence per pydantic error, naming the file and the dotted field."""
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-        if err["type"] == "extra_forbidden":
-            parts.append(f"{source}: unknown key '{loc}'; remove it or check its spelling.")
-        elif err["type"] == "missing":
-            parts.append(f"{source}: required key '{loc}' is missing; add it.")
-        else:
-            parts.append(f"{source}: field '{loc}' {err['msg'].lower()} (got {err.get('input')!r}); fix the value.")
-    return " ".join(parts)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`dotted.key=value` with the value parsed as YAML (so numbers, booleans and lists work)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like dotted.key=value.")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any, path: Path) -> None:
-    node = data
-    parts = key.split(".")
-    for p in parts[:-1]:
-        child = node.setdefault(p, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{path}: override '{key}' goes through '{p}', which is not a section.")
-        node = child
-    node[parts[-1]] = value
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())

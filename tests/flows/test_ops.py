@@ -24,7 +24,7 @@ import yaml
 
 from ckptdpo.shards import read_manifest, read_stage
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = "<|user|>\n{message}\n<|assistant|>\n"
 
 
@@ -134,7 +134,7 @@ def test_task_runner_choice(monkeypatch):
 
 def test_server_settings_from_the_environment(tmp_path: Path):
     from ckptdpo.errors import UserError
-    from flows.server import server_settings
+    from commands.server import server_settings
 
     s = server_settings(tmp_path, {"CKPTDPO_SERVER_PORT": "4321"})
     assert s.api_url == "http://127.0.0.1:4321/api" and s.prefect_home == tmp_path / "prefect"
@@ -246,7 +246,7 @@ def free_port() -> int:
 
 def ckptdpo(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "ckptdpo.cli", *args],
+        [sys.executable, "-m", "commands", *args],
         env=env,
         cwd=REPO,
         capture_output=True,

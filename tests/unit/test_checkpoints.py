@@ -19,7 +19,7 @@ from ckptdpo.checkpoints import (
     split_at_checkpoint,
     trajectory_stats,
 )
-from ckptdpo.cli import main
+from commands.cli import main
 
 DEFAULT = ("Wait", "Alternatively", "But")
 

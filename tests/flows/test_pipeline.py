@@ -67,7 +67,7 @@ def recipe(tmp_path: Path) -> Path:
 
 def run(recipe: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "ckptdpo.cli", "run", str(recipe), "--run-dir", str(run_dir), *extra],
+        [sys.executable, "-m", "commands", "run", str(recipe), "--run-dir", str(run_dir), *extra],
         capture_output=True,
         text=True,
         timeout=600,
@@ -165,7 +165,7 @@ def test_kill_during_resampling_then_resume_gives_the_same_pairs(tmp_path: Path)
 
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ckptdpo.cli", "run", str(recipe), "--run-dir", str(run_dir)],
+        [sys.executable, "-m", "commands", "run", str(recipe), "--run-dir", str(run_dir)],
         env=_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -12,7 +12,7 @@ import pytest
 
 from ckptdpo.shards import read_manifest, read_stage
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = {
     "problems.num_problems": 4,
     "generate.num_samples": 3,
@@ -34,7 +34,7 @@ SMALL = {
 @pytest.mark.slow
 def test_demo_recipe_on_the_real_model(demo_model_path, tmp_path: Path):
     run_dir = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "ckptdpo.cli", "demo", "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "commands", "demo", "--run-dir", str(run_dir)]
     for k, v in SMALL.items():
         cmd += ["--set", f"{k}={v}"]
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}

@@ -17,7 +17,7 @@ import yaml
 from ckptdpo import evaluate
 from ckptdpo.backends.base import GenerationResult, Sample
 from ckptdpo.backends.fake import count_words
-from ckptdpo.configs import BackendConfig, ConfigError, EvalConfig, ProblemsConfig, Recipe
+from ckptdpo.configs import ConfigError, EvalConfig, ProblemsConfig, Recipe, backend_config
 from ckptdpo.errors import UserError
 from ckptdpo.schemas import EVAL_RESULTS, EVAL_SAMPLES, PROBLEMS, make_table
 from ckptdpo.shards import read_stats, write_manifest, write_shard
@@ -222,7 +222,7 @@ def test_results_rows_fit_the_schema():
 
 
 def test_models_and_benchmarks_resolve(tmp_path: Path):
-    backend = BackendConfig(kind="hf", model="demo")
+    backend = backend_config(kind="hf", model="demo")
     cfg = EvalConfig(models=["base", "trained", "other=/models/x", "/models/y/"])
     specs, skipped = evaluate.resolve_models(cfg, backend, tmp_path)
     assert [s.name for s in specs] == ["base", "other", "y"] and "train stage" in skipped["trained"]
@@ -231,7 +231,7 @@ def test_models_and_benchmarks_resolve(tmp_path: Path):
     (tmp_path / "train" / "model" / "config.json").write_text("{}")
     specs, skipped = evaluate.resolve_models(EvalConfig(), backend, tmp_path)
     assert not skipped and specs[1].backend.model == str(tmp_path / "train" / "model")
-    fake = BackendConfig(kind="fake", script="s.yaml")
+    fake = backend_config(kind="fake", script="s.yaml")
     specs, _ = evaluate.resolve_models(EvalConfig(backends={"trained": fake}), backend, tmp_path / "nowhere")
     assert specs[1].backend == fake
 

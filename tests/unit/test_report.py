@@ -15,8 +15,7 @@ import pytest
 from rich.console import Console
 
 from ckptdpo import evaluate, summary
-from ckptdpo.cli import main
-from ckptdpo.report import build_report, compare_rows, compare_table, headline_markdown, render_report
+from ckptdpo.report import build_report, compare_rows, headline_markdown, render_report
 from ckptdpo.schemas import (
     ATTEMPTS,
     CHECKPOINTS,
@@ -28,6 +27,8 @@ from ckptdpo.schemas import (
     make_table,
 )
 from ckptdpo.shards import atomic_write_bytes, update_stats, write_manifest, write_shard
+from commands.cli import main
+from commands.report import compare_table
 
 SECTIONS = [
     "overview",

@@ -1,0 +1,119 @@
+"""A recipe: the problem source, the policy backend and one config per stage, loaded from YAML."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from ckptdpo.configs.backend import BackendConfig, HFBackendConfig
+from ckptdpo.configs.base import ConfigError, _Config
+from ckptdpo.configs.stages import (
+    CheckpointConfig,
+    DTOConfig,
+    EvalConfig,
+    GenerateConfig,
+    ProblemsConfig,
+    RefreshConfig,
+    ResampleConfig,
+    TaskRunnerConfig,
+    TrainConfig,
+    VerifyConfig,
+)
+
+
+class Recipe(_Config):
+    """A whole pipeline: problem source, policy backend and one config per stage."""
+
+    name: str = "recipe"
+    stages: list[Literal["generate", "verify", "checkpoints", "resample", "dto", "train", "eval"]] = Field(
+        default_factory=lambda: ["generate", "verify", "checkpoints", "resample"]
+    )
+    problems: ProblemsConfig = Field(default_factory=ProblemsConfig)
+    backend: BackendConfig = Field(default_factory=HFBackendConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    resample: ResampleConfig = Field(default_factory=ResampleConfig)
+    dto: DTOConfig = Field(default_factory=DTOConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    refresh: RefreshConfig = Field(default_factory=RefreshConfig)
+    task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+        """Load a recipe, apply dotted-key overrides, validate; errors are one ConfigError sentence."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: recipe file not found; pass the path of a recipe YAML file.") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the recipe ({e}); check the file.") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({_one_line(e)}); fix the syntax.") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe must be a YAML mapping of sections, got {type(data).__name__}.")
+        for key, value in (overrides or {}).items():
+            _set_dotted(data, key, value, path)
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<recipe>") -> Recipe:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(describe_validation_error(e, source)) from None
+
+    def config_hash(self, *sections: str) -> str:
+        """Content hash of the named sections (all when none): part of every cache key and manifest."""
+        dump = self.model_dump(mode="json")
+        if sections:
+            dump = {s: dump[s] for s in sections}
+        return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_validation_error(e: ValidationError, source: str) -> str:
+    """One sentence per pydantic error, naming the file and the dotted field."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"{source}: unknown key '{loc}'; remove it or check its spelling.")
+        elif err["type"] == "missing":
+            parts.append(f"{source}: required key '{loc}' is missing; add it.")
+        else:
+            parts.append(f"{source}: field '{loc}' {err['msg'].lower()} (got {err.get('input')!r}); fix the value.")
+    return " ".join(parts)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`dotted.key=value` with the value parsed as YAML (so numbers, booleans and lists work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like dotted.key=value.")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, path: Path) -> None:
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{path}: override '{key}' goes through '{p}', which is not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
