@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.pipeline import fan_out
+from flows.fanout import fan_out
 from tasks import dto as dto_tasks
 from tasks import stages
 from tasks.backends import model_fingerprint

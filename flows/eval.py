@@ -9,7 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from ckptdpo import evaluate
-from flows.pipeline import fan_out
+from flows.fanout import fan_out
 from tasks import eval as eval_tasks
 from tasks import stages
 from tasks.backends import close_backends

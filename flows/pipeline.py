@@ -6,43 +6,18 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from flows import progress
+from flows.dto import dto_flow
+from flows.eval import eval_flow
+from flows.fanout import fan_out
+from flows.report import report_step
 from flows.runners import with_task_runner
+from flows.train import train_flow
 from tasks import stages
 from tasks.backends import close_backends, model_fingerprint
 from tasks.common import load_recipe
 
 DATA_STAGES = ("generate", "verify", "checkpoints", "resample")
-
-
-def fan_out(
-    plan: stages.StagePlan, task, refresh_stage: str, *, in_flight: int = 2, **params: Any
-) -> list[dict[str, Any]]:
-    """One task run per shard still to write, at most `in_flight` at a time, with a progress artifact.
-
-    The window bounds memory: each running task holds one shard, so peak memory follows the window, not the number
-    of shards. A shard whose file is gone is recomputed even when Prefect's cache remembers it (the cache outlives a
-    deleted run directory).
-    """
-    artifact = create_progress_artifact(progress=0.0, description=f"{plan.stage}: shards written")
-    total = len(plan.indices)
-    progress.publish(plan.stage, 0, total)
-
-    def submit(i: int):
-        refresh = not stages.shard_exists(plan.run_dir, refresh_stage, i)
-        return task.with_options(refresh_cache=refresh).submit(plan.run_dir, i, plan.key, **params)
-
-    pending = [submit(i) for i in plan.indices[:in_flight]]
-    results = []
-    for done in range(1, total + 1):
-        results.append(pending.pop(0).result())
-        if done + len(pending) < total:
-            pending.append(submit(plan.indices[done + len(pending)]))
-        update_progress_artifact(artifact, progress=100.0 * done / max(total, 1))
-        progress.publish(plan.stage, done, total)
-    return results
 
 
 @flow(name="generate")
@@ -212,22 +187,14 @@ def pipeline_flow(
                 results[name] = with_task_runner(flows[name], recipe.task_runner)(recipe_path, run_dir, overrides)
         pair_sources = [s for s, on in (("resample/pairs", "resample" in wanted), ("dto", "dto" in wanted)) if on]
         if "dto" in wanted:
-            from flows.dto import dto_flow
-
             results["dto"] = with_task_runner(dto_flow, recipe.task_runner)(recipe_path, run_dir, overrides)
         if pair_sources:
             results["pairs"] = stages.collect_pairs(run_dir, pair_sources)
         if "train" in wanted:
-            from flows.train import train_flow
-
             results["train"] = train_flow(recipe_path, run_dir, overrides)
         if "eval" in wanted:
-            from flows.eval import eval_flow
-
             results["eval"] = eval_flow(recipe_path, run_dir, overrides)
         if Path(run_dir, "stats.json").exists():
-            from flows.report import report_step
-
             report_step(run_dir)
     finally:
         close_backends()

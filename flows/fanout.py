@@ -1,0 +1,38 @@
+"""Fan-out of one stage's shards: one task run per shard still to write, a bounded window, a progress artifact."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from flows import progress
+from tasks import stages
+
+
+def fan_out(
+    plan: stages.StagePlan, task, refresh_stage: str, *, in_flight: int = 2, **params: Any
+) -> list[dict[str, Any]]:
+    """One task run per shard still to write, at most `in_flight` at a time, with a progress artifact.
+
+    The window bounds memory: each running task holds one shard, so peak memory follows the window, not the number
+    of shards. A shard whose file is gone is recomputed even when Prefect's cache remembers it (the cache outlives a
+    deleted run directory).
+    """
+    artifact = create_progress_artifact(progress=0.0, description=f"{plan.stage}: shards written")
+    total = len(plan.indices)
+    progress.publish(plan.stage, 0, total)
+
+    def submit(i: int):
+        refresh = not stages.shard_exists(plan.run_dir, refresh_stage, i)
+        return task.with_options(refresh_cache=refresh).submit(plan.run_dir, i, plan.key, **params)
+
+    pending = [submit(i) for i in plan.indices[:in_flight]]
+    results = []
+    for done in range(1, total + 1):
+        results.append(pending.pop(0).result())
+        if done + len(pending) < total:
+            pending.append(submit(plan.indices[done + len(pending)]))
+        update_progress_artifact(artifact, progress=100.0 * done / max(total, 1))
+        progress.publish(plan.stage, done, total)
+    return results
