@@ -157,3 +157,23 @@ def trajectory_stats(
         }
         for name, rows in groups.items()
     }
+
+
+def checkpoint_rows(samples: Sequence[dict], verdicts: dict[str, bool | None], markers: Sequence[str]) -> list[dict]:
+    """One CHECKPOINTS row per sample: its paragraph count and its checkpoints as parallel lists."""
+    rows = []
+    for s in samples:
+        cps = locate_checkpoints(s["completion"], markers)
+        rows.append(
+            {
+                "sample_id": s["sample_id"],
+                "problem_id": s["problem_id"],
+                "is_correct": verdicts[s["sample_id"]],
+                "completion_tokens": s["completion_tokens"],
+                "num_paragraphs": count_paragraphs(s["completion"]),
+                "num_checkpoints": len(cps),
+                "checkpoint_chars": [c.char for c in cps],
+                "checkpoint_markers": [c.marker for c in cps],
+            }
+        )
+    return rows

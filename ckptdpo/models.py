@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import subprocess
@@ -144,3 +145,30 @@ def resolve_model(ref: str, home: Path, *, offline: bool) -> str:
         f"model '{ref}' not found: no local path {path}, no cached model {cached}, Hugging Face hub {hub}; "
         "set backend.model to an existing path, 'demo', or a hub id."
     )
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+
+def local_revision(path: Path) -> str:
+    """A content fingerprint of a local checkpoint: config, tokenizer files, and sampled bytes of every weight file.
+
+    Hashing all weights of a large model takes seconds to minutes; 16 chunks of 64 KiB per weight file (the first
+    holds the safetensors header) change whenever training rewrites the weights, which is what cache keys need.
+    An edit confined to a few unsampled bytes would go unseen: set `backend.revision` explicitly for such models.
+    """
+    h = hashlib.sha256()
+    for name in ("config.json", *TOKENIZER_FILES):
+        f = path / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    for f in sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        chunk = 1 << 16
+        with f.open("rb") as fh:
+            for i in range(16):
+                fh.seek(max(0, (size - chunk) * i // 15))
+                h.update(fh.read(chunk))
+    return "sha256:" + h.hexdigest()[:16]

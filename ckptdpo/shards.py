@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from ckptdpo.schemas import SCHEMA_VERSION
 MANIFEST = "_manifest.json"
 PENDING = "_pending.json"
 SHARD_GLOB = "part-*.parquet"
+log = logging.getLogger(__name__)
 
 
 class StageNotDone(UserError):
@@ -78,8 +80,38 @@ def write_shard(stage_dir: str | Path, index: int, table: pa.Table) -> Path:
 
 
 def list_shards(stage_dir: str | Path) -> list[Path]:
-    """Complete shards only: temp files start with a dot and never match."""
+    """The shard files present in a directory (temp files start with a dot and never match): for writers.
+
+    Readers of a finished stage use `listed_shards`, the manifest's list, so a stray or missing file is noticed.
+    """
     return sorted(Path(stage_dir).glob(SHARD_GLOB))
+
+
+def listed_shards(stage_dir: str | Path) -> list[Path]:
+    """The shards a finished stage's manifest lists, in order; a stage without a manifest is an error."""
+    stage_dir = Path(stage_dir)
+    m = read_manifest(stage_dir)
+    if m is None:
+        raise StageNotDone(f"{stage_dir}: no {MANIFEST}, so the stage never completed; run it (again) first.")
+    return [stage_dir / s["name"] for s in m["shards"]]
+
+
+def damaged_shards(stage_dir: str | Path, manifest: dict[str, Any] | None = None) -> list[str]:
+    """Names of the manifest's shards that are missing or differ from it: size first, then sha256 when the size
+    matches (a truncated or rewritten file is caught either way)."""
+    stage_dir = Path(stage_dir)
+    m = manifest if manifest is not None else read_manifest(stage_dir)
+    bad = []
+    for s in (m or {}).get("shards", []):
+        p = stage_dir / s["name"]
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            bad.append(s["name"])
+            continue
+        if ("num_bytes" in s and size != s["num_bytes"]) or file_sha256(p) != s["sha256"]:
+            bad.append(s["name"])
+    return bad
 
 
 def file_sha256(path: Path) -> str:
@@ -90,11 +122,24 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_json_file(path: Path, what: str) -> Any:
+    """A JSON file the project wrote; a damaged one is one sentence naming it and the fix, not a traceback."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(
+            f"{path}: the {what} is damaged (not valid JSON); delete it and run again to recompute it."
+        ) from None
+
+
 def read_manifest(stage_dir: str | Path) -> dict[str, Any] | None:
     p = Path(stage_dir) / MANIFEST
     if not p.exists():
         return None
-    return json.loads(p.read_text())
+    m = read_json_file(p, "stage manifest")
+    if not isinstance(m, dict) or not isinstance(m.get("shards"), list):
+        raise UserError(f"{p}: the stage manifest is damaged (no shard list); delete it and run again.")
+    return m
 
 
 def is_done(stage_dir: str | Path, config_hash: str | None = None) -> bool:
@@ -112,10 +157,21 @@ def prepare_stage(stage_dir: str | Path, config_hash: str) -> bool:
     mistaken for a finished stage.
     """
     stage_dir = Path(stage_dir)
-    if is_done(stage_dir, config_hash):
-        return True
+    m = read_manifest(stage_dir)
+    if m is not None and m.get("config_hash") == config_hash:
+        redo = set(damaged_shards(stage_dir, m)) | {f["shard"] for f in m.get("failed", [])}
+        if not redo:
+            return True
+        # Same key, so the intact shards are kept and only the damaged, missing or failed ones are rewritten.
+        log.warning("%s: %d shard(s) damaged, missing or with failed rows (%s); rewriting them", stage_dir,
+                    len(redo), ", ".join(sorted(redo)[:5]))  # fmt: skip
+        atomic_write_bytes(stage_dir / PENDING, json.dumps({"config_hash": config_hash}).encode())
+        (stage_dir / MANIFEST).unlink()
+        for name in redo:
+            (stage_dir / name).unlink(missing_ok=True)
+        return False
     pending = stage_dir / PENDING
-    same = pending.exists() and json.loads(pending.read_text()).get("config_hash") == config_hash
+    same = pending.exists() and read_json_file(pending, "pending-stage marker").get("config_hash") == config_hash
     if stage_dir.exists() and not same:
         (stage_dir / MANIFEST).unlink(missing_ok=True)
         shutil.rmtree(stage_dir)
@@ -132,13 +188,19 @@ def write_manifest(
     config_hash: str,
     stats: dict[str, Any] | None = None,
     inputs: dict[str, str] | None = None,
+    failed: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Write `_manifest.json` last: row counts and hashes of every shard, schema and code version."""
+    """Write `_manifest.json` last: row count, size and hash of every shard, schema and code version.
+
+    `failed` lists rows a failure budget tolerated (`{"shard": name, "ids": [...]}`): the next run rewrites those
+    shards, so tolerated failures are retried rather than forgotten.
+    """
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     shards = []
     for p in list_shards(stage_dir):
-        shards.append({"name": p.name, "num_rows": pq.ParquetFile(p).metadata.num_rows, "sha256": file_sha256(p)})
+        rows = pq.ParquetFile(p).metadata.num_rows
+        shards.append({"name": p.name, "num_rows": rows, "num_bytes": p.stat().st_size, "sha256": file_sha256(p)})
     manifest = {
         "num_rows": sum(s["num_rows"] for s in shards),
         "num_shards": len(shards),
@@ -148,6 +210,7 @@ def write_manifest(
         "code_version": __version__,
         "inputs": inputs or {},
         "stats": stats or {},
+        "failed": failed or [],
     }
     atomic_write_bytes(stage_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
     (stage_dir / PENDING).unlink(missing_ok=True)
@@ -162,16 +225,24 @@ def stage_fingerprint(stage_dir: str | Path) -> str:
     return hashlib.sha256(json.dumps([s["sha256"] for s in m["shards"]]).encode()).hexdigest()[:16]
 
 
-def _require_done(stage_dir: Path) -> None:
-    if not (stage_dir / MANIFEST).exists():
+def _intact_listed(stage_dir: Path) -> list[Path]:
+    """The manifest's shards after a cheap check (present, same size); damage is a sentence, not an ArrowInvalid."""
+    m = read_manifest(stage_dir)
+    if m is None:
         raise StageNotDone(f"{stage_dir}: no {MANIFEST}, so the stage never completed; run it (again) first.")
+    for s in m["shards"]:
+        p = stage_dir / s["name"]
+        if not p.exists() or ("num_bytes" in s and p.stat().st_size != s["num_bytes"]):
+            raise StageNotDone(
+                f"{p}: missing or damaged (it differs from {MANIFEST}); run the stage again to rewrite it."
+            )
+    return [stage_dir / s["name"] for s in m["shards"]]
 
 
 def read_stage(stage_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """Read a completed stage as one table; refuses a directory without a manifest."""
+    """Read a completed stage as one table, from the manifest's list of shards."""
     stage_dir = Path(stage_dir)
-    _require_done(stage_dir)
-    shards = list_shards(stage_dir)
+    shards = _intact_listed(stage_dir)
     if not shards:
         raise StageNotDone(f"{stage_dir}: the manifest lists no shards.")
     return pa.concat_tables([pq.read_table(p, columns=columns) for p in shards])
@@ -181,9 +252,7 @@ def iter_stage(
     stage_dir: str | Path, columns: list[str] | None = None, batch_size: int = 4096
 ) -> Iterator[pa.RecordBatch]:
     """Stream a completed stage batch by batch, for stages too large to hold in memory."""
-    stage_dir = Path(stage_dir)
-    _require_done(stage_dir)
-    for p in list_shards(stage_dir):
+    for p in _intact_listed(Path(stage_dir)):
         yield from pq.ParquetFile(p).iter_batches(batch_size=batch_size, columns=columns)
 
 
@@ -203,7 +272,7 @@ def update_stats(run_dir: str | Path, section: str, data: dict[str, Any]) -> dic
     with open(run_dir / ".stats.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         path = run_dir / STATS_FILE
-        stats = json.loads(path.read_text()) if path.exists() else {}
+        stats = read_json_file(path, "run statistics file") if path.exists() else {}
         stats[section] = data
         atomic_write_bytes(path, json.dumps(stats, indent=2, sort_keys=True, default=str).encode())
     return stats
@@ -211,4 +280,4 @@ def update_stats(run_dir: str | Path, section: str, data: dict[str, Any]) -> dic
 
 def read_stats(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / STATS_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json_file(path, "run statistics file") if path.exists() else {}

@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 from ckptdpo import evaluate
 from flows.fanout import fan_out
 from tasks import eval as eval_tasks
-from tasks import stages
+from tasks import planning
 from tasks.backends import close_backends
 from tasks.common import load_recipe
 
@@ -41,12 +41,12 @@ def eval_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None =
     sampling = cfg.model_dump(include={"num_samples", "temperature", "top_p", "max_tokens", "seed"})
     for spec in models:
         for bench in benchmarks:
-            plan = stages.plan_stage(
+            plan = planning.plan_stage(
                 run_dir,
                 eval_tasks.samples_stage(bench, spec.name),
-                stages.fingerprints(run_dir, eval_tasks.problems_stage(bench)),
+                planning.fingerprints(run_dir, eval_tasks.problems_stage(bench)),
                 sampling,
-                stages.backend_key(spec.backend),
+                planning.backend_key(spec.backend),
                 eval_tasks.model_key(spec.backend, run_dir),
                 shards_of=eval_tasks.problems_stage(bench),
             )

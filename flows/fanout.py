@@ -7,12 +7,10 @@ from typing import Any
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows import progress
-from tasks import stages
+from tasks.planning import StagePlan, finalize_stage, shard_exists
 
 
-def fan_out(
-    plan: stages.StagePlan, task, refresh_stage: str, *, in_flight: int = 2, **params: Any
-) -> list[dict[str, Any]]:
+def fan_out(plan: StagePlan, task, refresh_stage: str, *, in_flight: int = 2, **params: Any) -> list[dict[str, Any]]:
     """One task run per shard still to write, at most `in_flight` at a time, with a progress artifact.
 
     The window bounds memory: each running task holds one shard, so peak memory follows the window, not the number
@@ -24,7 +22,7 @@ def fan_out(
     progress.publish(plan.stage, 0, total)
 
     def submit(i: int):
-        refresh = not stages.shard_exists(plan.run_dir, refresh_stage, i)
+        refresh = not shard_exists(plan.run_dir, refresh_stage, i)
         return task.with_options(refresh_cache=refresh).submit(plan.run_dir, i, plan.key, **params)
 
     pending = [submit(i) for i in plan.indices[:in_flight]]
@@ -36,3 +34,13 @@ def fan_out(
         update_progress_artifact(artifact, progress=100.0 * done / max(total, 1))
         progress.publish(plan.stage, done, total)
     return results
+
+
+def run_stage(
+    plan: StagePlan, task, *, in_flight: int, failure_budget: int = 0, refresh_stage: str | None = None, **params: Any
+) -> dict[str, Any]:
+    """The sequence every sharded stage follows: skip when done, else fan out its shards, then finalize it."""
+    if plan.done:
+        return {"stage": plan.stage, "skipped": True}
+    results = fan_out(plan, task, refresh_stage or plan.stage, in_flight=in_flight, **params)
+    return finalize_stage(plan, results, failure_budget=failure_budget)

@@ -51,10 +51,10 @@ from ckptdpo.shards import (
     write_shard,
 )
 from flows.pipeline import DATA_STAGES, pipeline_flow
-from tasks import stages
 from tasks.backends import model_fingerprint
 from tasks.common import load_recipe
 from tasks.environment import hub_offline
+from tasks.planning import backend_key
 
 STATE = "state.json"
 LATEST = "latest"
@@ -71,7 +71,7 @@ def version_name(now: datetime) -> str:
 
 def lineage_key(recipe: Recipe, model: str, wanted: list[str]) -> str:
     parts = {s: getattr(recipe, s).model_dump(mode="json", exclude=_NOT_LINEAGE.get(s)) for s in LINEAGE_SECTIONS}
-    return content_id("lineage", model, stages.backend_key(recipe.backend), parts, sorted(wanted))
+    return content_id("lineage", model, backend_key(recipe.backend), parts, sorted(wanted))
 
 
 def problem_hash(row: dict[str, Any]) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
 from contextlib import contextmanager
@@ -11,7 +10,7 @@ from pathlib import Path
 
 from ckptdpo.backends import Backend, make_backend
 from ckptdpo.configs import BackendConfig
-from ckptdpo.models import resolve_model
+from ckptdpo.models import local_revision, resolve_model
 from tasks.environment import ckptdpo_home, hub_offline
 
 _BACKENDS: dict[str, Backend] = {}
@@ -31,7 +30,8 @@ def backend_session(cfg: BackendConfig):
         lock = _LOCKS.setdefault(key, threading.Lock())
     with lock:
         if key not in _BACKENDS:
-            api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+            env = getattr(cfg, "api_key_env", None)
+            api_key = os.environ.get(env) if env else None
             _BACKENDS[key] = make_backend(cfg, home=ckptdpo_home(), api_key=api_key)
         yield _BACKENDS[key]
 
@@ -44,8 +44,9 @@ def close_backends() -> None:
 
 
 def model_fingerprint(cfg: BackendConfig) -> str:
-    """Revision of the model for cache keys, without loading it: the configured revision, or a hash of a local
-    checkpoint's config and weight-file sizes, or the script of a fake backend."""
+    """Revision of the model for cache keys, without loading it: the configured revision, else the same content
+    fingerprint the backends report (`local_revision`: config, tokenizer, sampled weight bytes) for a local
+    checkpoint, else the served model's name, else the fake backend's script."""
     if cfg.revision:
         return cfg.revision
     if cfg.kind == "fake":
@@ -53,12 +54,4 @@ def model_fingerprint(cfg: BackendConfig) -> str:
     if cfg.kind == "openai":
         return cfg.model
     path = Path(resolve_model(cfg.model, ckptdpo_home(), offline=hub_offline()))
-    if not path.is_dir():
-        return cfg.model
-    h = hashlib.sha256()
-    for p in sorted(path.iterdir()):
-        if p.suffix in (".json", ".safetensors", ".bin", ".gguf", ".model"):
-            h.update(json.dumps([p.name, p.stat().st_size]).encode())
-            if p.name == "config.json":
-                h.update(p.read_bytes())
-    return h.hexdigest()[:16]
+    return local_revision(path) if path.is_dir() else cfg.model

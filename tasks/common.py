@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect.context import TaskRunContext
+from pydantic import BaseModel
 
 from ckptdpo.configs import Recipe
 
@@ -24,8 +25,15 @@ def stage_dir(run_dir: str | Path, stage: str) -> Path:
     return Path(run_dir) / stage
 
 
+def _jsonable(value: Any) -> Any:
+    # Typed configs enter keys as their JSON dump, so equal settings give equal keys whatever their Python form.
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return str(value)
+
+
 def content_key(*parts: Any) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    blob = json.dumps(parts, sort_keys=True, default=_jsonable, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -33,7 +41,7 @@ def content_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> st
     """Cache key from the task's name and its (small) parameters: stage config, input hashes, model revision.
 
     Prefect's default policy includes the flow-run id and never hits across runs; this one does. Tasks take
-    paths, hashes and config dicts as parameters, never row data, so hashing them is cheap.
+    paths, hashes and typed configs as parameters, never row data, so hashing them is cheap.
     """
     params = {k: v for k, v in parameters.items() if k not in _IGNORED_PARAMS}
     return content_key(context.task.name, params)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
 from ckptdpo import summary
-from ckptdpo.configs import DTOConfig, backend_config
+from ckptdpo.configs import BackendConfig, DTOConfig, FailureBudgetConfig, Recipe, VerifyConfig
 from ckptdpo.dto import (
     DTOItem,
     DTOResult,
@@ -28,9 +28,11 @@ from ckptdpo.dto import (
     merge_dto_stats,
     optimize_trajectories,
 )
+from ckptdpo.errors import UserError
 from ckptdpo.schemas import DTO_RESULTS, PAIRS, make_table
 from ckptdpo.shards import (
     list_shards,
+    listed_shards,
     read_manifest,
     read_shard,
     shard_path,
@@ -39,17 +41,69 @@ from ckptdpo.shards import (
     write_shard,
 )
 from ckptdpo.verify import verify_batch
-from tasks.backends import backend_session
+from tasks.backends import backend_session, model_fingerprint
 from tasks.common import content_cache_key
-from tasks.stages import RETRY, load_trajectories, publish_table, shard_exists
+from tasks.planning import (
+    RETRY,
+    StageFailed,
+    StagePlan,
+    backend_key,
+    fingerprints,
+    plan_stage,
+    publish_table,
+    shard_exists,
+)
+from tasks.resample import load_trajectories
+from tasks.verify import verify_key, verify_kwargs
 
 OPTIMIZED = "dto/optimized"
 STATS_METADATA = b"ckptdpo.dto_stats"
 PAIRS_PER_SHARD = 10_000
 
 
+class JudgeUnparsed(UserError):
+    """The judge's replies could not be parsed past the recipe's budget: a judge model or template problem."""
+
+
 def _read(run_dir: str, stage: str, index: int, columns: list[str] | None = None) -> list[dict[str, Any]]:
     return read_shard(shard_path(Path(run_dir) / stage, index), columns=columns).to_pylist()
+
+
+def judge_backend(recipe: Recipe) -> BackendConfig:
+    return recipe.dto.judge.backend or recipe.backend
+
+
+def plan_dto(run_dir: str, recipe: Recipe) -> StagePlan:
+    """Keyed by the markers (they decide the candidate positions), the verifier settings when sampled probes are
+    verified, the policy and, when pruning is on, the judge."""
+    cfg, backend = recipe.dto, recipe.backend
+    judge = judge_backend(recipe)
+    return plan_stage(
+        run_dir,
+        "dto",
+        fingerprints(run_dir, "problems", "generate", "verify", "checkpoints"),
+        cfg.model_dump(mode="json", exclude=None if cfg.prune else {"judge"}),
+        recipe.checkpoints.markers,
+        verify_key(recipe.verify) if cfg.probe == "sample" else None,
+        backend_key(backend),
+        model_fingerprint(backend),
+        [backend_key(judge), model_fingerprint(judge)] if cfg.prune else None,
+        shards_of="generate",
+    )
+
+
+def check_dto_failures(index: int, stats: dict[str, Any], budget: FailureBudgetConfig) -> None:
+    """Failed probes past the budget fail the shard (retried); a judge that answers nonsense fails the stage."""
+    if stats.get("probe_errors", 0) > budget.dto:
+        raise StageFailed(f"dto shard {index}: {stats['probe_errors']} exit probe(s) failed (budget {budget.dto})")
+    failures = stats.get("judge_parse_failures", 0)
+    asked = failures + stats.get("segments_judged", 0)
+    if asked and failures / asked > budget.judge_unparsed_share:
+        raise JudgeUnparsed(
+            f"dto shard {index}: the judge's replies could not be parsed for {failures} of {asked} segments (over "
+            f"failure_budget.judge_unparsed_share {budget.judge_unparsed_share}); check dto.judge.backend's model "
+            "and chat template, or raise that share."
+        )
 
 
 def _result_row(result: DTOResult, kind: str, num_candidates: int) -> dict[str, Any]:
@@ -98,25 +152,23 @@ def read_shard_stats(run_dir: str, index: int) -> dict[str, Any]:
     return json.loads(metadata[STATS_METADATA])
 
 
-@task(name="optimize_trajectories", cache_key_fn=content_cache_key, persist_result=True, **RETRY)
+@task(name="optimize_trajectories", task_run_name="dto-shard-{index}", cache_key_fn=content_cache_key,
+      persist_result=True, **RETRY)  # fmt: skip
 def dto_shard(
     run_dir: str,
     index: int,
     stage_key: str,
-    dto: dict,
-    backend: dict,
-    judge_backend: dict | None,
+    dto: DTOConfig,
+    backend: BackendConfig,
+    judge: BackendConfig,
     markers: list[str],
-    timeout_s: float,
+    verify: VerifyConfig,
+    failure_budget: FailureBudgetConfig,
 ) -> dict[str, Any]:
-    """Exit probing, truncation, judge pruning and re-verification of the correct trajectories of one shard.
-
-    `judge_backend` None means the policy backend judges too.
-    """
+    """Exit probing, truncation, judge pruning and re-verification of the correct trajectories of one shard."""
     if shard_exists(run_dir, OPTIMIZED, index):
         return read_shard_stats(run_dir, index)
-    cfg, bcfg = DTOConfig(**dto), backend_config(**backend)
-    jcfg = backend_config(**judge_backend) if judge_backend is not None else bcfg
+    cfg, bcfg, jcfg = dto, backend, judge
     problems = {p["problem_id"]: p["problem"] for p in _read(run_dir, "problems", index, ["problem_id", "problem"])}
     trajectories = sorted(load_trajectories(run_dir, index).values(), key=lambda t: t["sample_id"])
     items = [
@@ -135,7 +187,7 @@ def dto_shard(
     stats: dict[str, Any] = merge_dto_stats([])
     elapsed = 0.0
     if items:  # a shard without correct trajectories never loads a model
-        verify_fn = functools.partial(verify_batch, timeout_s=timeout_s)
+        verify_fn = functools.partial(verify_batch, **verify_kwargs(verify))
         # Same config: reuse the one session (a nested session on the same lock would deadlock). Otherwise the
         # policy lock is always taken before the judge's, so two shards running at once cannot deadlock.
         same = jcfg.model_dump_json() == bcfg.model_dump_json()
@@ -148,6 +200,7 @@ def dto_shard(
                 results, stats = optimize_trajectories(policy, judge, items, cfg, verify_fn, markers=markers)
                 elapsed = time.perf_counter() - t0
     stats = {**stats, "optimize_s": round(elapsed, 3)}
+    check_dto_failures(index, stats, failure_budget)
     rows = []
     for item, result in zip(items, results, strict=True):
         kind, positions = candidate_positions(item.completion, markers, cfg.min_checkpoints)
@@ -169,8 +222,8 @@ def _originals(run_dir: str, index: int) -> list[dict[str, Any]]:
 def dto_pairs(
     run_dir: str,
     stage_key: str,
-    dto: dict,
-    backend: dict,
+    dto: DTOConfig,
+    backend: BackendConfig,
     inputs: dict[str, str] | None = None,
     started: float | None = None,
 ) -> dict[str, Any]:
@@ -179,9 +232,9 @@ def dto_pairs(
     Not cached by Prefect: it is the step that writes the manifest, and a cache hit would skip writing it.
     """
     started = time.time() if started is None else started
-    cfg, bcfg = DTOConfig(**dto), backend_config(**backend)
+    cfg, bcfg = dto, backend
     stage = Path(run_dir) / "dto"
-    num_shards = len(list_shards(Path(run_dir) / "generate"))
+    num_shards = len(listed_shards(Path(run_dir) / "generate"))
     missing = [i for i in range(num_shards) if not shard_exists(run_dir, OPTIMIZED, i)]
     if missing:
         raise RuntimeError(f"{stage / 'optimized'}: shards {missing} are missing; run the dto shards first")
@@ -225,7 +278,7 @@ def dto_pairs(
     stats["wall_s"] = round(time.time() - started, 3)
     write_manifest(stage, config_hash=stage_key, stats=stats, inputs=inputs)
     update_stats(run_dir, "dto", stats)
-    publish_table("dto", stats)
+    publish_table(run_dir, "dto", stats)
     get_run_logger().info(
         "dto: %d trajectories, tokens %d -> %d (truncated) -> %d (pruned), %d pairs",
         stats["num_trajectories"],

@@ -41,7 +41,7 @@ from ckptdpo.shards import (
 from tasks.backends import backend_session, model_fingerprint
 from tasks.common import content_cache_key, content_key
 from tasks.environment import hub_offline
-from tasks.stages import RETRY, StagePlan, shard_exists
+from tasks.planning import RETRY, StagePlan, shard_exists
 
 RESULTS_FILE = "results.parquet"
 

@@ -2,7 +2,9 @@
 
 The decode loop (instead of `model.generate`) gives four things generate lacks: the `n` samples of a prompt share
 one prefill (the prompt's KV cache is computed once and indexed out to `n` rows), every sample has its own random
-stream, stop strings and the loop guard end single rows, and finished rows leave the batch.
+stream, stop strings and the loop guard end single rows, and finished rows leave the batch. Requests that share a
+`route_key` (the checkpoints of one trajectory) are batched together and their common token prefix is computed once
+(`decode.prefill_shared`); each result reports the prompt tokens it requested and the ones it computed.
 
 Reproducibility: each sample draws its randomness from its own stream, seeded from (request seed, sample index),
 one uniform number per generated token (inverse-CDF sampling). The same requests in the same batch composition give
@@ -15,13 +17,10 @@ template's BOS), token ids are used as given.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import random
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,44 +33,30 @@ from ckptdpo.backends.base import (
     templated_problem,
     templated_prompts,
 )
+from ckptdpo.backends.decode import (
+    Detokenizer,
+    Prepared,
+    Row,
+    Unit,
+    decode_rows,
+    plan_batches,
+    prefill_padded,
+    prefill_shared,
+    supports_prefix_sharing,
+)
 from ckptdpo.backends.loopguard import LoopGuard
+from ckptdpo.backends.sampling import SamplingParams, left_pad_positions, sample_seed
 from ckptdpo.configs import BackendConfig
 from ckptdpo.errors import UserError
-from ckptdpo.models import resolve_model
+from ckptdpo.models import (
+    local_revision,  # noqa: F401  (one fingerprint for every backend)
+    resolve_model,
+)
+
+__all__ = ["HFBackend", "SamplingParams", "local_revision", "plan_batches", "sample_seed"]
 
 log = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
-
-
-def sample_seed(seed: int, index: int) -> int:
-    """The random stream of sample `index` of a request seeded with `seed`; independent of the batch it runs in."""
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-def local_revision(path: Path) -> str:
-    """A content fingerprint of a local checkpoint: config, tokenizer files, and sampled bytes of every weight file.
-
-    Hashing all weights of a large model takes seconds to minutes; 16 chunks of 64 KiB per weight file (the first
-    holds the safetensors header) change whenever training rewrites the weights, which is what cache keys need.
-    An edit confined to a few unsampled bytes would go unseen: set `backend.revision` explicitly for such models.
-    """
-    h = hashlib.sha256()
-    for name in ("config.json", *TOKENIZER_FILES):
-        f = path / name
-        if f.is_file():
-            h.update(name.encode() + b"\0" + f.read_bytes())
-    for f in sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()):
-        size = f.stat().st_size
-        h.update(f"{f.name}\0{size}\0".encode())
-        chunk = 1 << 16
-        with f.open("rb") as fh:
-            for i in range(16):
-                fh.seek(max(0, (size - chunk) * i // 15))
-                h.update(fh.read(chunk))
-    return "sha256:" + h.hexdigest()[:16]
 
 
 class _RequestError(Exception):
@@ -80,84 +65,6 @@ class _RequestError(Exception):
     def __init__(self, message: str, prompt_tokens: int = 0) -> None:
         super().__init__(message)
         self.prompt_tokens = prompt_tokens
-
-
-class _Detokenizer:
-    """Incremental detokenization: decode a small window ending at the new token, emit only completed text."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.prefix_offset = 0
-        self.read_offset = 0
-
-    def step(self, ids: list[int]) -> str:
-        # Decoding from one token back keeps leading spaces (sentencepiece) and joins multi-token UTF-8 characters.
-        prefix = self.tokenizer.decode(ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(ids[self.prefix_offset :], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.prefix_offset, self.read_offset = self.read_offset, len(ids)
-            return full[len(prefix) :]
-        return ""
-
-
-@dataclass
-class _Prepared:
-    index: int
-    ids: list[int]
-    max_new: int
-    request: GenerationRequest
-
-
-@dataclass
-class _Unit:
-    """Samples [start, start+count) of one request: rows that share one prefill within a batch."""
-
-    prep: _Prepared
-    start: int
-    count: int
-
-    @property
-    def cost(self) -> int:
-        return len(self.prep.ids) + self.prep.max_new
-
-
-@dataclass
-class _Row:
-    prep: _Prepared
-    sample_index: int
-    rng: random.Random
-    guard: LoopGuard | None
-    detok: _Detokenizer
-    ids: list[int] = field(default_factory=list)
-    tail: str = ""
-    finish: str | None = None
-
-
-def plan_batches(prepared: list[_Prepared], budget: int, max_rows: int) -> list[list[_Unit]]:
-    """Pack sample groups into batches under the row cap and the token budget (rows x longest prompt+new tokens).
-
-    A request whose samples do not fit one batch is split into groups; each group pays its own prefill. A single
-    row over the budget still runs, alone.
-    """
-    units: list[_Unit] = []
-    for p in prepared:
-        cap = max(1, min(max_rows, budget // (len(p.ids) + p.max_new)))
-        units += [_Unit(p, s, min(cap, p.request.n - s)) for s in range(0, p.request.n, cap)]
-    # Similar lengths together waste less on padding; the order is a function of the requests alone.
-    units.sort(key=lambda u: (len(u.prep.ids), u.prep.max_new, u.prep.index, u.start))
-    batches: list[list[_Unit]] = []
-    cur: list[_Unit] = []
-    rows = longest = 0
-    for u in units:
-        new_rows, new_longest = rows + u.count, max(longest, u.cost)
-        if cur and (new_rows > max_rows or new_rows * new_longest > budget):
-            batches.append(cur)
-            cur, new_rows, new_longest = [], u.count, u.cost
-        cur.append(u)
-        rows, longest = new_rows, new_longest
-    if cur:
-        batches.append(cur)
-    return batches
 
 
 class HFBackend:
@@ -207,32 +114,45 @@ class HFBackend:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        # Computing the common prefix of a route key's prompts once (see the module docstring); settable, so a
+        # benchmark or test can compare with per-request prefill.
+        self.prefix_reuse = True
+        self._can_share = supports_prefix_sharing(self.model)
 
     # --- generation ------------------------------------------------------------------------------------------
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """One result per request, in order; a bad request gets `error`, the others still run."""
         results: list[GenerationResult | None] = [None] * len(requests)
-        prepared: list[_Prepared] = []
+        prepared: list[Prepared] = []
         for i, req in enumerate(requests):
             try:
                 prepared.append(self._prepare(i, req))
             except _RequestError as e:
-                results[i] = GenerationResult(samples=[], prompt_tokens=e.prompt_tokens, error=str(e))
+                results[i] = GenerationResult(
+                    samples=[], prompt_tokens=e.prompt_tokens, error=str(e), prompt_tokens_requested=e.prompt_tokens
+                )
         samples: dict[int, list[Sample | None]] = {p.index: [None] * p.request.n for p in prepared}
         computed: dict[int, int] = {p.index: 0 for p in prepared}
-        for batch in plan_batches(prepared, self.cfg.batch_token_budget, self.cfg.max_batch_size):
-            self._run_batch(batch, samples, computed)
+        share = self.prefix_reuse and self._can_share
+        budget, max_rows = self.cfg.batch_token_budget, self.cfg.max_batch_size
+        for batch in plan_batches(prepared, budget, max_rows, group_by_route=share):
+            self._run_batch(batch, samples, computed, share)
         for p in prepared:
             got = samples[p.index]
             assert all(s is not None for s in got), "every sample of every request is generated"
-            results[p.index] = GenerationResult(samples=got, prompt_tokens=len(p.ids))  # type: ignore[arg-type]
-        for i, res in enumerate(results):
+            results[p.index] = GenerationResult(
+                samples=got,  # type: ignore[arg-type]
+                prompt_tokens=len(p.ids),
+                prompt_tokens_requested=len(p.ids),
+                prompt_tokens_computed=computed[p.index],
+            )
+        for res in results:
             assert res is not None
-            self.stats.count(res, prompt_tokens_computed=computed.get(i, 0))
+            self.stats.count(res, prompt_tokens_computed=res.prompt_tokens_computed)
         return results  # type: ignore[return-value]
 
-    def _prepare(self, index: int, req: GenerationRequest) -> _Prepared:
+    def _prepare(self, index: int, req: GenerationRequest) -> Prepared:
         if req.n < 1:
             raise _RequestError(f"n must be >= 1, got {req.n}")
         if req.max_tokens < 1:
@@ -252,92 +172,39 @@ class HFBackend:
                 f"the prompt has {len(ids)} tokens, the model's context is {self.max_len}; shorten the prompt",
                 len(ids),
             )
-        return _Prepared(index, ids, min(req.max_tokens, self.max_len - len(ids)), req)
+        return Prepared(index, ids, min(req.max_tokens, self.max_len - len(ids)), req)
 
     @torch.inference_mode()
     def _run_batch(
-        self, units: list[_Unit], samples: dict[int, list[Sample | None]], computed: dict[int, int]
+        self, units: list[Unit], samples: dict[int, list[Sample | None]], computed: dict[int, int], share: bool
     ) -> None:
-        from transformers import DynamicCache
-
         # One prefill row per distinct prompt: the n samples of a request, and identical prompts, share it.
         prefill: dict[tuple[int, ...], int] = {}
+        owner: list[int] = []  # the request whose result counts the prompt's computed tokens
         row_src: list[int] = []
-        rows: list[_Row] = []
+        rows: list[Row] = []
         for u in units:
             key = tuple(u.prep.ids)
             if key not in prefill:
                 prefill[key] = len(prefill)
-                computed[u.prep.index] += len(key)
+                owner.append(u.prep.index)
             req = u.prep.request
             seed = req.seed if req.seed is not None else secrets.randbits(63)
             for k in range(u.start, u.start + u.count):
                 guard = None
                 if self.cfg.loop_guard:
                     guard = LoopGuard(min_repeats=self.cfg.loop_min_repeats, ngram=self.cfg.loop_ngram)
-                rows.append(_Row(u.prep, k, random.Random(sample_seed(seed, k)), guard, _Detokenizer(self.tokenizer)))
+                rows.append(_new_row(u.prep, k, seed, guard, self.tokenizer))
                 row_src.append(prefill[key])
-
-        prompts = list(prefill)
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            input_ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        positions = _positions(mask)
-        input_ids, mask, positions = input_ids.to(self.device), mask.to(self.device), positions.to(self.device)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        src = torch.tensor(row_src, device=self.device)
-        cache.batch_select_indices(src)
-        logits = out.logits[:, -1, :].float().index_select(0, src)
-        mask = mask.index_select(0, src)
-        next_pos = positions[:, -1].index_select(0, src) + 1
-        del out, input_ids
-
-        params = _SamplingParams([r.prep.request for r in rows], self.device)
-        active = list(range(len(rows)))  # rows[active[j]] is batch row j
-        stop_len = max((len(s) for r in rows for s in r.prep.request.stop), default=0)
-        while True:
-            u = [rows[i].rng.random() for i in active]
-            tokens = params.sample(logits, u).tolist()
-            done: list[int] = []
-            for j, i in enumerate(active):
-                if self._advance(rows[i], tokens[j], stop_len):
-                    done.append(j)
-            if len(done) == len(active):
-                break
-            # Finished rows keep riding along (fed a pad token) until they are a quarter of the batch: dropping a
-            # row copies the whole KV cache, so it is worth doing in bulk, not row by row.
-            finished = [j for j, i in enumerate(active) if rows[i].finish is not None]
-            step_tokens = torch.tensor(tokens, device=self.device)
-            if finished and len(finished) * 4 >= len(active):
-                keep_j = [j for j, i in enumerate(active) if rows[i].finish is None]
-                keep = torch.tensor(keep_j, device=self.device)
-                cache.batch_select_indices(keep)
-                mask, next_pos, step_tokens = mask[keep], next_pos[keep], step_tokens[keep]
-                params = params.select(keep)
-                active = [active[j] for j in keep_j]
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            out = self.model(
-                input_ids=step_tokens[:, None],
-                attention_mask=mask,
-                position_ids=next_pos[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            logits = out.logits[:, -1, :].float()
-            next_pos = next_pos + 1
-        del cache
-
+        prompts = [list(p) for p in prefill]
+        if share and len(prompts) > 1:
+            pre = prefill_shared(self.model, prompts, self.device)
+        else:
+            pre = prefill_padded(self.model, prompts, self.pad_id, self.device)
+        for i, n in zip(owner, pre.computed, strict=True):
+            computed[i] += n
+        decode_rows(self.model, pre, rows, row_src, self.eos_ids, self.device)
+        del pre
         for r in rows:
             text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
             if r.finish == "stop" and r.prep.request.stop:
@@ -347,31 +214,6 @@ class HFBackend:
             samples[r.prep.index][r.sample_index] = Sample(
                 text=text, num_tokens=len(r.ids), finish_reason=r.finish, token_ids=list(r.ids)
             )
-
-    def _advance(self, row: _Row, token: int, stop_len: int) -> bool:
-        """Append a sampled token to an unfinished row and decide whether it finished; True when it is finished."""
-        if row.finish is not None:
-            return True
-        row.ids.append(token)
-        if token in self.eos_ids:
-            row.finish = "stop"
-            return True
-        delta = row.detok.step(row.ids)
-        stop = row.prep.request.stop
-        if stop and delta:
-            # Only a stop string that ends inside the new text can be new; keep just enough tail to see it.
-            row.tail = (row.tail + delta)[-(stop_len + len(delta)) :]
-            if any(s in row.tail for s in stop):
-                row.finish = "stop"
-                return True
-            row.tail = row.tail[-stop_len:]
-        if row.guard is not None and row.guard.update(token, delta):
-            row.finish = "loop"
-            return True
-        if len(row.ids) >= row.prep.max_new:
-            row.finish = "length"
-            return True
-        return False
 
     # --- scoring and chat ------------------------------------------------------------------------------------
 
@@ -420,7 +262,7 @@ class HFBackend:
         for i, s in enumerate(seqs):
             input_ids[i, width - len(s) :] = torch.tensor(s)
             mask[i, width - len(s) :] = 1
-        positions = _positions(mask)
+        positions = left_pad_positions(mask)
         # Left padding puts every continuation at the end, so only the last max_len(c)+1 positions need logits.
         out = self.model(
             input_ids=input_ids.to(self.device),
@@ -466,58 +308,6 @@ class HFBackend:
             torch.cuda.empty_cache()
 
 
-class _SamplingParams:
-    """Per-row temperature / top-p / top-k as tensors, so one batch can mix requests with different settings."""
-
-    def __init__(self, requests: list[GenerationRequest], device: torch.device) -> None:
-        self.temperature = torch.tensor([r.temperature for r in requests], dtype=torch.float32, device=device)
-        self.top_p = torch.tensor([r.top_p for r in requests], dtype=torch.float32, device=device)
-        self.top_k = torch.tensor([r.top_k if r.top_k > 0 else 0 for r in requests], dtype=torch.long, device=device)
-        self._flags()
-
-    def _flags(self) -> None:
-        self.all_greedy = bool((self.temperature == 0).all())
-        self.any_greedy = bool((self.temperature == 0).any())
-        self.any_top_p = bool((self.top_p < 1).any())
-        self.max_top_k = int(self.top_k.max()) if self.top_k.numel() else 0
-
-    def select(self, keep: torch.Tensor) -> _SamplingParams:
-        new = object.__new__(_SamplingParams)
-        new.temperature, new.top_p, new.top_k = self.temperature[keep], self.top_p[keep], self.top_k[keep]
-        new._flags()
-        return new
-
-    def sample(self, logits: torch.Tensor, u: list[float]) -> torch.Tensor:
-        """One token per row: argmax for temperature 0, else inverse-CDF sampling with the row's uniform `u`."""
-        if self.all_greedy:
-            return logits.argmax(-1)
-        scaled = logits / self.temperature.clamp(min=1e-6)[:, None]
-        vocab = scaled.shape[-1]
-        if self.max_top_k > 0 and self.max_top_k < vocab:
-            kth_values = torch.topk(scaled, self.max_top_k, dim=-1).values
-            k = self.top_k.clamp(max=self.max_top_k)
-            kth = kth_values.gather(1, (k - 1).clamp(min=0)[:, None])
-            drop = (scaled < kth) & (k > 0)[:, None]
-            scaled = scaled.masked_fill(drop, -math.inf)
-        probs = torch.softmax(scaled, dim=-1)
-        order = None
-        if self.any_top_p:
-            probs, order = probs.sort(dim=-1, descending=True)
-            before = probs.cumsum(-1) - probs
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            probs = probs.masked_fill(before >= self.top_p[:, None], 0.0)
-        cdf = probs.cumsum(-1)
-        # Slightly below the total, so rounding never points past the last token with mass.
-        target = torch.tensor(u, dtype=cdf.dtype, device=cdf.device)[:, None] * cdf[:, -1:] * (1 - 1e-6)
-        picked = torch.searchsorted(cdf, target, right=True).clamp(max=vocab - 1)
-        if order is not None:
-            picked = order.gather(1, picked)
-        picked = picked[:, 0]
-        if self.any_greedy:
-            picked = torch.where(self.temperature == 0, logits.argmax(-1), picked)
-        return picked
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids for left-padded rows: 0 at each row's first real token (padding gets 1, as generate does)."""
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+def _new_row(prep: Prepared, index: int, seed: int, guard: LoopGuard | None, tokenizer) -> Row:
+    """Sample `index` of a request: its own random stream, loop guard and detokenizer."""
+    return Row(prep, index, random.Random(sample_seed(seed, index)), guard, Detokenizer(tokenizer))

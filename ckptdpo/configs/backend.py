@@ -73,7 +73,11 @@ BackendConfig = Annotated[
     BeforeValidator(_default_kind),
     Field(discriminator="kind"),
 ]
-BACKEND_KINDS = ("hf", "vllm", "openai", "fake")
+BACKEND_CLASSES = {
+    c.model_fields["kind"].default: c
+    for c in (HFBackendConfig, VLLMBackendConfig, OpenAIBackendConfig, FakeBackendConfig)
+}
+BACKEND_KINDS = tuple(BACKEND_CLASSES)
 _ADAPTER: TypeAdapter = TypeAdapter(BackendConfig)
 
 

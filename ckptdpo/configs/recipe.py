@@ -10,12 +10,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError
 
-from ckptdpo.configs.backend import BackendConfig, HFBackendConfig
+from ckptdpo.configs.backend import BACKEND_CLASSES, BACKEND_KINDS, BackendConfig, HFBackendConfig
 from ckptdpo.configs.base import ConfigError, _Config
 from ckptdpo.configs.stages import (
     CheckpointConfig,
     DTOConfig,
     EvalConfig,
+    FailureBudgetConfig,
     GenerateConfig,
     ProblemsConfig,
     RefreshConfig,
@@ -44,6 +45,7 @@ class Recipe(_Config):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     refresh: RefreshConfig = Field(default_factory=RefreshConfig)
     task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig)
+    failure_budget: FailureBudgetConfig = Field(default_factory=FailureBudgetConfig)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
@@ -59,6 +61,11 @@ class Recipe(_Config):
             raise ConfigError(f"{path}: not valid YAML ({_one_line(e)}); fix the syntax.") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe must be a YAML mapping of sections, got {type(data).__name__}.")
+        if not data:
+            raise ConfigError(
+                f"{path}: the recipe is empty; give at least `name` and the sections you need "
+                "(see recipes/demo.yaml), or run `ckptdpo demo` for the embedded defaults."
+            )
         for key, value in (overrides or {}).items():
             _set_dotted(data, key, value, path)
         return cls.from_dict(data, source=str(path))
@@ -78,13 +85,27 @@ class Recipe(_Config):
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _field_path(loc: tuple) -> tuple[str, str | None]:
+    """The dotted field of a pydantic error location, without the backend union's tag (which it returns apart)."""
+    kept, kind = [], None
+    for i, part in enumerate(loc):
+        if isinstance(part, str) and part in BACKEND_KINDS and i < len(loc) - 1:
+            kind = part
+            continue
+        kept.append(str(part))
+    return ".".join(kept), kind
+
+
 def describe_validation_error(e: ValidationError, source: str) -> str:
     """One sentence per pydantic error, naming the file and the dotted field."""
     parts = []
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-        if err["type"] == "extra_forbidden":
-            parts.append(f"{source}: unknown key '{loc}'; remove it or check its spelling.")
+        loc, kind = _field_path(err["loc"])
+        if not loc:
+            parts.append(f"{source}: {err['msg']}; fix the recipe.")
+        elif err["type"] == "extra_forbidden":
+            where = f" (not a setting of backend kind '{kind}')" if kind else ""
+            parts.append(f"{source}: unknown key '{loc}'{where}; remove it or check its spelling.")
         elif err["type"] == "missing":
             parts.append(f"{source}: required key '{loc}' is missing; add it.")
         else:
@@ -97,6 +118,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like dotted.key=value.")
     key, raw = text.split("=", 1)
+    if not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError(f"override {text!r} has no key before '='; use dotted.key=value, e.g. generate.seed=1.")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
@@ -107,11 +130,20 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _set_dotted(data: dict[str, Any], key: str, value: Any, path: Path) -> None:
     node = data
     parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise ConfigError(
+            f"override '{key}={value}' has no valid key; use dotted.key=value, e.g. generate.max_tokens=64."
+        )
     for p in parts[:-1]:
         child = node.setdefault(p, {})
         if not isinstance(child, dict):
             raise ConfigError(f"{path}: override '{key}' goes through '{p}', which is not a section.")
         node = child
+    if parts[-1] == "kind" and isinstance(value, str) and value in BACKEND_CLASSES and node.get("kind") != value:
+        # Switching a backend's kind drops the settings the new kind does not have (a fake `script` on hf, say).
+        fields = BACKEND_CLASSES[value].model_fields
+        for name in [k for k in node if k not in fields]:
+            del node[name]
     node[parts[-1]] = value
 
 

@@ -18,7 +18,14 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 class ProblemsConfig(_Config):
     """Where the problems come from."""
 
-    source: Literal["demo", "file", "hf"] = Field("demo", description="demo generator, a local file, or a HF dataset")
+    source: Literal["demo", "file", "hf", "humaneval", "mbpp", "livecodebench", "gpqa", "arc"] = Field(
+        "demo",
+        description="demo generator, a local file, a HF dataset (math); humaneval, mbpp, livecodebench (code); "
+        "gpqa, arc (multiple choice)",
+    )
+    kind: Literal["math", "code", "choice"] | None = Field(
+        None, description="task kind; follows from the source (code and choice sources), else math"
+    )
     path: str | None = Field(None, description="JSONL/Parquet file, HF dataset name or local dataset directory")
     split: str = Field("train", description="dataset split for source=hf")
     subset: str | None = Field(None, description="dataset config name for source=hf (e.g. 'main' for openai/gsm8k)")
@@ -31,6 +38,7 @@ class ProblemsConfig(_Config):
     num_problems: int = Field(64, ge=1, description="demo generator: number of problems")
     seed: int = Field(0, description="demo generator seed")
     demo_mix: dict[int, float] | None = Field(None, description="demo generator: level (1-5) -> weight; calibrated")
+    shuffle_choices: bool = Field(True, description="choice sources: shuffle the choices (seeded by seed and id)")
 
     @field_validator("demo_mix")
     @classmethod
@@ -41,9 +49,24 @@ class ProblemsConfig(_Config):
 
     @model_validator(mode="after")
     def _path_needed(self) -> ProblemsConfig:
-        if self.source in ("file", "hf") and not self.path:
+        if self.source in ("file", "hf", "mbpp", "gpqa", "arc") and not self.path:
             raise ValueError(f"problems.path is required when problems.source is {self.source!r}")
+        implied = _SOURCE_KINDS.get(self.source, "math")
+        if self.kind is None:
+            object.__setattr__(self, "kind", implied)
+        elif self.kind != implied:
+            raise ValueError(f"problems.kind {self.kind!r} does not fit source {self.source!r} (it is {implied!r})")
         return self
+
+
+_SOURCE_KINDS = {"humaneval": "code", "mbpp": "code", "livecodebench": "code", "gpqa": "choice", "arc": "choice"}
+
+
+class FewShotExample(_Config):
+    """One worked example shown before every problem, as an earlier user/assistant exchange of the chat."""
+
+    problem: str = Field(..., min_length=1, description="the example's problem (the instruction is appended)")
+    solution: str = Field(..., min_length=1, description="the assistant's worked solution, ending in \\boxed{}")
 
 
 class GenerateConfig(_Config):
@@ -57,6 +80,13 @@ class GenerateConfig(_Config):
     seed: int = Field(0, description="base seed; per-request seeds derive from it and the content")
     stop: list[str] = Field(default_factory=list, description="stop strings")
     shard_size: int = Field(256, ge=1, description="problems per shard (one task run per shard)")
+    few_shot: list[FewShotExample] = Field(
+        default_factory=list, description="worked examples shown before each problem (chat turns); none by default"
+    )
+
+    def few_shot_pairs(self) -> list[tuple[str, str]]:
+        """The worked examples as (problem, solution) pairs, for `ckptdpo.backends.base.problem_messages`."""
+        return [(e.problem, e.solution) for e in self.few_shot]
 
 
 class VerifyConfig(_Config):
@@ -161,10 +191,17 @@ class TrainConfig(_Config):
     gradient_checkpointing: bool = Field(False)
     precompute_ref_log_probs: bool = Field(False, description="dpo: reference log-probs computed once, up front")
     bf16: bool = Field(False)
-    use_liger_kernel: bool = Field(False, description="apply Liger kernels when liger-kernel is installed")
+    use_liger_kernel: bool = Field(
+        False, description="GPU: Liger's layer kernels (RMSNorm, RoPE, SwiGLU); TRL 1.16 has no Liger DPO loss"
+    )
     accelerate_config: str | None = Field(None, description="accelerate config file (GPU); none: python/torchrun")
-    num_processes: int = Field(1, ge=1, description="processes (GPUs, or CPU ranks under torchrun)")
+    num_processes: int = Field(1, ge=1, description="processes per machine (GPUs, or CPU ranks under torchrun)")
+    num_machines: int = Field(1, ge=1, description="machines (nodes) taking part; each runs the job with its rank")
+    machine_rank: int = Field(0, ge=0, description="this machine's rank, 0 .. num_machines-1 (0 is the main one)")
+    main_process_ip: str | None = Field(None, description="address of machine 0, reachable from every machine")
+    main_process_port: int = Field(29500, ge=1, le=65535, description="rendezvous port on machine 0")
     zero_stage: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage when not launched by accelerate")
+    group_by_length: bool = Field(False, description="batch pairs of similar length together, so less is padding")
     save_steps: int = Field(50, ge=1)
     save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept in the output directory")
     logging_steps: int = Field(1, ge=1)
@@ -176,6 +213,10 @@ class TrainConfig(_Config):
                 "train.zero_stage must be 0 when train.accelerate_config is set (the accelerate config carries the "
                 "DeepSpeed settings)"
             )
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"train.machine_rank {self.machine_rank} must be below train.num_machines")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("train.num_machines > 1 needs train.main_process_ip (the address of machine 0)")
         return self
 
 
@@ -203,6 +244,13 @@ class EvalConfig(_Config):
     aes_alpha: float = Field(1.0, ge=0, description="AES weight of the relative length reduction")
     aes_beta: float = Field(3.0, ge=0, description="AES weight of a relative accuracy gain")
     aes_gamma: float = Field(5.0, ge=0, description="AES weight of a relative accuracy drop")
+    code_wall_s: float = Field(20.0, gt=0, description="code benchmarks: wall-clock limit per candidate (all tests)")
+    code_cpu_s: int = Field(10, ge=1, description="code benchmarks: CPU-time limit per candidate")
+    code_memory_mb: int = Field(1024, ge=64, description="code benchmarks: address-space limit per candidate")
+    code_max_processes: int = Field(32, ge=1, description="code benchmarks: processes and threads per candidate")
+    allow_unsandboxed: bool = Field(
+        False, description="run model-written code even where no network/mount isolation is possible (limits only)"
+    )
 
     @field_validator("benchmarks")
     @classmethod
@@ -253,6 +301,21 @@ class RefreshConfig(_Config):
     )
     train_deployment: str | None = Field(
         None, description="'flow/deployment' to trigger for training (e.g. 'train/train'); none: train in the refresh"
+    )
+
+
+class FailureBudgetConfig(_Config):
+    """How many failed rows a stage tolerates after its retries (default none); never part of a cache key.
+
+    Tolerated failures are listed in the stage's manifest and retried on the next run, so none is forgotten.
+    """
+
+    generate: int = Field(0, ge=0, description="problems whose generation request failed")
+    resample: int = Field(0, ge=0, description="continuation requests that failed, per shard and round")
+    dto: int = Field(0, ge=0, description="exit probes that failed, per shard")
+    eval: int = Field(0, ge=0, description="eval problems whose generation request failed, per shard")
+    judge_unparsed_share: float = Field(
+        0.5, ge=0, le=1, description="share of judge replies that may be unparseable before the DTO stage fails"
     )
 
 

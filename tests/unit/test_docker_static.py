@@ -133,7 +133,7 @@ def test_cpu_image_installs_cpu_torch_first_and_gpu_images_do_not():
 
 
 def test_dockerignore_keeps_what_the_images_need_and_drops_the_rest():
-    for needed in ("pyproject.toml", "README.md", "commands/cli.py", "flows/pipeline.py", "tasks/stages.py",
+    for needed in ("pyproject.toml", "README.md", "commands/cli.py", "flows/pipeline.py", "tasks/planning.py",
                    "deployments/prefect.yaml", "recipes/demo.yaml"):  # fmt: skip
         assert not dockerignored(needed), needed
     for dropped in (".git", ".venv/bin/python", "runs/demo/pairs/part-00000.parquet", "tests/flows/test_ops.py",

@@ -1,0 +1,213 @@
+"""The resample stage: rounds of continuations from checkpoints, verified, then r2w / w2r pairs per shard.
+
+Layout under `<run_dir>/resample`: `round-NN/` (ATTEMPTS shards, one manifest per round), `pairs/` (PAIRS shards)
+and the stage's own `_manifest.json`, written last.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from ckptdpo import summary
+from ckptdpo.configs import BackendConfig, Recipe, ResampleConfig, VerifyConfig
+from ckptdpo.resample import attempt_rows, build_pairs, build_requests, draws_this_round, plan_slots, slot_key
+from ckptdpo.schemas import ATTEMPTS, PAIRS, make_table
+from ckptdpo.shards import read_manifest, read_stage, update_stats, write_manifest, write_shard
+from ckptdpo.verify import verify_batch
+from tasks.backends import backend_session, model_fingerprint
+from tasks.common import content_cache_key
+from tasks.planning import (
+    RETRY,
+    StagePlan,
+    backend_key,
+    fingerprints,
+    plan_stage,
+    publish_table,
+    read_rows,
+    shard_exists,
+)
+from tasks.verify import verify_kwargs
+
+STAGE = "resample"
+PAIRS_STAGE = "resample/pairs"
+INPUTS = ("problems", "generate", "verify", "checkpoints")
+_PAIR_COLUMNS = ["pair_type", "problem_id", "round", "checkpoint_index", "prompt_tokens", "chosen_tokens",
+                 "rejected_tokens"]  # fmt: skip
+
+
+def round_dir(round_index: int) -> str:
+    return f"resample/round-{round_index:02d}"
+
+
+def plan_resample(run_dir: str, recipe: Recipe) -> StagePlan:
+    """The whole stage: keyed by its inputs, its whole config and the model."""
+    cfg, backend = recipe.resample, recipe.backend
+    inputs = fingerprints(run_dir, *INPUTS)
+    model = model_fingerprint(backend)
+    return plan_stage(
+        run_dir, STAGE, inputs, cfg.model_dump(mode="json"), backend_key(backend), model, shards_of="generate"
+    )
+
+
+def plan_round(run_dir: str, recipe: Recipe, round_index: int) -> StagePlan:
+    """Round r: keyed by the earlier rounds too; the round and token budgets decide only how many rounds run."""
+    cfg, backend = recipe.resample, recipe.backend
+    inputs = {
+        **fingerprints(run_dir, *INPUTS),
+        **fingerprints(run_dir, *[round_dir(i) for i in range(1, round_index)]),
+    }
+    return plan_stage(
+        run_dir,
+        round_dir(round_index),
+        inputs,
+        cfg.model_dump(mode="json", exclude={"max_rounds", "token_budget"}),
+        backend_key(backend),
+        model_fingerprint(backend),
+        shards_of="generate",
+    )
+
+
+def plan_pairs(run_dir: str, recipe: Recipe, rounds: int) -> StagePlan:
+    cfg = recipe.resample
+    return plan_stage(
+        run_dir,
+        PAIRS_STAGE,
+        fingerprints(run_dir, *[round_dir(i) for i in range(1, rounds + 1)]),
+        cfg.model_dump(mode="json", include={"max_pair_tokens", "max_length_ratio", "r2w", "w2r"}),
+        model_fingerprint(recipe.backend),
+        shards_of="generate",
+    )
+
+
+def load_trajectories(run_dir: str, index: int) -> dict[str, dict[str, Any]]:
+    """Samples of one shard joined with their verdicts, checkpoints and gold answers, keyed by sample id."""
+    gold = {p["problem_id"]: p["answer"] for p in read_rows(run_dir, "problems", index, ["problem_id", "answer"])}
+    verdicts = {v["sample_id"]: v for v in read_rows(run_dir, "verify", index)}
+    cps = {c["sample_id"]: c["checkpoint_chars"] for c in read_rows(run_dir, "checkpoints", index)}
+    out = {}
+    for s in read_rows(run_dir, "generate", index):
+        v = verdicts[s["sample_id"]]
+        s["status"] = v["status"]
+        s["extracted_from"] = v.get("extracted_from")
+        s["checkpoint_chars"] = cps[s["sample_id"]]
+        s["gold_answer"] = gold[s["problem_id"]]
+        out[s["sample_id"]] = s
+    return out
+
+
+def _round_work(run_dir: str, index: int, round_index: int, cfg: ResampleConfig, trajectories: dict) -> list:
+    history: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in range(1, round_index):
+        for a in read_rows(run_dir, round_dir(r), index, ["source_sample_id", "checkpoint_index", "status"]):
+            history[(a["source_sample_id"], a["checkpoint_index"])].append(a)
+    work = []
+    for t in trajectories.values():
+        for slot in plan_slots(t, cfg):
+            n = draws_this_round(slot, history[slot_key(slot)], cfg)
+            if n:
+                work.append((slot, n))
+    return work
+
+
+@task(name="resample_round", task_run_name="resample-round-{round_index}-shard-{index}",
+      cache_key_fn=content_cache_key, persist_result=True, **RETRY)  # fmt: skip
+def resample_shard(
+    run_dir: str,
+    index: int,
+    stage_key: str,
+    round_index: int,
+    resample: ResampleConfig,
+    backend: BackendConfig,
+    verify: VerifyConfig,
+    failure_budget: int = 0,
+) -> dict[str, Any]:
+    """One resampling round over one shard: continue unsatisfied slots, verify, write the attempts."""
+    stage = round_dir(round_index)
+    if shard_exists(run_dir, stage, index):
+        return {"generate_s": 0.0, "verify_s": 0.0}
+    trajectories = load_trajectories(run_dir, index)
+    work = _round_work(run_dir, index, round_index, resample, trajectories)
+    requests = build_requests(work, trajectories, resample, round_index)
+    out: dict[str, Any] = {"generate_s": 0.0, "verify_s": 0.0}
+    rows: list[dict[str, Any]] = []
+    if requests:
+        with backend_session(backend) as b:
+            t0 = time.perf_counter()
+            results = b.generate(requests)
+            out["generate_s"] = time.perf_counter() - t0
+        failed = [slot.source_sample_id for (slot, _), res in zip(work, results, strict=True) if res.error]
+        if failed:
+            errors = sorted({r.error for r in results if r.error})
+            get_run_logger().warning("round %d shard %d: %d request(s) failed: %s", round_index, index, len(failed),
+                                     "; ".join(errors)[:300])  # fmt: skip
+            if len(failed) > failure_budget:
+                raise RuntimeError(f"resample round {round_index} shard {index}: {len(failed)} request(s) failed")
+            out["failed"] = failed
+            out["shard"] = f"part-{index:05d}.parquet"
+        items, owners = [], []
+        for k, ((slot, _), res) in enumerate(zip(work, results, strict=True)):
+            gold = trajectories[slot.source_sample_id]["gold_answer"]
+            for s in res.samples:
+                items.append((gold, s.text))
+                owners.append(k)
+        t0 = time.perf_counter()
+        verdicts = verify_batch(items, **verify_kwargs(verify))
+        out["verify_s"] = time.perf_counter() - t0
+        per_request: dict[int, list] = defaultdict(list)
+        for k, v in zip(owners, verdicts, strict=True):
+            per_request[k].append(v)
+        for k, ((slot, _), req, res) in enumerate(zip(work, requests, results, strict=True)):
+            rows.extend(attempt_rows(slot, req, res.samples, per_request[k], round_index))
+        out.update(_prompt_token_counts(results))
+    write_shard(Path(run_dir) / stage, index, make_table(rows, ATTEMPTS))
+    return out
+
+
+def _prompt_token_counts(results: list) -> dict[str, int]:
+    """Prompt tokens the continuations asked for and the ones the backend actually computed (prefix reuse)."""
+    requested = sum(getattr(r, "prompt_tokens_requested", 0) or 0 for r in results)
+    computed = sum(getattr(r, "prompt_tokens_computed", 0) or 0 for r in results)
+    return {"prompt_tokens_requested": requested, "prompt_tokens_computed": computed} if requested else {}
+
+
+@task(name="build_pairs", task_run_name="pairs-shard-{index}", cache_key_fn=content_cache_key, persist_result=True,
+      **RETRY)  # fmt: skip
+def pairs_shard(
+    run_dir: str, index: int, stage_key: str, rounds: int, resample: ResampleConfig, backend: BackendConfig
+) -> dict[str, Any]:
+    """r2w / w2r pairs of one shard from all rounds' attempts."""
+    if shard_exists(run_dir, PAIRS_STAGE, index):
+        return {}
+    trajectories = load_trajectories(run_dir, index)
+    attempts = [a for r in range(1, rounds + 1) for a in read_rows(run_dir, round_dir(r), index)]
+    with backend_session(backend) as b:
+        pairs, dropped = build_pairs(trajectories, attempts, resample, b.count_tokens, model=b.model_id)
+    write_shard(Path(run_dir) / PAIRS_STAGE, index, make_table(pairs, PAIRS))
+    return {"dropped": dropped}
+
+
+@task(name="finalize_resample", **RETRY)
+def finalize_resample(plan: StagePlan, round_stats: list[dict[str, Any]], pair_results: list[dict[str, Any]]) -> dict:
+    """The resample stage's manifest and stats: every round's outcomes, pairs by type, yield per 1k tokens."""
+    rounds = [{"round": i, **s} for i, s in enumerate(round_stats, 1)]
+    generated = sum(r["tokens"] for r in rounds)
+    base = (read_manifest(Path(plan.run_dir) / "generate") or {}).get("stats", {}).get("generated_tokens", 0)
+    rows = read_stage(Path(plan.run_dir) / PAIRS_STAGE, _PAIR_COLUMNS).to_pylist()
+    stats = {
+        "rounds": rounds,
+        "generated_tokens": generated,
+        "dropped": dict(sum((Counter(r.get("dropped", {})) for r in pair_results), Counter())),
+        "pairs": summary.summarize_pairs(rows, generated + base),
+        "wall_s": round(time.time() - plan.started, 3),
+    }
+    for name in ("generate_s", "verify_s", "prompt_tokens_requested", "prompt_tokens_computed"):
+        stats[name] = round(sum(r.get(name, 0) for r in rounds), 3)
+    write_manifest(plan.directory, config_hash=plan.key, stats=stats, inputs=plan.inputs)
+    update_stats(plan.run_dir, STAGE, stats)
+    publish_table(plan.run_dir, STAGE, {k: v for k, v in stats.items() if k != "rounds"})
+    return stats
