@@ -172,3 +172,34 @@ def local_revision(path: Path) -> str:
                 fh.seek(max(0, (size - chunk) * i // 15))
                 h.update(fh.read(chunk))
     return "sha256:" + h.hexdigest()[:16]
+
+
+def check_model_dir(path: str | Path, field: str) -> None:
+    """Load a local model's config and tokenizer (no weights): an empty or damaged checkpoint is one sentence now,
+    not a traceback after minutes of retries. Hub ids (not local directories) are left to the loader."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise UserError(f"{field} {path} is a file, not a model directory; point it at a checkpoint directory.")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{field} {path} has no config.json, so it is no model checkpoint; point it at one.")
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
+        raise UserError(f"{field} {path} holds no weight files (*.safetensors, *.bin); point it at a full checkpoint.")
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except Exception as e:  # transformers raises OSError, ValueError or JSONDecodeError for a broken config
+        raise UserError(
+            f"{path / 'config.json'}: cannot load the model config ({_first_line(e)}); fix it."
+        ) from None
+    try:
+        AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise UserError(f"{path}: cannot load the tokenizer ({_first_line(e)}); add its tokenizer files.") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]

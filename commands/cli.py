@@ -16,6 +16,10 @@ log = logging.getLogger("ckptdpo")
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    if getattr(args, "kind", "math") != "math":
+        from commands.verify_kinds import verify_kind_command
+
+        return verify_kind_command(args)
     from commands.verify import verify_command
 
     return verify_command(args)
@@ -85,6 +89,29 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout-s", type=float, default=5.0, help="hard wall-clock limit per item")
     s.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
     s.add_argument("--max-chars", type=int, default=1_000_000, help="refuse completions longer than this")
+    s.add_argument(
+        "--answer-format",
+        choices=["boxed", "boxed_or_final_statement"],
+        default="boxed_or_final_statement",
+        help="boxed: only the last \\boxed{}; boxed_or_final_statement: else an explicit final statement at the end",
+    )
+    s.add_argument(
+        "--finish-reason-column",
+        default="finish_reason",
+        help="column of finish reasons, used when present; a completion cut off at 'length' is never correct",
+    )
+    s.add_argument(
+        "--kind",
+        choices=["math", "code", "choice"],
+        default="math",
+        help="math: gold answers; code: run each completion's code with its `tests` (or stdin/expected_stdout) in a "
+        "sandbox; choice: gold letters",
+    )
+    s.add_argument(
+        "--allow-unsandboxed",
+        action="store_true",
+        help="--kind code: run model-written code even where it cannot be isolated (resource limits only)",
+    )
     s.set_defaults(func=_cmd_verify)
 
     s = sub.add_parser("checkpoints", help="paragraph and checkpoint statistics of trajectories")
@@ -142,8 +169,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: written shards are kept; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.verbose:
+            raise
+        # A failed run (a stage past its failure budget, an endpoint that stayed down) is a sentence, not pages of
+        # Prefect traceback; nothing it wrote is recorded as done.
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"error: {type(e).__name__}: {first}\nThe run stopped; finished shards are kept, and running the same "
+              "command again resumes from them (add -v for the traceback).", file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,31 +19,62 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ckptdpo.configs import STAGES, Recipe, parse_override
+from ckptdpo.configs import STAGES, BackendConfig, Recipe, parse_override
 from ckptdpo.errors import UserError
-from ckptdpo.models import resolve_model
+from ckptdpo.models import check_model_dir, resolve_model
 from ckptdpo.problems import load_problems
 from ckptdpo.shards import read_manifest, read_stats
 from flows import progress
 from tasks.environment import hub_offline
+from tasks.rundir import run_dir_lock
+from tasks.stopping import stop_on_signals
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO / "recipes" / "demo.yaml"
 RECIPE_COPY = "recipe.yaml"
 
 
-def preflight(recipe: Recipe, recipe_path: Path, home: Path, stages: list[str]) -> None:
-    """Fail fast, with one sentence, on what would otherwise fail minutes into a run."""
-    offline = hub_offline()
-    if recipe.backend.kind in ("hf", "vllm"):
-        resolve_model(recipe.backend.model, home, offline=offline)
-    if recipe.backend.kind == "fake" and (not recipe.backend.script or not Path(recipe.backend.script).exists()):
-        raise UserError(f"{recipe_path}: backend.script {recipe.backend.script!r} does not exist; set it to a script.")
-    if "generate" in stages:
-        load_problems(recipe.problems, base_dir=recipe_path.resolve().parent, offline=offline)
-    from flows.runners import make_task_runner
+# What each stage reads, so `--stages` that skips a stage whose output is missing fails before anything is written.
+STAGE_INPUTS = {
+    "verify": ("generate",),
+    "checkpoints": ("generate", "verify"),
+    "resample": ("generate", "verify", "checkpoints"),
+    "dto": ("generate", "verify", "checkpoints"),
+}
 
-    make_task_runner(recipe.task_runner)  # a missing prefect-dask / prefect-ray is a user error, before any write
+
+def check_backend(cfg: BackendConfig, where: str, home: Path) -> None:
+    """Load what the backend will need (model config and tokenizer, a fake script), not just check a path."""
+    if cfg.kind in ("hf", "vllm"):
+        path = resolve_model(cfg.model, home, offline=hub_offline())
+        check_model_dir(path, f"{where}.model")
+    elif cfg.kind == "fake":
+        from ckptdpo.backends.fake import FakeBackend
+
+        FakeBackend.from_config(cfg)  # parses the script: a malformed one is one sentence, now
+
+
+def check_stage_inputs(run_dir: Path, wanted: list[str]) -> None:
+    for stage in wanted:
+        for needed in STAGE_INPUTS.get(stage, ()):
+            if needed not in wanted and read_manifest(run_dir / needed) is None:
+                raise UserError(
+                    f"--stages {','.join(wanted)}: stage {stage} reads {needed}, which {run_dir} does not have; "
+                    f"add it (--stages {needed},{','.join(wanted)}) or run the whole recipe."
+                )
+
+
+def preflight(recipe: Recipe, recipe_path: Path, run_dir: Path, home: Path, stages: list[str]) -> None:
+    """Fail fast, with one sentence and before anything is written, on what would fail minutes into a run."""
+    check_stage_inputs(run_dir, stages)
+    check_backend(recipe.backend, "backend", home)
+    if recipe.dto.judge.backend is not None and "dto" in stages and recipe.dto.prune:
+        check_backend(recipe.dto.judge.backend, "dto.judge.backend", home)
+    if "generate" in stages:
+        load_problems(recipe.problems, base_dir=recipe_path.resolve().parent, offline=hub_offline())
+    from flows.runners import check_task_runner
+
+    check_task_runner(recipe)  # a cluster runner with an in-process model, or a missing package: before any write
 
 
 def run_recipe(
@@ -53,13 +85,33 @@ def run_recipe(
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
         raise UserError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}.")
-    preflight(recipe, recipe_path, home, wanted)
+    with run_dir_lock_if_exists(run_dir):
+        preflight(recipe, recipe_path, run_dir, home, wanted)
+        return _run_locked(recipe, recipe_path, run_dir, overrides, wanted)
+
+
+@contextmanager
+def run_dir_lock_if_exists(run_dir: Path):
+    """The run directory's lock, taken before anything is written; a directory that does not exist yet is created
+    only for its lock file once preflight has passed, so a refused run leaves no directory behind."""
+    if run_dir.exists():
+        with run_dir_lock(run_dir):
+            yield
+    else:
+        yield
+
+
+def _run_locked(recipe: Recipe, recipe_path: Path, run_dir: Path, overrides: dict[str, Any], wanted: list[str]):
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The ephemeral API's default 20 s start-up limit is too short on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.pipeline import pipeline_flow
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_dir_lock(run_dir), stop_on_signals():
+        return _run_pipeline(recipe, recipe_path, run_dir, overrides, wanted, pipeline_flow)
+
+
+def _run_pipeline(recipe, recipe_path, run_dir, overrides, wanted, pipeline_flow) -> dict:
     (run_dir / RECIPE_COPY).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     t0 = time.time()
     with Progress(
@@ -91,7 +143,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_command(args: argparse.Namespace, home: Path) -> int:
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    stages = None
+    if args.stages is not None:
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+        if not stages:
+            raise UserError(
+                f"--stages {args.stages!r} names no stage; list stages like generate,verify."
+            )
     run_recipe(Path(args.recipe), Path(args.run_dir), _overrides(args), stages, home)
     return 0
 

@@ -9,9 +9,11 @@ from prefect import flow, get_run_logger
 from flows.fanout import fan_out
 from tasks import dto as dto_tasks
 from tasks.common import load_recipe
+from tasks.rundir import holds_run_dir
 
 
 @flow(name="dto", flow_run_name="dto {run_dir}", timeout_seconds=7 * 24 * 3600)
+@holds_run_dir
 def dto_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None = None) -> dict:
     """Correct trajectories -> exit probing, truncation, judge pruning -> `dto` pairs and the dto stats section."""
     recipe = load_recipe(recipe_path, overrides)
@@ -24,6 +26,7 @@ def dto_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None = 
         dto_tasks.dto_shard,
         dto_tasks.OPTIMIZED,
         in_flight=recipe.task_runner.max_in_flight,
+        runner=recipe.task_runner,
         dto=recipe.dto,
         backend=recipe.backend,
         judge=dto_tasks.judge_backend(recipe),

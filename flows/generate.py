@@ -11,9 +11,11 @@ from flows.fanout import run_stage
 from tasks import generate
 from tasks.common import load_recipe
 from tasks.problems import load_problems_stage
+from tasks.rundir import holds_run_dir
 
 
 @flow(name="generate", flow_run_name="generate {run_dir}", timeout_seconds=7 * 24 * 3600)
+@holds_run_dir
 def generate_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None = None) -> dict:
     """Problems -> sampled trajectories."""
     recipe = load_recipe(recipe_path, overrides)
@@ -23,7 +25,7 @@ def generate_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | No
     return run_stage(
         generate.plan_generate(run_dir, recipe),
         generate.generate_shard,
-        in_flight=recipe.task_runner.max_in_flight,
+        runner=recipe.task_runner,
         failure_budget=recipe.failure_budget.generate,
         generate=recipe.generate,
         backend=recipe.backend,

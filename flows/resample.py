@@ -11,9 +11,11 @@ from flows.fanout import fan_out
 from tasks import resample
 from tasks.common import load_recipe
 from tasks.planning import finalize_stage
+from tasks.rundir import holds_run_dir
 
 
 @flow(name="resample", flow_run_name="resample {run_dir}", timeout_seconds=7 * 24 * 3600)
+@holds_run_dir
 def resample_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None = None) -> dict:
     """Rounds of resampling from checkpoints until the round or token budget is spent, then r2w / w2r pairs."""
     recipe = load_recipe(recipe_path, overrides)
@@ -33,6 +35,7 @@ def resample_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | No
                 resample.resample_shard,
                 plan.stage,
                 in_flight=in_flight,
+                runner=recipe.task_runner,
                 round_index=r,
                 resample=cfg,
                 backend=recipe.backend,
@@ -52,6 +55,7 @@ def resample_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | No
             resample.pairs_shard,
             plan.stage,
             in_flight=in_flight,
+            runner=recipe.task_runner,
             rounds=len(round_stats),
             resample=cfg,
             backend=recipe.backend,

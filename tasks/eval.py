@@ -22,9 +22,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from ckptdpo import evaluate
 from ckptdpo.backends.base import GenerationRequest
 from ckptdpo.configs import BackendConfig, EvalConfig, ProblemsConfig, backend_config
-from ckptdpo.problems import load_problems
 from ckptdpo.resample import stable_seed
-from ckptdpo.schemas import EVAL_RESULTS, EVAL_SAMPLES, PROBLEMS, SCHEMA_VERSION, make_table
+from ckptdpo.schemas import EVAL_PROBLEMS, EVAL_RESULTS, EVAL_SAMPLES, SCHEMA_VERSION, make_table
 from ckptdpo.shards import (
     MANIFEST,
     atomic_write_bytes,
@@ -38,6 +37,7 @@ from ckptdpo.shards import (
     write_manifest,
     write_shard,
 )
+from ckptdpo.sources import load_eval_problems
 from tasks.backends import backend_session, model_fingerprint
 from tasks.common import content_cache_key, content_key
 from tasks.environment import hub_offline
@@ -60,20 +60,20 @@ def load_benchmark(
 ) -> dict[str, Any]:
     """Load one benchmark's problems, drop those the run trained on, and shard them (when their content changed)."""
     cfg = ProblemsConfig(**problems)
-    problem_set = load_problems(cfg, base_dir=Path(base_dir), offline=hub_offline())
-    rows, excluded = problem_set.rows, 0
+    rows, excluded = load_eval_problems(cfg, base_dir=Path(base_dir), offline=hub_offline()), 0
     training = Path(run_dir) / "problems"
     if exclude_training and list_shards(training):
         texts = [t for p in list_shards(training) for t in read_shard(p, ["problem"]).column("problem").to_pylist()]
         rows, excluded = evaluate.exclude_problems(rows, texts)
     if excluded:
         get_run_logger().info("%s: %d problems also in the training set left out", benchmark, excluded)
-    key = content_key("eval-problems", [(r["problem_id"], r["problem"], r["answer"]) for r in rows])[:16]
+    key = content_key("eval-problems", rows)[:16]
     stage = Path(run_dir) / problems_stage(benchmark)
     if not prepare_stage(stage, key):
         for i in range(0, len(rows), shard_size):
-            write_shard(stage, i // shard_size, make_table(rows[i : i + shard_size], PROBLEMS))
-        stats = {"num_problems": len(rows), "num_excluded": excluded, "source": problem_set.source}
+            write_shard(stage, i // shard_size, make_table(rows[i : i + shard_size], EVAL_PROBLEMS))
+        source = rows[0]["source"] if rows else cfg.source
+        stats = {"num_problems": len(rows), "num_excluded": excluded, "source": source, "kind": cfg.kind}
         write_manifest(stage, config_hash=key, stats=stats)
     return read_manifest(stage)["stats"]
 
@@ -105,14 +105,12 @@ def evaluate_shard(
     stage = samples_stage(benchmark, model_name)
     if shard_exists(run_dir, stage, index):
         return {"generate_s": 0.0, "verify_s": 0.0}
-    from ckptdpo.verify import verify_batch
-
     cfg, bcfg = EvalConfig(**eval_config), backend_config(**backend)
     problems = read_shard(shard_path(Path(run_dir) / problems_stage(benchmark), index)).to_pylist()
     with backend_session(bcfg) as b:
         requests = [
             GenerationRequest(
-                prompt=b.chat_prompt(p["problem"]),
+                prompt=evaluate.kind_prompt(b.chat_prompt(p["problem"]), p["problem"], p.get("kind") or "math"),
                 n=cfg.num_samples,
                 seed=stable_seed(p["problem_id"], cfg.seed),
                 max_tokens=cfg.max_tokens,
@@ -129,11 +127,9 @@ def evaluate_shard(
     failed = [(p["problem_id"], r.error) for p, r in zip(problems, results, strict=True) if r.error]
     for pid, error in failed:
         get_run_logger().warning("%s/%s problem %s: generation failed: %s", benchmark, model_name, pid, error)
-    items = [
-        (p["answer"], s.text) for p, r in zip(problems, results, strict=True) for s in r.samples[: cfg.num_samples]
-    ]
+    completions = [[s.text for s in r.samples[: cfg.num_samples]] for r in results]
     t0 = time.perf_counter()
-    verdicts = verify_batch(items, timeout_s=timeout_s, workers=workers)
+    verdicts = evaluate.verify_samples(problems, completions, cfg, timeout_s=timeout_s, workers=workers)
     verify_s = time.perf_counter() - t0
     rows = evaluate.sample_rows(
         benchmark, model_name, model, [p["problem_id"] for p in problems], results, verdicts, cfg.num_samples
@@ -181,6 +177,8 @@ def finalize_eval(
             m = read_manifest(Path(run_dir) / samples_stage(bench, name))
             if m is not None:
                 metrics[name] = {k: v for k, v in m["stats"].items() if not k.endswith("_s")}
+                # The report groups benchmarks by kind; every model's entry carries its benchmark's.
+                metrics[name]["kind"] = (benchmarks.get(bench) or {}).get("kind") or "math"
         scores = evaluate.compare_to_reference(metrics, reference, cfg.aes_alpha, cfg.aes_beta, cfg.aes_gamma)
         section[bench] = {name: {**m, **scores[name]} for name, m in metrics.items()}
     rows = evaluate.results_rows(section, reference)

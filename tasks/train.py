@@ -1,10 +1,11 @@
 """Prefect task: train on the pair shards in a subprocess (python, torchrun or accelerate launch).
 
-Layout: `<run_dir>/train/` holds `job.yaml` (what the subprocess runs), `train.log`, `checkpoint-*`, `model/`,
-`ranks/`, `summary.json` and `_manifest.json`, written last. The stage is keyed by the train config, the base
-model and the fingerprints of the pair stages: a stage left by an interrupted run under the same key keeps its
-checkpoints, so a retry resumes from the newest one; a stage written under another key is cleared first, so no
-run resumes from a checkpoint of a different config.
+Layout: `<run_dir>/train/` holds `job.yaml` (what the subprocess runs), `train.log`, `data/`, `checkpoint-*`,
+`model/` (and `adapter/` for LoRA), `ranks/`, `summary.json` and `_manifest.json`, written last. A LoRA run is
+followed by a second, single-process command that merges the adapter into `model/`. The stage is keyed by the
+train config, the base model and the fingerprints of the pair stages: a stage left by an interrupted run under
+the same key keeps its checkpoints, so a retry resumes from the newest one; a stage written under another key is
+cleared first, so no run resumes from a checkpoint of a different config.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 from ckptdpo.configs import describe_validation_error
 from ckptdpo.errors import UserError
 from ckptdpo.shards import prepare_stage, read_manifest, update_stats, write_manifest
-from ckptdpo.train import SUMMARY, TrainJob, build_launch_command, write_job
+from ckptdpo.train import FAULT_FIELDS, SUMMARY, TrainJob, build_launch_command, build_merge_command, write_job
 from tasks.common import content_key
 
 STAGE = "train"
@@ -46,7 +47,7 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
 
 def train_key(job: TrainJob, inputs: dict[str, str]) -> str:
     """Content key of a training run: train config, base model, pair fingerprints (not where it writes)."""
-    what = job.model_dump(mode="json", exclude={"output_dir", "fail_after_step"})
+    what = job.model_dump(mode="json", exclude={"output_dir", *FAULT_FIELDS})
     return content_key(STAGE, what, inputs)[:16]
 
 
@@ -78,20 +79,28 @@ def train_model(run_dir: str, job: dict[str, Any], pairs_fingerprints: dict[str,
     prepare_stage(stage, key)
     (stage / SUMMARY).unlink(missing_ok=True)  # a summary left by an earlier attempt is not this run's
     job_path = write_job(train_job, stage / JOB_FILE)
-    cmd = build_launch_command(job_path, train_job.train)
-    log.info("train key %s: %s", key, " ".join(cmd))
-    rc, tail = _run_streaming(cmd, stage / LOG_FILE, log)
-    if rc != 0:
-        # `python -m ckptdpo.train` prints a user error as one "error: ..." line (torchrun may prefix "[rankN]:").
-        user = next((m.group(1) for line in reversed(tail) if (m := _USER_ERROR.match(line))), None)
-        if user:
-            raise UserError(user)
-        raise TrainFailed(f"training exited with status {rc}; see {stage / LOG_FILE}; last lines:\n" + "\n".join(tail))
+    commands = [build_launch_command(job_path, train_job.train)]
+    if train_job.train.lora:
+        commands.append(build_merge_command(job_path))
+    for cmd in commands:
+        log.info("train key %s: %s", key, " ".join(cmd))
+        _check(*_run_streaming(cmd, stage / LOG_FILE, log), stage / LOG_FILE)
     summary = json.loads((stage / SUMMARY).read_text())
     compact = {k: v for k, v in summary.items() if k not in ("steps", "ranks")}
     write_manifest(stage, config_hash=key, stats=compact, inputs=pairs_fingerprints)
     update_stats(run_dir, STAGE, summary)
     return summary
+
+
+def _check(rc: int, tail: list[str], log_path: Path) -> None:
+    """A failed command is a UserError when it printed one, else a TrainFailed the retry policy retries."""
+    if rc == 0:
+        return
+    # `python -m ckptdpo.train` prints a user error as one "error: ..." line (torchrun may prefix "[rankN]:").
+    user = next((m.group(1) for line in reversed(tail) if (m := _USER_ERROR.match(line))), None)
+    if user:
+        raise UserError(user)
+    raise TrainFailed(f"training exited with status {rc}; see {log_path}; last lines:\n" + "\n".join(tail))
 
 
 def _run_streaming(cmd: list[str], log_path: Path, log) -> tuple[int, list[str]]:

@@ -31,3 +31,36 @@ def hf_backend(demo_model_path: Path, ckptdpo_home_dir: Path):
     backend = HFBackend(backend_config(kind="hf", model=str(demo_model_path), device="cpu"), home=ckptdpo_home_dir)
     yield backend
     backend.close()
+
+
+def write_fake_recipe(
+    tmp: Path, script: dict | None, problems: list[dict] | None, *, name: str = "fake", **sections
+) -> Path:
+    """A fake-backend recipe in `tmp`: `problems.jsonl` and `script.yaml` next to it (each written when given),
+    one problem per shard, every other section from `sections` (a section given replaces the default one)."""
+    import json
+
+    import yaml
+
+    if problems is not None:
+        (tmp / "problems.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    if script is not None:
+        (tmp / "script.yaml").write_text(yaml.safe_dump(script))
+    recipe = {
+        "name": name,
+        "stages": ["generate", "verify", "checkpoints", "resample"],
+        "problems": {"source": "file", "path": "problems.jsonl"},
+        "backend": {"kind": "fake", "model": "fake", "script": str(tmp / "script.yaml")},
+        "generate": {"num_samples": 2, "max_tokens": 100, "shard_size": 1},
+        "verify": {"timeout_s": 5},
+        **sections,
+    }
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture()
+def fake_recipe():
+    """The shared recipe factory: `fake_recipe(tmp, script, problems, **sections) -> recipe path`."""
+    return write_fake_recipe

@@ -33,7 +33,7 @@ class HFBackendConfig(_BackendBase):
 
 
 class VLLMBackendConfig(_BackendBase):
-    """vLLM's engine in this process."""
+    """vLLM's engine in this process (vllm==0.22.1: the newest next to Prefect; newer ones: `vllm serve` + openai)."""
 
     kind: Literal["vllm"] = "vllm"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights dtype")

@@ -6,7 +6,6 @@ exit where, which segments go, and which pairs must come out.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import yaml
 from ckptdpo.backends.fake import count_words
 from ckptdpo.dto import PROBE
 from ckptdpo.shards import list_shards, read_manifest, read_stage, read_stats
+from tests.conftest import write_fake_recipe
 
 TEMPLATE = "<|user|>\n{message}\n<|assistant|>\n"
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -93,20 +93,15 @@ TRUNCATED_D = (
 
 
 def write_recipe(tmp: Path) -> Path:
-    (tmp / "problems.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
-    (tmp / "policy.yaml").write_text(yaml.safe_dump({**POLICY, **JUDGE}))  # the policy is its own judge
-    recipe = {
-        "name": "fake-dto",
-        "stages": ["generate", "verify", "checkpoints", "dto"],
-        "problems": {"source": "file", "path": "problems.jsonl"},
-        "backend": {"kind": "fake", "model": "fake", "script": str(tmp / "policy.yaml")},
-        "generate": {"num_samples": 3, "max_tokens": 100, "shard_size": 1},
-        "verify": {"timeout_s": 5},
-        "dto": {"threshold": 0.5},
-    }
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return write_fake_recipe(
+        tmp,
+        {**POLICY, **JUDGE},  # the policy is its own judge
+        PROBLEMS,
+        name="fake-dto",
+        stages=["generate", "verify", "checkpoints", "dto"],
+        generate={"num_samples": 3, "max_tokens": 100, "shard_size": 1},
+        dto={"threshold": 0.5},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +170,9 @@ def test_exact_pairs_optimized_rows_and_stats(base_run):
     )
 
     stats = read_stats(run_dir)["dto"]
-    before = sum(count_words(t) for t in (A, B, D, G))
-    truncated = count_words(TRUNCATED_A) + count_words(B) + count_words(TRUNCATED_D) + count_words(G)
+    # Token totals cover the optimized trajectories only (A pruned, D truncated; B and G found no exit).
+    before = count_words(A) + count_words(D)
+    truncated = count_words(TRUNCATED_A) + count_words(TRUNCATED_D)
     pruned = truncated - count_words(TRUNCATED_A) + count_words(PRUNED_A)
     expected = {
         "num_trajectories": 4,

@@ -19,6 +19,7 @@ import yaml
 
 from ckptdpo.shards import read_manifest, read_stage, read_stats
 from ckptdpo.verify import extract_answer
+from tests.conftest import write_fake_recipe
 
 TEMPLATE = "<|user|>\n{message}\n<|assistant|>\n"
 
@@ -44,20 +45,8 @@ PROBLEMS = [
 
 
 def write_recipe(tmp: Path, **resample) -> Path:
-    (tmp / "problems.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
-    (tmp / "script.yaml").write_text(yaml.safe_dump(SCRIPT))
-    recipe = {
-        "name": "fake",
-        "stages": ["generate", "verify", "checkpoints", "resample"],
-        "problems": {"source": "file", "path": "problems.jsonl"},
-        "backend": {"kind": "fake", "model": "fake", "script": str(tmp / "script.yaml")},
-        "generate": {"num_samples": 2, "max_tokens": 100, "shard_size": 1},
-        "verify": {"timeout_s": 5},
-        "resample": {"max_rounds": 3, "max_attempts": 8, "max_tokens": 100, **resample},
-    }
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    resample = {"max_rounds": 3, "max_attempts": 8, "max_tokens": 100, **resample}
+    return write_fake_recipe(tmp, SCRIPT, PROBLEMS, resample=resample)
 
 
 @pytest.fixture()

@@ -1,0 +1,209 @@
+"""No silent loss (issue 13): failed requests, damaged shards and bad input are caught, never recorded as done.
+
+Every case runs the real CLI (`python -m commands run`) on the fake backend; bad input must exit 2 with one sentence
+and leave the run directory exactly as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ckptdpo.shards import read_manifest, read_stage
+from tests.conftest import write_fake_recipe
+from tests.flows.test_pipeline import PROBLEMS, SCRIPT
+
+FAST_RETRIES = {"retries": 1, "retry_delay_s": [0.1]}
+
+
+def run(recipe: Path, run_dir: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    cmd = [sys.executable, "-m", "commands", "run", str(recipe), "--run-dir", str(run_dir), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def hashes(root: Path) -> dict[str, str]:
+    if not root.exists():
+        return {}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+    }
+
+
+def recipe_of(tmp: Path, script: dict = SCRIPT, **sections) -> Path:
+    resample = {"max_rounds": 2, "max_attempts": 4, "max_tokens": 100}
+    return write_fake_recipe(tmp, script, PROBLEMS, resample=resample, task_runner=FAST_RETRIES, **sections)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, Path]:
+    """(recipe, run_dir) of one whole run; tests that change the run work on a copy."""
+    tmp = tmp_path_factory.mktemp("integrity")
+    recipe, run_dir = recipe_of(tmp), tmp / "run"
+    r = run(recipe, run_dir)
+    assert r.returncode == 0, r.stderr
+    return recipe, run_dir
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    target = tmp_path / "run"
+    shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns(".lock"))
+    return target
+
+
+def pair_ids(run_dir: Path) -> list[str]:
+    return sorted(read_stage(run_dir / "pairs", ["pair_id"]).column("pair_id").to_pylist())
+
+
+# --- failed requests fail the stage; the next run retries them -------------------------------------------------------
+
+
+def test_failed_generation_requests_fail_the_stage_and_the_next_run_recovers(tmp_path: Path):
+    # A problem the script does not know is a request error in the fake backend, every time it is asked.
+    broken = {**SCRIPT, "problems": {"What is 2 + 3?": SCRIPT["problems"]["What is 2 + 3?"]}}
+    recipe, run_dir = recipe_of(tmp_path, broken), tmp_path / "run"
+    r = run(recipe, run_dir)
+    assert r.returncode == 1 and "request(s) failed" in r.stderr, r.stderr
+    assert read_manifest(run_dir / "generate") is None, "a stage with failed requests must not be recorded as done"
+    # The "endpoint recovers" (a full script: for the fake backend also a new model fingerprint, so the stage is
+    # recomputed): the pairs are those of a run that never failed.
+    (tmp_path / "script.yaml").write_text(yaml.safe_dump(SCRIPT))
+    r = run(recipe, run_dir)
+    assert r.returncode == 0, r.stderr
+    assert read_manifest(run_dir / "generate")["num_rows"] == 4
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    recipe_clean = recipe_of(clean)
+    assert run(recipe_clean, clean / "run").returncode == 0
+    assert pair_ids(run_dir) == pair_ids(clean / "run")
+
+
+def test_a_failure_budget_tolerates_rows_lists_them_and_retries_them_next_run(tmp_path: Path):
+    broken = {**SCRIPT, "problems": {"What is 2 + 3?": SCRIPT["problems"]["What is 2 + 3?"]}}
+    recipe, run_dir = recipe_of(tmp_path, broken, failure_budget={"generate": 1}), tmp_path / "run"
+    r = run(recipe, run_dir, "--stages", "generate")
+    assert r.returncode == 0, r.stderr
+    manifest = read_manifest(run_dir / "generate")
+    assert manifest["failed"] == [{"shard": "part-00001.parquet", "ids": ["p2"]}]
+    assert manifest["num_rows"] == 2 and manifest["stats"]["failed_rows"] == 1
+    (tmp_path / "script.yaml").write_text(yaml.safe_dump(SCRIPT))
+    r = run(recipe, run_dir, "--stages", "generate")
+    assert r.returncode == 0, r.stderr
+    manifest = read_manifest(run_dir / "generate")
+    assert manifest["failed"] == [] and manifest["num_rows"] == 4
+
+
+# --- damaged shards are detected and rewritten ----------------------------------------------------------------------
+
+
+def test_a_deleted_pair_shard_is_rewritten_on_rerun(finished, tmp_path: Path):
+    recipe, source = finished
+    run_dir = copy_run(source, tmp_path)
+    before = pair_ids(run_dir)
+    (run_dir / "resample" / "pairs" / "part-00000.parquet").unlink()
+    (run_dir / "pairs" / "part-00000.parquet").unlink()
+    r = run(recipe, run_dir)
+    assert r.returncode == 0, r.stderr
+    assert "rewriting" in r.stderr
+    assert pair_ids(run_dir) == before
+    assert read_manifest(run_dir / "pairs")["num_rows"] == len(before)
+
+
+def test_a_truncated_generate_shard_is_rewritten_and_nothing_downstream_changes(finished, tmp_path: Path):
+    recipe, source = finished
+    run_dir = copy_run(source, tmp_path)
+    before = pair_ids(run_dir)
+    shard = run_dir / "generate" / "part-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:100])
+    r = run(recipe, run_dir)
+    assert r.returncode == 0, r.stderr
+    assert pair_ids(run_dir) == before
+    assert read_manifest(run_dir / "generate")["num_rows"] == 4
+
+
+def test_a_damaged_input_shard_of_a_stage_run_alone_is_one_sentence(finished, tmp_path: Path):
+    recipe, source = finished
+    run_dir = copy_run(source, tmp_path)
+    shard = run_dir / "generate" / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:100])
+    (run_dir / "verify" / "_manifest.json").unlink()
+    before = hashes(run_dir)
+    r = run(recipe, run_dir, "--stages", "verify")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "part-00000.parquet" in r.stderr, r.stderr
+    assert hashes(run_dir) == before
+
+
+# --- bad input: exit 2, one sentence, nothing touched ----------------------------------------------------------------
+
+
+def _bad_cases(tmp: Path, recipe: Path, run_dir: Path) -> list[tuple[str, Path, list[str], str]]:
+    empty = tmp / "empty.yaml"
+    empty.write_text("")
+    empty_model = tmp / "empty-model"
+    empty_model.mkdir()
+    garbage_model = tmp / "garbage-model"
+    garbage_model.mkdir()
+    (garbage_model / "config.json").write_text("{not json")
+    (garbage_model / "model.safetensors").write_bytes(b"\0" * 64)
+    bad_script = tmp / "bad-script.yaml"
+    bad_script.write_text("problems: [1, 2\n")
+    hf = ["--set", "backend.kind=hf", "--set"]
+    return [
+        ("empty recipe", empty, [], "empty"),
+        ("--stages ,", recipe, ["--stages", ","], "names no stage"),
+        ("--set =3", recipe, ["--set", "=3"], "no key"),
+        ("temperature 5", recipe, ["--set", "generate.temperature=5"], "temperature"),
+        ("empty model dir", recipe, [*hf, f"backend.model={empty_model}"], "config.json"),
+        ("garbage config.json", recipe, [*hf, f"backend.model={garbage_model}"], "config.json"),
+        ("malformed fake script", recipe, ["--set", f"backend.script={bad_script}"], "bad-script.yaml"),
+        ("--stages verify on a fresh directory", recipe, ["--stages", "verify"], "generate"),
+    ]
+
+
+def test_bad_input_exits_2_with_one_sentence_and_writes_nothing(tmp_path: Path):
+    recipe = recipe_of(tmp_path)
+    for name, path, extra, needle in _bad_cases(tmp_path, recipe, tmp_path / "run"):
+        run_dir = tmp_path / f"run-{abs(hash(name))}"
+        r = run(path, run_dir, *extra, timeout=120)
+        assert r.returncode == 2, (name, r.returncode, r.stderr[-2000:])
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), (name, r.stderr)
+        assert needle in r.stderr, (name, r.stderr)
+        assert not run_dir.exists(), name
+
+
+def test_damaged_manifest_or_stats_file_is_one_sentence(finished, tmp_path: Path):
+    recipe, source = finished
+    for damaged in ("verify/_manifest.json", "stats.json"):
+        run_dir = copy_run(source, tmp_path / damaged.replace("/", "-"))
+        (run_dir / damaged).write_text("{garbage")
+        before = hashes(run_dir)
+        r = run(recipe, run_dir)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and damaged.split("/")[-1] in r.stderr, r.stderr
+        assert hashes(run_dir) == before
+
+
+def test_a_judge_that_answers_nonsense_fails_the_stage(tmp_path: Path):
+    from tests.flows.test_dto_flow import JUDGE, POLICY
+    from tests.flows.test_dto_flow import PROBLEMS as DTO_PROBLEMS
+
+    nonsense = {**JUDGE, "chat": [], "default_reply": "I like turtles."}
+    recipe = write_fake_recipe(
+        tmp_path,
+        {**POLICY, **nonsense},
+        DTO_PROBLEMS,
+        stages=["generate", "verify", "checkpoints", "dto"],
+        generate={"num_samples": 3, "max_tokens": 100, "shard_size": 1},
+        dto={"threshold": 0.5},
+        task_runner=FAST_RETRIES,
+    )
+    r = run(recipe, tmp_path / "run")
+    assert r.returncode == 2 and "could not be parsed" in r.stderr, r.stderr
+    assert read_manifest(tmp_path / "run" / "dto") is None
