@@ -1,23 +1,24 @@
-"""Verdicts per second of `verify_batch` against a plain serial math-verify loop, and its worst per-item latency.
+"""Verdicts per second of `verify_batch` against open-r1's way of verifying, and 10,000 adversarial rows.
 
-    .venv/bin/python benchmarks/verify_throughput.py [--items 2000] [--samples-per-problem 8] [--adversarial 0.01]
-        [--timeout-s 5] [--workers N] [--paragraphs 12] [--seed 0]
+    .venv/bin/python benchmarks/verify_throughput.py [--items 2000] [--samples-per-problem 8] [--timeout-s 5]
+        [--adversarial-rows 10000] [--adversarial-timeout-s 1] [--hangs 20] [--open-r1-cap-s 60] [--workers N]
 
-Completions are R1-style (seeded): `<think>`, reasoning paragraphs with inline math, some opening with "Wait,", "But"
-or "Alternatively,", `</think>`, a short summary and a boxed final answer in one of several equivalent or wrong
-formats (fractions as \\frac, \\dfrac, a/b or decimals; thousands separators; tuples, intervals, sets; radicals;
-multiples of pi; text; polynomials). `--samples-per-problem` completions share a problem, as n samples per prompt do,
-so equal (gold, extracted) pairs recur and the verdict cache counts; `--samples-per-problem 1` measures the pool
-alone. A fraction `--adversarial` of them end in a box known to hang math-verify or in a megabyte of text.
+Normal items: R1-style completions (seeded): `<think>`, reasoning paragraphs with inline math, some opening with
+"Wait,", "But" or "Alternatively,", `</think>`, a short summary and a boxed final answer in one of several equivalent
+or wrong formats (fractions as \\frac, \\dfrac, a/b or decimals; thousands separators; tuples, intervals, sets;
+radicals; multiples of pi; text; polynomials). `--samples-per-problem` completions share a problem, as n samples per
+prompt do, so equal (gold, answer) pairs recur and the verdict cache counts.
 
-Two serial baselines run in the main thread over the same non-adversarial items, with math-verify's own
-(signal-based) timeouts:
-  - full: `verify(parse(gold), parse(completion))`, what a plain loop over completions does;
-  - box:  the same, but parsing only the extracted `\\boxed{...}`, the work a worker does per item.
-`verify_batch` runs on the same items (warm pool, empty verdict cache), then on everything including the
-adversarial items; the worst per-item latency is the longest time an item spent in a worker. CPU seconds are printed
-beside wall seconds because on a machine shared with other work the wall-clock ratio says little about the pool.
-Goal: >= 1.7x the serial loop on 2 cores; worst <= timeout + 1 s.
+open-r1's way: its `accuracy_reward` (src/open_r1/rewards.py): math-verify `parse(gold)`, `parse(completion)` with a
+LaTeX extraction config that tries boxes first, then `verify`, in process, one item after another, relying on
+math-verify's own signal-based timeouts. It runs on the same normal items; then, in a subprocess stopped after
+`--open-r1-cap-s`, on the adversarial rows (a C-level big-integer power cannot be interrupted by its signals).
+
+Adversarial rows (`--adversarial-rows`, each unique, so no cache helps): exponent towers, huge factorials, `\\frac`
+nested 3,000 deep, 10,000 nested parentheses, `\\sqrt` nested 2,000 deep, megabyte completions ending in a tower, and
+megabyte completions without a box, verified with `--adversarial-timeout-s` (goal: all 10,000 in under 60 s on 2
+cores, every item back within timeout + 1 s, the pool still working afterwards). `--hangs` answers within the
+complexity budget that still hang sympy show the other path: a worker killed at the deadline and replaced.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import collections
 import logging
 import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ckptdpo import verify as V  # noqa: E402
+from ckptdpo.verify.budget import over_budget  # noqa: E402
 
 REASONING = [
     "Let me set up the problem. We have $x + y = {a}$ and $xy = {b}$, so $x^2 + y^2 = (x+y)^2 - 2xy = {c}$.",
@@ -112,154 +115,199 @@ def make_completion(rng: random.Random, answer: str, paragraphs: int) -> str:
     return f"<think>\n{think}\n</think>\n\n{summary}{box}"
 
 
-def adversarial_completions(rng: random.Random, paragraphs: int) -> list[str]:
-    pre = make_completion(rng, "0", paragraphs).rsplit("**Final Answer**", 1)[0]
-    return [
-        pre + "\\boxed{9^{9^{9^{9^{9}}}}}",
-        pre + "\\boxed{10^{10^{10}}}",
-        pre + "\\boxed{(10^{6})!}",
-        pre + "\\boxed{" + "(" * 10_000 + "1" + ")" * 10_000 + "}",
-        "Wait, let me reconsider the whole setup. " * 25_000 + "\\boxed{9^{9^{9^{9}}}}",  # ~1 MB
-        "Wait, let me reconsider the whole setup. " * 25_000,  # ~1 MB, no box
-    ]
-
-
-def build(args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[bool]]:
+def build(args: argparse.Namespace) -> list[tuple[str, str]]:
     rng = random.Random(args.seed)
     items: list[tuple[str, str]] = []
-    adversarial: list[bool] = []
-    adv_pool = adversarial_completions(rng, args.paragraphs)
     while len(items) < args.items:
         gold, good, bad = answer_kinds(rng)
         # Per-problem difficulty, so some problems are mostly right and others mostly wrong.
         p_correct = rng.random()
-        for _ in range(args.samples_per_problem):
-            if len(items) >= args.items:
-                break
-            if rng.random() < args.adversarial:
-                items.append((gold, rng.choice(adv_pool)))
-                adversarial.append(True)
-                continue
+        for _ in range(min(args.samples_per_problem, args.items - len(items))):
             answer = rng.choice(good) if rng.random() < p_correct else rng.choice(bad)
             items.append((gold, make_completion(rng, answer, args.paragraphs)))
-            adversarial.append(False)
-    return items, adversarial
+    return items
 
 
-def clear_math_verify_caches() -> None:
-    from math_verify import parser
-
-    for name in ("parse_latex_cached", "parse_expr_cached"):
-        getattr(parser, name).cache_clear()
+MEGABYTE = "Wait, let me reconsider the whole setup. " * 25_000  # ~1 MB
+ADVERSARIAL_KINDS = ("tower", "factorial", "frac 3000", "parens 10000", "sqrt 2000", "megabyte tower", "megabyte")
 
 
-def worker_cpu_seconds() -> float:
-    """CPU seconds used so far by the live pool workers (Linux /proc), to compare work done apart from machine load."""
-    total = 0
-    for w in V._POOL.workers if V._POOL else []:
-        try:
-            with open(f"/proc/{w.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        except (OSError, IndexError, ValueError):
-            pass
-    return total / os.sysconf("SC_CLK_TCK")
+def adversarial_row(rng: random.Random, k: int) -> tuple[str, str]:
+    """Row k of the adversarial set: (gold, completion); every row differs, so no verdict comes from the cache."""
+    kind = ADVERSARIAL_KINDS[k % len(ADVERSARIAL_KINDS)]
+    n = rng.randrange(10**6)
+    a, b, c, d = (rng.randrange(2, 10) for _ in range(4))
+    tower = f"{a}^{{{b}^{{{c}^{{{d}^{{{n}}}}}}}}}"
+    pre = f"<think>\nLet me try case {n}.\n\nWait, that gives a huge number.\n</think>\n\n**Final Answer**\n"
+    if kind == "tower":
+        return str(n), pre + f"\\boxed{{{tower}}}"
+    if kind == "factorial":
+        return str(n), pre + f"\\boxed{{({n + 10}^{{6}})!}}"
+    if kind == "frac 3000":
+        return str(n), pre + "\\boxed{" + "\\frac{" * 3_000 + str(n) + "}{2}" * 3_000 + "}"
+    if kind == "parens 10000":
+        return str(n), pre + "\\boxed{" + "(" * 10_000 + str(n) + ")" * 10_000 + "}"
+    if kind == "sqrt 2000":
+        return str(n), pre + "\\boxed{" + "\\sqrt{" * 2_000 + str(n) + "}" * 2_000 + "}"
+    if kind == "megabyte tower":
+        return str(n), MEGABYTE + f"</think>\\boxed{{{tower}}}"
+    return str(n), MEGABYTE + f"so maybe {n} or {n + 1}"
 
 
-def serial_loop(items: list[tuple[str, str]], box_only: bool) -> tuple[float, float, list[bool]]:
-    from math_verify import parse, verify
+def adversarial_chunks(seed: int, rows: int, chunk: int):
+    """The adversarial rows in chunks, built as they are needed (megabyte rows would not fit in memory at once)."""
+    rng = random.Random(seed + 7)
+    for lo in range(0, rows, chunk):
+        yield [adversarial_row(rng, k) for k in range(lo, min(rows, lo + chunk))]
 
-    clear_math_verify_caches()
-    out = []
-    c0 = time.process_time()
+
+def open_r1_reward(gold: str, completion: str) -> float | None:
+    """open-r1's `accuracy_reward` for one item (src/open_r1/rewards.py), math-verify in this process."""
+    from latex2sympy2_extended import NormalizationConfig
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    gold_parsed = parse(gold, extraction_mode="first_match")
+    if len(gold_parsed) == 0:
+        return None
+    config = LatexExtractionConfig(
+        normalization_config=NormalizationConfig(
+            nits=False, malformed_operators=False, basic_latex=True, equations=True, boxed="all", units=True
+        ),
+        boxed_match_priority=0,
+        try_extract_without_anchor=False,
+    )
+    answer_parsed = parse(completion, extraction_config=[config], extraction_mode="first_match")
+    try:
+        return float(verify(gold_parsed, answer_parsed))
+    except Exception:
+        return None
+
+
+def open_r1_gold(gold: str) -> str:
+    # open-r1's solutions are full LaTeX; a bare gold answer is given to it in `$...$` so its parser finds it.
+    return gold if "$" in gold or "\\boxed" in gold else f"${gold}$"
+
+
+def open_r1_adversarial(seed: int, rows: int) -> None:
+    """Child process: open-r1's way over the adversarial rows, one progress line per item (killed by the parent)."""
     t0 = time.perf_counter()
-    for gold, completion in items:
-        gold_parsed = parse("\\boxed{" + gold + "}")
-        if box_only:
-            boxed = V.extract_answer(completion)
-            pred = parse("\\boxed{" + boxed + "}") if boxed is not None else parse(completion[-1000:])
-        else:
-            pred = parse(completion)
-        out.append(bool(verify(gold_parsed, pred)))
-    return time.perf_counter() - t0, time.process_time() - c0, out
+    for k, (gold, completion) in enumerate(row for chunk in adversarial_chunks(seed, rows, 100) for row in chunk):
+        open_r1_reward(open_r1_gold(gold), completion)
+        print(f"{k + 1} {time.perf_counter() - t0:.2f}", flush=True)
 
 
-def timed_batch(items: list[tuple[str, str]], args: argparse.Namespace) -> tuple[float, float, list, list[float]]:
-    """Wall seconds, CPU seconds (parent + workers; exact only when no worker is killed), verdicts, latencies."""
+def capped_open_r1(args: argparse.Namespace) -> tuple[int, float]:
+    """(items done, seconds) of open-r1's way on the adversarial rows within the cap."""
+    cmd = [sys.executable, __file__, "--open-r1-child", "--seed", str(args.seed)]
+    cmd += ["--adversarial-rows", str(args.adversarial_rows)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    done, seconds = 0, 0.0
+    try:
+        proc.wait(args.open_r1_cap_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for line in proc.stdout.read().splitlines():
+        done, seconds = int(line.split()[0]), float(line.split()[1])
+    return done, args.open_r1_cap_s if proc.returncode != 0 else seconds
+
+
+def run_normal(items: list[tuple[str, str]], args: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
+    theirs = [open_r1_reward(open_r1_gold(g), c) for g, c in items]
+    r1_s = time.perf_counter() - t0
+    print(f"open-r1 accuracy_reward, in process:  {r1_s:7.2f} s  {len(items) / r1_s:8.1f} verdicts/s")
     V.clear_cache()
-    c0 = time.process_time() + worker_cpu_seconds()
     t0 = time.perf_counter()
     verdicts, latency = V.verify_batch_timed(items, timeout_s=args.timeout_s, workers=args.workers)
+    ours_s = time.perf_counter() - t0
+    print(f"verify_batch (pool, cache cleared):   {ours_s:7.2f} s  {len(items) / ours_s:8.1f} verdicts/s")
+    print(f"  ratio open-r1 / verify_batch wall time: {r1_s / ours_s:.2f}x")
+    agree = sum((t == 1.0) == (v.status == "correct") for t, v in zip(theirs, verdicts, strict=True))
+    print(f"  agreement on correct/not correct: {agree}/{len(items)}")
+    budget_hits = 0
+    for gold, completion in items:
+        found = V.extract_final_answer(completion)
+        if (found.text and over_budget(V.normalize_answer(found.text))) or over_budget(V.normalize_answer(gold)):
+            budget_hits += 1
+    statuses = dict(collections.Counter(v.status for v in verdicts))
+    print(f"  normal items stopped by the complexity budget: {budget_hits}; statuses {statuses}")
+    print(f"  worst per-item latency: {max(latency):.2f} s")
+
+
+def run_adversarial(args: argparse.Namespace) -> None:
+    counts: collections.Counter = collections.Counter()
+    worst = 0.0
+    t0 = time.perf_counter()
+    for chunk in adversarial_chunks(args.seed, args.adversarial_rows, 500):
+        verdicts, latency = V.verify_batch_timed(chunk, timeout_s=args.adversarial_timeout_s, workers=args.workers)
+        counts.update(v.status for v in verdicts)
+        worst = max(worst, max(latency))
     wall = time.perf_counter() - t0
-    return wall, time.process_time() + worker_cpu_seconds() - c0, verdicts, latency
+    print(
+        f"verify_batch, {args.adversarial_rows:,} adversarial rows, timeout {args.adversarial_timeout_s:g} s: "
+        f"{wall:.2f} s (building the rows included); {dict(counts)}"
+    )
+    limit = args.adversarial_timeout_s + 1.0
+    print(f"  worst per-item latency: {worst:.2f} s (limit {limit:.2f} s: {'ok' if worst <= limit else 'OVER'})")
+    probe = V.verify_batch([("4321", "so \\boxed{4321}")], timeout_s=args.timeout_s, workers=args.workers)
+    print(f"  pool afterwards: {probe[0].status}")
+    if args.hangs:
+        # Within the budget but too slow for sympy: these do reach a worker, which is killed at the deadline.
+        hangs = [(str(k), f"\\boxed{{(x+{k})^{{900000}}}}") for k in range(args.hangs)]
+        t0 = time.perf_counter()
+        verdicts, latency = V.verify_batch_timed(hangs, timeout_s=args.adversarial_timeout_s, workers=args.workers)
+        print(
+            f"verify_batch, {args.hangs} hangs within the budget: {time.perf_counter() - t0:.2f} s; "
+            f"{dict(collections.Counter(v.status for v in verdicts))}; worst per-item latency {max(latency):.2f} s"
+        )
+        probe = V.verify_batch([("4322", "so \\boxed{4322}")], timeout_s=args.timeout_s, workers=args.workers)
+        print(f"  pool afterwards: {probe[0].status}")
+    if args.open_r1_cap_s > 0:
+        done, seconds = capped_open_r1(args)
+        rate = done / seconds if seconds else 0.0
+        projected = f"{args.adversarial_rows / rate:,.0f} s projected" if rate else "no item finished"
+        print(f"open-r1 accuracy_reward on the same rows: {done} done in {seconds:.1f} s ({projected})")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=2000)
     p.add_argument("--samples-per-problem", type=int, default=8)
-    p.add_argument("--adversarial", type=float, default=0.01, help="fraction of adversarial completions")
     p.add_argument("--paragraphs", type=int, default=12, help="mean reasoning paragraphs per completion")
     p.add_argument("--timeout-s", type=float, default=5.0)
+    p.add_argument("--adversarial-rows", type=int, default=10_000)
+    p.add_argument("--adversarial-timeout-s", type=float, default=1.0)
+    p.add_argument("--hangs", type=int, default=20, help="answers within the budget that hang sympy")
+    p.add_argument("--open-r1-cap-s", type=float, default=60.0, help="0: skip open-r1 on the adversarial rows")
     p.add_argument("--workers", type=int, default=None, help="default: CPU count")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-full", action="store_true", help="skip the (slow) full-completion serial baseline")
+    p.add_argument("--open-r1-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if args.open_r1_child:
+        open_r1_adversarial(args.seed, args.adversarial_rows)
+        return 0
 
-    items, adversarial = build(args)
-    normal = [it for it, adv in zip(items, adversarial, strict=True) if not adv]
-    sizes = [len(c) for _, c in normal]
-    unique = len({(g, V.extract_answer(c)) for g, c in normal})
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    items = build(args)
+    sizes = [len(c) for _, c in items]
     print(
-        f"{len(items)} completions ({len(normal)} normal, {sum(adversarial)} adversarial), "
-        f"mean {sum(sizes) / len(sizes) / 1000:.1f} KB, {unique} distinct (gold, extracted) among the normal; "
-        f"{cores} cores, workers={args.workers or cores}, timeout {args.timeout_s:g} s"
+        f"{len(items)} normal completions, mean {sum(sizes) / len(sizes) / 1000:.1f} KB; {cores} cores, "
+        f"workers={args.workers or cores}, timeout {args.timeout_s:g} s"
     )
-
     t0 = time.perf_counter()
     V.verify_batch([("1", "\\boxed{1}")], timeout_s=args.timeout_s, workers=args.workers)
-    print(f"pool start (fork server + {args.workers or cores} workers): {time.perf_counter() - t0:.2f} s")
-    # Workers and the main process both warm up (ANTLR's DFA, sympy's caches) on other problems first, so that
-    # what is measured is a steady state for both.
-    warm_args = argparse.Namespace(**{**vars(args), "items": 200, "seed": args.seed + 1, "adversarial": 0.0})
-    warm_items = build(warm_args)[0]
-    V.verify_batch(warm_items, timeout_s=args.timeout_s, workers=args.workers)
-    serial_loop(warm_items, box_only=True)
-
-    box_s, box_cpu, box_ok = serial_loop(normal, box_only=True)
-    print(
-        f"serial loop, boxed answer only: {box_s:7.2f} s  {len(normal) / box_s:8.1f} verdicts/s  cpu {box_cpu:6.2f} s"
-    )
-    if not args.skip_full:
-        full_s, full_cpu, full_ok = serial_loop(normal, box_only=False)
-        print(
-            f"serial loop, full completion:   {full_s:7.2f} s  {len(normal) / full_s:8.1f} verdicts/s  "
-            f"cpu {full_cpu:6.2f} s"
-        )
-
-    pool_s, pool_cpu, verdicts, latency = timed_batch(normal, args)
-    pool_ok = [v.status == "correct" for v in verdicts]
-    print(
-        f"verify_batch, same items:       {pool_s:7.2f} s  {len(normal) / pool_s:8.1f} verdicts/s  "
-        f"cpu {pool_cpu:6.2f} s (parent + workers)"
-    )
-    print(f"  speedup vs serial (boxed):  {box_s / pool_s:5.2f}x  cpu seconds, serial/pool: {box_cpu / pool_cpu:.2f}")
-    if not args.skip_full:
-        print(f"  speedup vs serial (full):   {full_s / pool_s:5.2f}x")
-        agree = sum(a == b for a, b in zip(pool_ok, full_ok, strict=True)) / len(normal)
-        print(f"  agreement with the full serial loop: {agree:.1%}")
-    agree_box = sum(a == b for a, b in zip(pool_ok, box_ok, strict=True)) / len(normal)
-    print(f"  agreement with the boxed serial loop: {agree_box:.1%}")
-
-    all_s, _, verdicts, latency = timed_batch(items, args)
-    counts = collections.Counter(v.status for v in verdicts)
-    worst = max(latency)
-    print(f"verify_batch, all items:        {all_s:7.2f} s  {len(items) / all_s:8.1f} verdicts/s  {dict(counts)}")
-    goal = "ok" if worst <= args.timeout_s + 1.0 else "OVER"
-    print(f"  worst per-item latency: {worst:.2f} s (limit {args.timeout_s + 1.0:.2f} s: {goal})")
+    print(f"pool start (fork server with math-verify warmed up, then workers): {time.perf_counter() - t0:.2f} s")
+    # Both sides warm up (ANTLR's DFA, sympy's caches) on other problems first, so a steady state is measured.
+    warm = build(argparse.Namespace(**{**vars(args), "items": 200, "seed": args.seed + 1}))
+    V.verify_batch(warm, timeout_s=args.timeout_s, workers=args.workers)
+    for g, c in warm:
+        open_r1_reward(open_r1_gold(g), c)
+    run_normal(items, args)
+    if args.adversarial_rows:
+        run_adversarial(args)
     V.shutdown_pool()
     return 0
 

@@ -18,10 +18,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ckptdpo.backends.base import GenerationResult
+from ckptdpo.backends.base import GenerationResult, problem_message
 from ckptdpo.configs import BackendConfig, EvalConfig, ProblemsConfig, eval_model_name
 from ckptdpo.errors import UserError
 from ckptdpo.metrics import aes, cons_at_k, efficiency_eta, pass_at_k
+from ckptdpo.sandbox import SandboxLimits
 from ckptdpo.shards import list_shards
 
 # The columns aggregation reads; never `completion`.
@@ -85,6 +86,76 @@ def resolve_benchmarks(
         raise UserError(f"{source}: eval.benchmarks is empty; name at least one benchmark (name: problem source).")
     heldout = problems.model_copy(update={"seed": problems.seed + HELDOUT_SEED_OFFSET, "limit": None})
     return {HELDOUT_BENCHMARK: heldout}
+
+
+# --- prompts and verification per benchmark kind ---------------------------------------------------------------
+
+
+def kind_prompt(chat_prompt: str, message: str, kind: str) -> str:
+    """The prompt of a problem of `kind` from the backend's math prompt of the same message.
+
+    Backends template `message + "\n\n" + INSTRUCTION`; code and choice prompts carry their own instruction, so
+    the math instruction is taken out of the templated text again (templates copy the user turn verbatim).
+    """
+    if kind == "math":
+        return chat_prompt
+    turn = problem_message(message)
+    if turn not in chat_prompt:
+        raise ValueError("the backend's chat template changed the user turn; cannot drop the math instruction")
+    return chat_prompt.replace(turn, message, 1)
+
+
+def code_limits(cfg: EvalConfig) -> SandboxLimits:
+    return SandboxLimits(
+        cpu_s=cfg.code_cpu_s,
+        wall_s=cfg.code_wall_s,
+        memory_bytes=cfg.code_memory_mb << 20,
+        max_processes=cfg.code_max_processes,
+    )
+
+
+def verify_samples(
+    problems: Sequence[Mapping[str, Any]],
+    completions: Sequence[Sequence[str]],
+    cfg: EvalConfig,
+    *,
+    timeout_s: float,
+    workers: int | None,
+) -> list[Any]:
+    """Verdicts flat over each problem's completions in order, each problem checked by the verifier of its kind."""
+    from ckptdpo.verify import verify_batch
+    from ckptdpo.verify.choice import LETTERS, verify_choice_batch
+    from ckptdpo.verify.code import verify_code_batch
+
+    flat = [(p, c) for p, texts in zip(problems, completions, strict=True) for c in texts]
+    verdicts: list[Any] = [None] * len(flat)
+    by_kind: dict[str, list[int]] = defaultdict(list)
+    for i, (p, _) in enumerate(flat):
+        by_kind[p.get("kind") or "math"].append(i)
+    for kind, idx in by_kind.items():
+        if kind == "math":
+            got = verify_batch([(flat[i][0]["answer"], flat[i][1]) for i in idx], timeout_s=timeout_s, workers=workers)
+        elif kind == "choice":
+            got = [
+                verify_choice_batch([(p["answer"], c)], LETTERS[: len(p.get("choice_order") or LETTERS)])[0]
+                for p, c in (flat[i] for i in idx)
+            ]
+        elif kind == "code":
+            tasks = [_code_task(*flat[i]) for i in idx]
+            limits, allow = code_limits(cfg), cfg.allow_unsandboxed
+            got = verify_code_batch(tasks, limits=limits, workers=workers, allow_unsandboxed=allow)
+        else:
+            raise ValueError(f"unknown benchmark kind {kind!r}")
+        for i, v in zip(idx, got, strict=True):
+            verdicts[i] = v
+    return verdicts
+
+
+def _code_task(problem: Mapping[str, Any], completion: str) -> Any:
+    from ckptdpo.verify.code import CodeTask
+
+    cases = tuple((c["stdin"], c["expected_stdout"]) for c in problem.get("cases") or [])
+    return CodeTask(completion, tests=problem.get("tests") or "", setup=problem.get("setup") or "", cases=cases)
 
 
 def normalize_problem(text: str) -> str:

@@ -44,6 +44,7 @@ VERDICTS = pa.schema(
         ("status", pa.string()),  # correct | incorrect | no_answer | timeout | error
         ("is_correct", pa.bool_()),  # null unless status is correct or incorrect
         ("extracted", pa.string()),
+        ("extracted_from", pa.string()),  # box | statement | none: how sure the label is
     ]
 )
 
@@ -121,6 +122,21 @@ DTO_RESULTS = pa.schema(
         ("original_tokens", pa.int32()),
         ("truncated_tokens", pa.int32()),
         ("pruned_tokens", pa.int32()),
+    ]
+)
+
+# One row per benchmark problem of the eval stage: PROBLEMS plus how to check an answer of its kind.
+EVAL_PROBLEMS = pa.schema(
+    [
+        ("problem_id", pa.string()),
+        ("problem", pa.string()),  # the user message: the benchmark's prompt (its harness's wording)
+        ("answer", pa.string()),  # math: gold answer; choice: gold letter; code: the reference solution or ""
+        ("source", pa.string()),
+        ("kind", pa.string()),  # math | code | choice
+        ("tests", pa.string()),  # code: Python run after the candidate ("" when none)
+        ("setup", pa.string()),  # code: Python run before the candidate (imports the prompt had)
+        ("cases", pa.list_(pa.struct([("stdin", pa.string()), ("expected_stdout", pa.string())]))),
+        ("choice_order", pa.list_(pa.int32())),  # choice: presented[i] = original[choice_order[i]]; else null
     ]
 )
 

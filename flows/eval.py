@@ -8,15 +8,16 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from ckptdpo import evaluate
+from ckptdpo import evaluate, sandbox
 from flows.fanout import fan_out
 from tasks import eval as eval_tasks
-from tasks import planning
 from tasks.backends import close_backends
 from tasks.common import load_recipe
+from tasks.rundir import holds_run_dir
 
 
-@flow(name="eval")
+@flow(name="eval", flow_run_name="eval {run_dir}", timeout_seconds=14 * 24 * 3600)
+@holds_run_dir
 def eval_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None = None) -> dict:
     """Benchmarks x models -> EVAL_SAMPLES shards, `eval/results.parquet` and the eval section of stats.json."""
     started = time.time()
@@ -26,6 +27,9 @@ def eval_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None =
     log.info("eval of recipe %s, config hash %s", recipe.name, recipe.config_hash("eval"))
     base_dir = str(Path(recipe_path).resolve().parent)
     benchmarks = evaluate.resolve_benchmarks(cfg, recipe.problems, source=recipe_path)
+    if any(b.kind == "code" for b in benchmarks.values()):
+        # Before any model is loaded: a machine that cannot sandbox model-written code is one sentence, not a retry.
+        sandbox.require_isolation(cfg.allow_unsandboxed)
     models, skipped = evaluate.resolve_models(cfg, recipe.backend, Path(run_dir))
     for name, reason in skipped.items():
         log.warning("model %s skipped: %s", name, reason)
@@ -33,23 +37,13 @@ def eval_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None =
         # The pipeline's generation backend may still be loaded; one in-process model at a time.
         close_backends()
     bench_stats = {
-        name: eval_tasks.load_benchmark(
-            run_dir, name, pcfg.model_dump(), cfg.shard_size, base_dir, cfg.exclude_training_problems
-        )
+        name: eval_tasks.load_benchmark(run_dir, name, pcfg, cfg.shard_size, base_dir, cfg.exclude_training_problems)
         for name, pcfg in benchmarks.items()
     }
-    sampling = cfg.model_dump(include={"num_samples", "temperature", "top_p", "max_tokens", "seed"})
+    budget = recipe.failure_budget.eval
     for spec in models:
         for bench in benchmarks:
-            plan = planning.plan_stage(
-                run_dir,
-                eval_tasks.samples_stage(bench, spec.name),
-                planning.fingerprints(run_dir, eval_tasks.problems_stage(bench)),
-                sampling,
-                planning.backend_key(spec.backend),
-                eval_tasks.model_key(spec.backend, run_dir),
-                shards_of=eval_tasks.problems_stage(bench),
-            )
+            plan = eval_tasks.plan_eval(run_dir, recipe, spec, bench, benchmarks[bench].kind)
             results = (
                 []
                 if plan.done
@@ -57,17 +51,18 @@ def eval_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None =
                     plan,
                     eval_tasks.evaluate_shard,
                     plan.stage,
+                    in_flight=recipe.task_runner.max_in_flight,
+                    runner=recipe.task_runner,
                     benchmark=bench,
                     model_name=spec.name,
-                    eval_config=cfg.model_dump(),
-                    backend=spec.backend.model_dump(),
-                    timeout_s=recipe.verify.timeout_s,
-                    workers=recipe.verify.workers,
-                    in_flight=recipe.task_runner.max_in_flight,
+                    eval=cfg,
+                    backend=spec.backend,
+                    verify=recipe.verify,
+                    failure_budget=budget,
                 )
             )
             # Always: a changed k list re-aggregates the kept shards without generating again.
-            eval_tasks.finalize_eval_model(plan, results, cfg.model_dump())
+            eval_tasks.finalize_eval_model(plan, results, cfg, failure_budget=budget)
         # One loaded model at a time: two in-process engines (vLLM above all) would not fit on one GPU.
         close_backends()
-    return eval_tasks.finalize_eval(run_dir, bench_stats, [m.name for m in models], skipped, cfg.model_dump(), started)
+    return eval_tasks.finalize_eval(run_dir, bench_stats, [m.name for m in models], skipped, cfg, started)

@@ -21,14 +21,15 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from ckptdpo import evaluate
 from ckptdpo.backends.base import GenerationRequest
-from ckptdpo.configs import BackendConfig, EvalConfig, ProblemsConfig, backend_config
+from ckptdpo.configs import BackendConfig, EvalConfig, ProblemsConfig, Recipe, VerifyConfig
+from ckptdpo.evaluate import ModelSpec
 from ckptdpo.resample import stable_seed
 from ckptdpo.schemas import EVAL_PROBLEMS, EVAL_RESULTS, EVAL_SAMPLES, SCHEMA_VERSION, make_table
 from ckptdpo.shards import (
     MANIFEST,
     atomic_write_bytes,
     file_sha256,
-    list_shards,
+    listed_shards,
     prepare_stage,
     read_manifest,
     read_shard,
@@ -41,7 +42,16 @@ from ckptdpo.sources import load_eval_problems
 from tasks.backends import backend_session, model_fingerprint
 from tasks.common import content_cache_key, content_key
 from tasks.environment import hub_offline
-from tasks.planning import RETRY, StagePlan, shard_exists
+from tasks.planning import (
+    RETRY,
+    StagePlan,
+    artifact_key,
+    backend_key,
+    check_failures,
+    fingerprints,
+    plan_stage,
+    shard_exists,
+)
 
 RESULTS_FILE = "results.parquet"
 
@@ -54,16 +64,17 @@ def samples_stage(benchmark: str, model_name: str) -> str:
     return f"eval/{benchmark}/{model_name}"
 
 
-@task(name="load_benchmark", **RETRY)
+@task(name="load_benchmark", task_run_name="load-benchmark-{benchmark}", **RETRY)
 def load_benchmark(
-    run_dir: str, benchmark: str, problems: dict, shard_size: int, base_dir: str, exclude_training: bool
+    run_dir: str, benchmark: str, problems: ProblemsConfig, shard_size: int, base_dir: str, exclude_training: bool
 ) -> dict[str, Any]:
     """Load one benchmark's problems, drop those the run trained on, and shard them (when their content changed)."""
-    cfg = ProblemsConfig(**problems)
+    cfg = problems
     rows, excluded = load_eval_problems(cfg, base_dir=Path(base_dir), offline=hub_offline()), 0
     training = Path(run_dir) / "problems"
-    if exclude_training and list_shards(training):
-        texts = [t for p in list_shards(training) for t in read_shard(p, ["problem"]).column("problem").to_pylist()]
+    if exclude_training and read_manifest(training) is not None:
+        shards = listed_shards(training)
+        texts = [t for p in shards for t in read_shard(p, ["problem"]).column("problem").to_pylist()]
         rows, excluded = evaluate.exclude_problems(rows, texts)
     if excluded:
         get_run_logger().info("%s: %d problems also in the training set left out", benchmark, excluded)
@@ -78,34 +89,44 @@ def load_benchmark(
     return read_manifest(stage)["stats"]
 
 
-def model_key(backend: BackendConfig, run_dir: str) -> str:
-    """The model's revision for cache keys; a model trained in this run also by its training summary, because a
-    retrained model of the same shapes has the same config and file sizes."""
-    key = model_fingerprint(backend)
-    train_dir = (Path(run_dir) / "train").resolve()
-    summary = train_dir / "summary.json"
-    if Path(backend.model).expanduser().resolve().is_relative_to(train_dir) and summary.is_file():
-        key += "-" + file_sha256(summary)[:16]
-    return key
+def plan_eval(run_dir: str, recipe: Recipe, model: ModelSpec, bench: str, kind: str) -> StagePlan:
+    """One (benchmark, model): keyed by the benchmark's problems, the sampling settings (and the sandbox limits for
+    code), the backend and the model's content fingerprint (the same one for a base and a freshly trained model)."""
+    cfg = recipe.eval
+    sampling = cfg.model_dump(mode="json", include={"num_samples", "temperature", "top_p", "max_tokens", "seed"})
+    if kind == "code":
+        limits = {"code_wall_s", "code_cpu_s", "code_memory_mb", "code_max_processes"}
+        sampling = {**sampling, **cfg.model_dump(mode="json", include=limits)}
+    return plan_stage(
+        run_dir,
+        samples_stage(bench, model.name),
+        fingerprints(run_dir, problems_stage(bench)),
+        sampling,
+        backend_key(model.backend),
+        model_fingerprint(model.backend),
+        shards_of=problems_stage(bench),
+    )
 
 
-@task(name="evaluate_samples", cache_key_fn=content_cache_key, persist_result=True, **RETRY)
+@task(name="evaluate_samples", task_run_name="eval-{benchmark}-{model_name}-shard-{index}",
+      cache_key_fn=content_cache_key, persist_result=True, **RETRY)  # fmt: skip
 def evaluate_shard(
     run_dir: str,
     index: int,
     stage_key: str,
     benchmark: str,
     model_name: str,
-    eval_config: dict,
-    backend: dict,
-    timeout_s: float,
-    workers: int | None,
-) -> dict[str, float]:
+    eval: EvalConfig,
+    backend: BackendConfig,
+    verify: VerifyConfig,
+    failure_budget: int = 0,
+) -> dict[str, Any]:
     """Sample `num_samples` completions per problem of one benchmark shard with one model, verify, write the shard."""
     stage = samples_stage(benchmark, model_name)
     if shard_exists(run_dir, stage, index):
         return {"generate_s": 0.0, "verify_s": 0.0}
-    cfg, bcfg = EvalConfig(**eval_config), backend_config(**backend)
+    cfg, bcfg = eval, backend
+    timeout_s, workers = verify.timeout_s, verify.workers
     problems = read_shard(shard_path(Path(run_dir) / problems_stage(benchmark), index)).to_pylist()
     with backend_session(bcfg) as b:
         requests = [
@@ -127,6 +148,9 @@ def evaluate_shard(
     failed = [(p["problem_id"], r.error) for p, r in zip(problems, results, strict=True) if r.error]
     for pid, error in failed:
         get_run_logger().warning("%s/%s problem %s: generation failed: %s", benchmark, model_name, pid, error)
+    if len(failed) > failure_budget:
+        # Nothing is written, so nothing is recorded as evaluated: Prefect retries the shard, a later run again.
+        raise RuntimeError(f"eval {benchmark}/{model_name} shard {index}: {len(failed)} request(s) failed")
     completions = [[s.text for s in r.samples[: cfg.num_samples]] for r in results]
     t0 = time.perf_counter()
     verdicts = evaluate.verify_samples(problems, completions, cfg, timeout_s=timeout_s, workers=workers)
@@ -135,16 +159,22 @@ def evaluate_shard(
         benchmark, model_name, model, [p["problem_id"] for p in problems], results, verdicts, cfg.num_samples
     )
     write_shard(Path(run_dir) / stage, index, make_table(rows, EVAL_SAMPLES))
-    return {"generate_s": generate_s, "verify_s": verify_s, "failed_requests": len(failed)}
+    out: dict[str, Any] = {"generate_s": generate_s, "verify_s": verify_s, "failed_requests": len(failed)}
+    if failed:
+        out.update(shard=f"part-{index:05d}.parquet", failed=[pid for pid, _ in failed])
+    return out
 
 
 @task(name="aggregate_eval", **RETRY)
-def finalize_eval_model(plan: StagePlan, shard_results: list[dict[str, Any]], eval_config: dict) -> dict[str, Any]:
+def finalize_eval_model(
+    plan: StagePlan, shard_results: list[dict[str, Any]], eval: EvalConfig, failure_budget: int = 0
+) -> dict[str, Any]:
     """One (benchmark, model)'s metrics, streamed shard by shard; its manifest is written last.
 
     A stage already done is re-aggregated only when the k list changed (its shards do not depend on k).
     """
-    cfg = EvalConfig(**eval_config)
+    cfg = eval
+    failed = [] if plan.done else check_failures(plan.stage, shard_results, failure_budget)
     old = (read_manifest(plan.directory) or {}).get("stats", {}) if plan.done else {}
     if plan.done and old.get("k") == cfg.k:
         return old
@@ -154,7 +184,9 @@ def finalize_eval_model(plan: StagePlan, shard_results: list[dict[str, Any]], ev
         stats[name] = old.get(name, 0) if plan.done else round(sum(r.get(name, 0) for r in shard_results), 3)
     if not plan.done:
         stats["wall_s"] = round(time.time() - plan.started, 3)
-    write_manifest(plan.directory, config_hash=plan.key, stats=stats, inputs=plan.inputs)
+    if plan.done:
+        failed = (read_manifest(plan.directory) or {}).get("failed", [])
+    write_manifest(plan.directory, config_hash=plan.key, stats=stats, inputs=plan.inputs, failed=failed)
     return stats
 
 
@@ -164,11 +196,11 @@ def finalize_eval(
     benchmarks: dict[str, dict[str, Any]],
     models: list[str],
     skipped: dict[str, str],
-    eval_config: dict,
+    eval: EvalConfig,
     started: float,
 ) -> dict[str, Any]:
     """eta and AES against the reference model, `eval/results.parquet`, the eval manifest (last) and stats.json."""
-    cfg = EvalConfig(**eval_config)
+    cfg = eval
     reference = models[0] if models else ""
     section: dict[str, dict[str, Any]] = {}
     for bench in benchmarks:
@@ -192,9 +224,16 @@ def finalize_eval(
     manifest = {
         "num_rows": len(rows),
         "num_shards": 1,
-        "shards": [{"name": RESULTS_FILE, "num_rows": len(rows), "sha256": sha}],
+        "shards": [
+            {
+                "name": RESULTS_FILE,
+                "num_rows": len(rows),
+                "num_bytes": (stage / RESULTS_FILE).stat().st_size,
+                "sha256": sha,
+            }
+        ],
         "schema_version": SCHEMA_VERSION,
-        "config_hash": content_key("eval", eval_config)[:16],
+        "config_hash": content_key("eval", cfg)[:16],
         "code_version": _code_version(),
         "inputs": {},
         "stats": {
@@ -212,7 +251,9 @@ def finalize_eval(
         for r in rows
     ]
     if table:
-        create_table_artifact(table=table, key="eval-results", description="ckptdpo eval: per benchmark and model")
+        create_table_artifact(
+            table=table, key=artifact_key(run_dir, "eval-results"), description="ckptdpo eval: per benchmark and model"
+        )
     return section
 
 

@@ -153,7 +153,7 @@ def resample_shard(
         for k, ((slot, _), res) in enumerate(zip(work, results, strict=True)):
             gold = trajectories[slot.source_sample_id]["gold_answer"]
             for s in res.samples:
-                items.append((gold, s.text))
+                items.append((gold, s.text, s.finish_reason))
                 owners.append(k)
         t0 = time.perf_counter()
         verdicts = verify_batch(items, **verify_kwargs(verify))

@@ -31,10 +31,7 @@ def plan_verify(run_dir: str, recipe: Recipe) -> StagePlan:
 
 def verify_kwargs(cfg: VerifyConfig) -> dict[str, Any]:
     """`verify_batch` keyword arguments of a verify config (also used by resample, DTO and eval)."""
-    kwargs: dict[str, Any] = {"timeout_s": cfg.timeout_s, "workers": cfg.workers}
-    if "answer_format" in type(cfg).model_fields:
-        kwargs["answer_format"] = cfg.answer_format
-    return kwargs
+    return {"timeout_s": cfg.timeout_s, "workers": cfg.workers, "answer_format": cfg.answer_format}
 
 
 @task(name="verify_samples", task_run_name="verify-shard-{index}", cache_key_fn=content_cache_key,

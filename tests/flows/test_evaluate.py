@@ -63,10 +63,13 @@ def test_aggregation_matches_hand_computed_values():
     assert m["pass_at_1"] == pytest.approx((1 / 4 + 2 / 4) / 2)
     # pass@2: p1 1 - C(3,2)/C(4,2) = 1/2, p2 1 - C(2,2)/C(4,2) = 5/6; pass@3: p1 1 - C(3,3)/C(4,3) = 3/4, p2 1.
     assert m["pass_at_k"] == pytest.approx({"1": 0.375, "2": (1 / 2 + 5 / 6) / 2, "3": (3 / 4 + 1) / 2, "4": 1.0})
-    # cons@1: p1 G wins, p2 "3" wins. cons@2: p1 G/"7" tie -> G (first); p2 "3"/G tie -> "3" (first).
-    # cons@3 and cons@4: p1 G/"7" tie -> G; p2 G twice (the correct answers vote together although written
-    # differently) against one "3".
-    assert m["cons_at_k"] == {"1": 0.5, "2": 0.5, "3": 1.0, "4": 1.0}
+    # cons@k is the expectation over the k-subsets of the 4 samples, a tie split between the tied answers (issue 16);
+    # the correct answers vote together although written differently. cons@1 = pass@1.
+    # p1 (G, "7", -, -): k=2 {G,7} 1/2, {G,-} x2 1 -> 2.5/6; k=3 {G,7,-} x2 1/2, {G,-,-} 1 -> 2/4; k=4 tie -> 1/2.
+    # p2 ("3", G, G, "4"): k=2 {3,G} x2 1/2, {G,G} 1, {G,4} x2 1/2 -> 3/6; k=3 {3,G,G} 1, {3,G,4} x2 1/3,
+    # {G,G,4} 1 -> (8/3)/4; k=4 G twice -> 1.
+    expected = {"1": 0.375, "2": (2.5 / 6 + 3 / 6) / 2, "3": (2 / 4 + 2 / 3) / 2, "4": (1 / 2 + 1) / 2}
+    assert m["cons_at_k"] == pytest.approx(expected, abs=1e-6)
     assert m["k_skipped"] == [8]
     assert m["mean_tokens"] == pytest.approx(280 / 8)
     assert m["mean_tokens_correct"] == pytest.approx(50 / 3)
@@ -365,3 +368,98 @@ def test_eval_flow_on_fake_backend(prefect_harness, tmp_path: Path):
     path = Path(report_step(str(run_dir)))
     page = path.read_text()
     assert path == run_dir / "report" / "index.html" and "pass@k" in page and "could not be drawn" not in page
+
+
+# --- code and multiple-choice benchmarks in the same flow ------------------------------------------------------------
+
+HUMANEVAL_TINY = [
+    {
+        "task_id": f"HumanEval/{i}",
+        "prompt": f'def f{i}(x):\n    """Return x plus {i}."""\n',
+        "canonical_solution": f"    return x + {i}\n",
+        "test": f"def check(candidate):\n    assert candidate(1) == {1 + i}\n",
+        "entry_point": f"f{i}",
+    }
+    for i in (1, 2)
+]
+ARC_TINY = [
+    {
+        "id": f"arc{i}",
+        "question": {
+            "stem": f"Which number is {i}?",
+            "choices": [{"text": str(i + 10 * n), "label": lab} for n, lab in enumerate("ABCD")],
+        },
+        "answerKey": "A",
+    }
+    for i in (1, 2)
+]
+
+
+def test_eval_flow_with_code_and_choice_benchmarks(prefect_harness, tmp_path: Path):
+    """Math, code and choice benchmarks in one eval: prompts per kind, verdicts per kind, `kind` in stats.json."""
+    import gzip
+
+    from ckptdpo.sources import load_eval_problems
+    from flows.eval import eval_flow
+
+    with gzip.open(tmp_path / "he.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in HUMANEVAL_TINY))
+    (tmp_path / "arc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ARC_TINY))
+    (tmp_path / "bench.jsonl").write_text("".join(json.dumps(p) + "\n" for p in BENCH[:2]))
+    he = load_eval_problems(ProblemsConfig(source="humaneval", path=str(tmp_path / "he.jsonl.gz")))
+    arc = load_eval_problems(ProblemsConfig(source="arc", path=str(tmp_path / "arc.jsonl")))
+    rules = []
+    for r in he:  # two samples each: one right, one wrong
+        i = r["problem_id"].split("/")[1]
+        right = f"```python\ndef f{i}(x):\n    return x + {i}\n```"
+        wrong = f"```python\ndef f{i}(x):\n    return x\n```"
+        rules.append({"after": r["problem"][-40:] + "\n<|assistant|>\n", "texts": [right, wrong]})
+    for r in arc:  # one right, one ambiguous
+        rules.append(
+            {"after": r["problem"][-160:] + "\n<|assistant|>\n", "texts": [f"\\boxed{{{r['answer']}}}", "A or B"]}
+        )
+    script = {
+        "template": TEMPLATE,
+        "problems": {p: {"samples": s[:2]} for p, s in BASE.items()},
+        "continuations": rules,
+    }
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(script))
+    recipe = {
+        "name": "kinds",
+        "stages": ["eval"],
+        "problems": {"source": "file", "path": "bench.jsonl"},
+        "backend": {"kind": "fake", "model": "fake", "script": str(tmp_path / "base.yaml")},
+        "eval": {
+            "benchmarks": {
+                "tiny": {"source": "file", "path": "bench.jsonl"},
+                "he": {"source": "humaneval", "path": "he.jsonl.gz"},
+                "arc": {"source": "arc", "path": "arc.jsonl"},
+            },
+            "models": ["base"],
+            "num_samples": 2,
+            "k": [1, 2],
+            "max_tokens": 100,
+            "code_wall_s": 10,
+            "allow_unsandboxed": True,  # isolation is used where available; CI machines without it still run this
+        },
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    section = eval_flow(str(tmp_path / "recipe.yaml"), str(tmp_path / "run"))
+    assert {b: section[b]["base"]["kind"] for b in section} == {"tiny": "math", "he": "code", "arc": "choice"}
+    assert read_stats(tmp_path / "run")["eval"]["he"]["base"]["kind"] == "code"
+    assert section["he"]["base"]["by_status"] == {"correct": 2, "incorrect": 2}
+    assert section["he"]["base"]["pass_at_k"] == {"1": 0.5, "2": 1.0}
+    assert section["arc"]["base"]["by_status"] == {"correct": 2, "no_answer": 2}
+    assert section["tiny"]["base"]["num_samples"] == 4
+    samples = pq.read_table(tmp_path / "run" / "eval" / "he" / "base" / "part-00000.parquet").to_pylist()
+    assert all(s["finish_reason"] == "stop" for s in samples)  # every prompt matched its rule: no math instruction
+
+
+def test_kind_prompt_drops_the_math_instruction_for_code_and_choice_only():
+    from ckptdpo.backends.base import problem_message
+
+    templated = f"<u>{problem_message('Q?')}</u><a>"
+    assert evaluate.kind_prompt(templated, "Q?", "math") == templated
+    assert evaluate.kind_prompt(templated, "Q?", "choice") == "<u>Q?</u><a>"
+    with pytest.raises(ValueError, match="changed the user turn"):
+        evaluate.kind_prompt("<u>q?</u>", "Q?", "code")

@@ -1,4 +1,4 @@
-"""Answer extraction, math-verify in the killable pool (tricky and adversarial answers), and `ckptdpo verify`."""
+"""math-verify in the killable pool: reported cases, answer forms, cut-off completions, adversarial input, the CLI."""
 
 from __future__ import annotations
 
@@ -6,14 +6,23 @@ import itertools
 import json
 import os
 import signal
+import sys
 import threading
 import time
 
 import pyarrow.parquet as pq
 import pytest
 
-from ckptdpo import verify as V
-from ckptdpo.verify import Verdict, extract_answer, verify_batch, verify_batch_timed
+from ckptdpo.verify import (
+    WORKER_MEMORY_HEADROOM_BYTES,
+    Pool,
+    Verdict,
+    WorkersUnavailable,
+    run_calls,
+    verify_batch,
+    verify_batch_timed,
+)
+from ckptdpo.verify.math import check_math
 from commands.cli import main as cli_main
 
 TIMEOUT_S = 1.0
@@ -26,102 +35,126 @@ def fresh_item() -> tuple[tuple[str, str], str]:
     return (str(n), f"Adding up gives {n}.\n\n**Final Answer**\n\\boxed{{{n}}}"), str(n)
 
 
-# --- extraction ----------------------------------------------------------------------------------------------------
+def boxed(answer: str) -> Verdict:
+    return Verdict("correct", True, answer, "box")
 
 
-@pytest.mark.parametrize(
-    "completion, expected",
-    [
-        ("so \\boxed{42}.", "42"),
-        ("first \\boxed{1}, then\n\nWait, no: \\boxed{2}", "2"),  # the last box wins
-        ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}"),  # nested braces
-        ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),  # escaped braces do not close the box
-        ("\\boxed{\\left\\{ x \\right\\}}", "\\left\\{ x \\right\\}"),
-        ("the answer is $\\boxed 7$", "7"),
-        ("\\boxed {8}", "8"),
-        ("\\fbox{9}", "9"),
-        ("\\boxed{a} then \\fbox{b}", "b"),
-        ("\\fbox{a} then \\boxed{b}", "b"),
-        ("\\boxed{\\boxed{5}}", "5"),
-        ("<think>try \\boxed{3}</think>\n\nSo the answer is \\boxed{4}.", "4"),  # after </think> first
-        ("<think>it is \\boxed{3}.</think>\n\nThe answer is three.", "3"),  # then the whole text
-        ("<think>\\boxed{1}</think> \\boxed{2} </think> \\boxed{6}", "6"),  # the last </think> counts
-        ("I must use \\boxed{} at the end: \\boxed{12} \\boxed{}", "12"),  # empty boxes are skipped
-        ("\\boxed{3}. Wait, so \\boxed{12", "3"),  # an unclosed (truncated) box is skipped
-        ("\\boxedsymbol{3}", None),  # another command
-        ("no box here, the answer is 5", None),
-        ("", None),
-    ],
-)
-def test_extract_answer(completion: str, expected: str | None) -> None:
-    assert extract_answer(completion) == expected
+# --- the reported cases ---------------------------------------------------------------------------------------------
 
 
-def test_extract_answer_not_a_string() -> None:
-    assert extract_answer(None) is None  # type: ignore[arg-type]
-    assert extract_answer(123) is None  # type: ignore[arg-type]
+def test_currency_gold_matches_itself() -> None:
+    """Issue 12, case 2: a `\\$` gold never matched, not even itself boxed."""
+    assert verify_batch([("\\$18.90", "\\boxed{\\$18.90}")]) == [boxed("\\$18.90")]
 
 
-def test_extract_answer_megabyte_completions_are_fast() -> None:
-    reasoning = "Let me compute the area again.\n\nWait, that is not right. " * 100_000  # ~5.6 MB
-    spam = "\\boxed{" + "{" * 40_000
-    cases = [
-        (reasoning + "\\boxed{17}", "17"),
-        ("\\boxed{17}" + reasoning, "17"),  # the only box at the start: one backwards scan, not quadratic
-        (reasoning + "</think>" + reasoning, None),
-        ("\\boxed{17}" + spam * 100, None),  # unclosed brace spam: the scan budget gives up
-    ]
-    for text, expected in cases:
-        t0 = time.perf_counter()
-        got = extract_answer(text)
-        elapsed = time.perf_counter() - t0
-        assert got == expected
-        assert elapsed < 0.5, f"extraction took {elapsed:.2f} s on {len(text):,} characters"
+def test_no_box_fallback_takes_the_stated_answer() -> None:
+    """Issue 12, case 3: without a box the old fallback took the 4 of "4 + 4" and labelled a right answer wrong."""
+    (v,) = verify_batch([("8", 'So the answer to the question "4 + 4" is indeed 8.')])
+    assert v == Verdict("correct", True, "8", "statement")
 
 
-# --- verification: tricky answers -----------------------------------------------------------------------------------
+# --- answer forms: gold, prediction, verdict ------------------------------------------------------------------------
 
-TRICKY = [
-    # (gold, completion, status, extracted)
-    ("\\frac{1}{2}", "So the probability is \\boxed{0.5}.", "correct", "0.5"),
-    ("0.5", "\\boxed{\\dfrac{1}{2}}", "correct", "\\dfrac{1}{2}"),
-    ("0.5", "\\boxed{\\frac{1}{3}}", "incorrect", "\\frac{1}{3}"),
-    ("1/2", "\\boxed{\\frac12}", "correct", "\\frac12"),
-    ("1450000", "\\boxed{1,450,000}", "correct", "1,450,000"),
-    ("1,450,000", "\\boxed{1450000}", "correct", "1450000"),
-    ("1,450,000", "\\boxed{145,000}", "incorrect", "145,000"),
-    ("(1, 2, 3)", "\\boxed{(1,2,3)}", "correct", "(1,2,3)"),
-    ("(1, 2, 3)", "\\boxed{(1,3,2)}", "incorrect", "(1,3,2)"),  # tuples are ordered
-    ("[0, 1)", "\\boxed{[0,1)}", "correct", "[0,1)"),
-    ("[0, 1)", "\\boxed{[0,1]}", "incorrect", "[0,1]"),  # interval ends matter
-    ("(-\\infty, 2]", "\\boxed{(-\\infty,2]}", "correct", "(-\\infty,2]"),
-    ("\\{1,2,3\\}", "\\boxed{\\{3,2,1\\}}", "correct", "\\{3,2,1\\}"),  # sets are not
-    ("\\{1,2,3\\}", "\\boxed{\\{1,2\\}}", "incorrect", "\\{1,2\\}"),
-    ("Monday", "\\boxed{\\text{Monday}}", "correct", "\\text{Monday}"),
-    ("Monday", "\\boxed{\\text{Tuesday}}", "incorrect", "\\text{Tuesday}"),
-    ("\\text{B}", "The correct option is \\boxed{B}", "correct", "B"),
-    ("B", "\\boxed{C}", "incorrect", "C"),
-    ("\\frac{\\sqrt{3}}{2}", "\\boxed{\\frac{\\sqrt{3}}{2}}", "correct", "\\frac{\\sqrt{3}}{2}"),
-    ("2\\sqrt{3}", "\\boxed{\\sqrt{12}}", "correct", "\\sqrt{12}"),
-    ("5", "x = 5, so \\boxed{x=5}", "correct", "x=5"),
-    ("2", "\\boxed{1}\n\nWait, I made an error. \\boxed{2}", "correct", "2"),  # several boxes: the last wins
-    ("1", "\\boxed{1}\n\nWait, I made an error. \\boxed{2}", "incorrect", "2"),
-    ("4", "<think>maybe \\boxed{3}</think>\n\nThe answer is \\boxed{4}.", "correct", "4"),
-    ("1450000", "The answer is $1,450,000$.", "correct", "1,450,000"),  # no box: math-verify's extraction
-    ("12", "so the final answer is 12.", "correct", "12"),
-    ("3", "the answer: 4", "incorrect", "4"),
-    ("5", "I do not know how to solve this.", "no_answer", None),
-    ("5", "", "no_answer", None),
+FORMS = [
+    # currency, thousands separators as MATH writes them
+    ("\\$18.90", "\\boxed{18.9}", "correct"),
+    ("18.90", "\\boxed{\\$18.90}", "correct"),
+    ("18", "\\boxed{180}", "incorrect"),
+    ("\\$1,\\!657", "\\boxed{1657}", "correct"),
+    ("\\$23{,}000", "\\boxed{23,000}", "correct"),
+    ("23000", "\\boxed{2300}", "incorrect"),
+    ("1\\,000", "\\boxed{1000}", "correct"),
+    ("1,000", "\\boxed{1,001}", "incorrect"),
+    ("1450000", "\\boxed{1,450,000}", "correct"),
+    ("1450000", "\\boxed{145,000}", "incorrect"),
+    ("100", "\\boxed{\\$100.00}", "correct"),
+    # degrees, percent
+    ("30^\\circ", "\\boxed{30}", "correct"),
+    ("30", "\\boxed{30^{\\circ}}", "correct"),
+    ("30^\\circ", "\\boxed{60^\\circ}", "incorrect"),
+    ("25\\%", "\\boxed{25 percent}", "correct"),
+    ("25\\%", "\\boxed{35\\%}", "incorrect"),
+    # fractions
+    ("\\dfrac{3}{4}", "\\boxed{\\frac34}", "correct"),
+    ("\\tfrac{3}{4}", "\\boxed{\\frac{4}{3}}", "incorrect"),
+    ("0.5", "\\boxed{\\frac12}", "correct"),
+    ("0.5", "\\boxed{\\frac13}", "incorrect"),
+    ("\\frac{\\sqrt{3}}{2}", "\\boxed{\\dfrac{\\sqrt3}{2}}", "correct"),
+    ("-\\frac{1}{2}", "\\boxed{\\frac{1}{2}}", "incorrect"),
+    ("\\$\\dfrac23 \\approx \\$0.67", "\\boxed{\\frac{2}{3}}", "correct"),
+    # several answers, tuples, intervals, matrices
+    ("1, 2", "\\boxed{2, 1}", "correct"),
+    ("1, 2", "\\boxed{1, 3}", "incorrect"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "\\boxed{(3, \\frac{\\pi}{2})}", "correct"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "\\boxed{(3, \\pi)}", "incorrect"),
+    ("[-2, 5)", "\\boxed{\\left[-2,5\\right)}", "correct"),
+    ("[-2, 5)", "\\boxed{[-2,5]}", "incorrect"),
+    ("\\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}", "\\boxed{\\begin{pmatrix}1\\\\-2\\end{pmatrix}}", "correct"),
+    ("\\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}", "\\boxed{\\begin{pmatrix}1\\\\2\\end{pmatrix}}", "incorrect"),
+    # text answers, units, choices
+    ("\\text{Monday}", "\\boxed{Monday}", "correct"),
+    ("\\text{Monday}", "\\boxed{\\text{Sunday}}", "incorrect"),
+    ("5\\text{ cm}", "\\boxed{5}", "correct"),
+    ("5", "\\boxed{5\\text{ inches}}", "correct"),
+    ("5", "\\boxed{6 \\text{ cm}}", "incorrect"),
+    ("12", "The answer is 12 dollars.", "correct"),
+    ("(C)", "\\boxed{C}", "correct"),
+    ("\\text{(C)}", "\\boxed{\\text{(D)}}", "incorrect"),
+    # AIME-style integers, expressions, equations
+    ("204", "\\boxed{204}", "correct"),
+    ("25", "\\boxed{025}", "correct"),
+    ("204", "\\boxed{024}", "incorrect"),
+    ("x^2+2x+1", "\\boxed{(x+1)^2}", "correct"),
+    ("2\\sqrt{2}", "\\boxed{\\sqrt{8}}", "correct"),
+    ("2\\sqrt{2}", "\\boxed{\\sqrt{6}}", "incorrect"),
+    ("3", "\\boxed{x = 3}", "correct"),
+    ("2", "\\boxed{1}\n\nWait, I made an error. \\boxed{2}", "correct"),  # several boxes: the last wins
+    ("1", "\\boxed{1}\n\nWait, I made an error. \\boxed{2}", "incorrect"),
+    ("4", "<think>maybe \\boxed{3}</think>\n\nThe answer is \\boxed{4}.", "correct"),
+    ("3", "<think>maybe \\boxed{3}</think>\n\nThe answer is \\boxed{4}.", "incorrect"),
+    ("5", "I do not know how to solve this.", "no_answer"),
+    ("5", "", "no_answer"),
 ]
 
 
-def test_tricky_answers() -> None:
-    verdicts = verify_batch([(g, c) for g, c, _, _ in TRICKY], timeout_s=5.0)
-    got = [(v.status, v.extracted) for v in verdicts]
-    want = [(s, e) for _, _, s, e in TRICKY]
-    assert got == want
+def test_answer_forms() -> None:
+    verdicts = verify_batch([(g, c) for g, c, _ in FORMS], timeout_s=5.0)
+    wrong = [(g, c, want, v) for (g, c, want), v in zip(FORMS, verdicts, strict=True) if v.status != want]
+    assert wrong == []
     for v in verdicts:
         assert v.is_correct == {"correct": True, "incorrect": False}.get(v.status)
+
+
+def test_answer_format_and_extracted_from() -> None:
+    items = [("7", "\\boxed{7}"), ("7", "So the final answer is 7."), ("7", "Seven, I guess.")]
+    loose = verify_batch(items)
+    assert [(v.status, v.extracted_from) for v in loose] == [
+        ("correct", "box"),
+        ("correct", "statement"),
+        ("no_answer", "none"),
+    ]
+    strict = verify_batch(items, answer_format="boxed")
+    assert [(v.status, v.extracted_from) for v in strict] == [
+        ("correct", "box"),
+        ("no_answer", "none"),
+        ("no_answer", "none"),
+    ]
+    with pytest.raises(ValueError, match="answer_format"):
+        verify_batch(items, answer_format="anything")
+
+
+def test_cut_off_completions_are_never_correct() -> None:
+    right = "Let me see. So it is \\boxed{12}. Let me double-check that by"
+    items3 = [("12", right, "length"), ("12", "<think>so \\boxed{12}, then", None), ("12", right, "stop")]
+    for answer_format in ("boxed", "boxed_or_final_statement"):
+        verdicts = verify_batch(items3, answer_format=answer_format)
+        assert [v.status for v in verdicts] == ["no_answer", "no_answer", "correct"]
+        # The same finish reasons as a keyword list.
+        reasons = ["length", None, "stop"]
+        kw = verify_batch([it[:2] for it in items3], answer_format=answer_format, finish_reasons=reasons)
+        assert kw == verdicts
+    with pytest.raises(ValueError, match="finish_reasons"):
+        verify_batch([("1", "\\boxed{1}")], finish_reasons=[])
 
 
 def test_bad_items_never_raise() -> None:
@@ -134,6 +167,7 @@ def test_bad_items_never_raise() -> None:
         "not a pair",
         ("only one",),
         (7, "\\boxed{7}"),  # numeric gold, as Parquet gives it
+        ("\\$", "\\boxed{1}"),  # a gold that is only notation
         item,
     ]
     verdicts = verify_batch(items, timeout_s=TIMEOUT_S)  # type: ignore[arg-type]
@@ -145,6 +179,7 @@ def test_bad_items_never_raise() -> None:
         "error",
         "error",
         "correct",
+        "error",
         "correct",
     ]
     assert verdicts[-1].extracted == answer
@@ -153,28 +188,34 @@ def test_bad_items_never_raise() -> None:
 
 def test_duplicates_are_verified_once(monkeypatch: pytest.MonkeyPatch) -> None:
     sent: list[int] = []
-    real_run = V._Pool.run
+    real_run = Pool.run
 
-    def counting_run(self, jobs, timeout_s, size):
-        sent.append(len(jobs))
-        return real_run(self, jobs, timeout_s, size)
+    def counting_run(self, calls, timeout_s, size):
+        sent.append(len(calls))
+        return real_run(self, calls, timeout_s, size)
 
-    monkeypatch.setattr(V._Pool, "run", counting_run)
+    monkeypatch.setattr(Pool, "run", counting_run)
     n = next(_fresh)
     items = [
         (str(n), f"\\boxed{{{n}}}"),
         (str(n), f"A different road to the same place.\n\n\\boxed{{{n}}}"),  # same (gold, extracted)
+        (str(n), f"The answer is ${n}$."),  # the same normalised pair from a statement
         (str(n), f"\\boxed{{{n + 1}}}"),
     ]
     first = verify_batch(items, timeout_s=TIMEOUT_S)
-    assert [v.status for v in first] == ["correct", "correct", "incorrect"]
+    assert [(v.status, v.extracted_from) for v in first] == [
+        ("correct", "box"),
+        ("correct", "box"),
+        ("correct", "statement"),
+        ("incorrect", "box"),
+    ]
     assert sent == [2]
     again = verify_batch(list(reversed(items)), timeout_s=TIMEOUT_S)  # all from the cache now
     assert again == list(reversed(first))
     assert sent == [2]
 
 
-# --- verification: adversarial inputs -----------------------------------------------------------------------------
+# --- adversarial inputs ---------------------------------------------------------------------------------------------
 
 MEGABYTE = "Let me reconsider the whole setup from the beginning.\n\nWait, " * 18_000  # ~1 MB
 
@@ -184,6 +225,8 @@ ADVERSARIAL = {
     "huge factorial": "\\boxed{100000!}",
     "huge factorial of a power": "\\boxed{(10^{6})!}",
     "10,000 nested parentheses": "\\boxed{" + "(" * 10_000 + "1" + ")" * 10_000 + "}",
+    "frac nested 3,000 deep": "\\boxed{" + "\\frac{" * 3_000 + "1" + "}{2}" * 3_000 + "}",
+    "sqrt nested 2,000 deep": "\\boxed{" + "\\sqrt{" * 2_000 + "2" + "}" * 2_000 + "}",
     "megabyte completion, tower at the end": MEGABYTE + "\\boxed{9^{9^{9^{9}}}}",
     "megabyte completion, no box": MEGABYTE,
     "megabyte single box": "\\boxed{" + "x+" * 500_000 + "1}",
@@ -192,9 +235,9 @@ ADVERSARIAL = {
 
 @pytest.fixture
 def warm_pool() -> None:
-    """Start the pool (and its fork server) before a test times anything, even when the test runs alone."""
+    """Start the pool before a test times anything, even when the test runs alone."""
     item, answer = fresh_item()
-    assert verify_batch([item], timeout_s=TIMEOUT_S, workers=2) == [Verdict("correct", True, answer)]
+    assert verify_batch([item], timeout_s=TIMEOUT_S, workers=2) == [boxed(answer)]
 
 
 @pytest.mark.parametrize("name", list(ADVERSARIAL))
@@ -204,63 +247,104 @@ def test_adversarial_returns_in_time_and_pool_keeps_working(name: str, warm_pool
     elapsed = time.perf_counter() - t0
     assert verdict.status in ("timeout", "error", "incorrect", "no_answer"), verdict
     assert latency[0] <= TIMEOUT_S + 1.0
-    # The wall time also covers a worker start after a kill (a fork of the preloaded fork server).
     assert elapsed <= TIMEOUT_S + 1.0, f"{name}: {elapsed:.2f} s"
     item, answer = fresh_item()
-    assert verify_batch([item], timeout_s=TIMEOUT_S) == [Verdict("correct", True, answer)]
+    assert verify_batch([item], timeout_s=TIMEOUT_S) == [boxed(answer)]
 
 
-def test_hanging_items_do_not_stall_the_rest_of_a_batch(warm_pool: None) -> None:
-    normal = [fresh_item() for _ in range(12)]
-    items = [it for it, _ in normal[:6]] + [("7", ADVERSARIAL["exponent tower"])]
-    items += [it for it, _ in normal[6:]] + [("1", ADVERSARIAL["10,000 nested parentheses"])]
+def test_budget_ends_adversarial_answers_without_a_worker(warm_pool: None) -> None:
+    items = [("7", ADVERSARIAL[k]) for k in ("exponent tower", "huge factorial", "frac nested 3,000 deep")] * 30
+    t0 = time.perf_counter()
+    verdicts, latency = verify_batch_timed(items, timeout_s=5.0)
+    assert time.perf_counter() - t0 < 1.0  # 90 items that would each hold a worker for 5 s
+    assert {v.status for v in verdicts} == {"timeout"} and max(latency) == 0.0
+
+
+def test_a_hang_within_the_budget_is_killed_at_its_deadline(warm_pool: None) -> None:
+    # Within the budget (a symbolic exponent under a million), but sympy works on it for minutes.
+    hang = "\\boxed{(x+1)^{900000}}"
+    normal = [fresh_item() for _ in range(6)]
+    items = [it for it, _ in normal[:3]] + [("7", hang)] + [it for it, _ in normal[3:]]
     t0 = time.perf_counter()
     verdicts, latency = verify_batch_timed(items, timeout_s=TIMEOUT_S, workers=2)
     elapsed = time.perf_counter() - t0
-    statuses = [v.status for v in verdicts]
-    assert statuses[6] == "timeout" and statuses[-1] == "timeout"
-    assert [v for i, v in enumerate(verdicts) if i not in (6, len(items) - 1)] == [
-        Verdict("correct", True, a) for _, a in normal
-    ]
+    assert [v for i, v in enumerate(verdicts) if i != 3] == [boxed(a) for _, a in normal]
+    assert verdicts[3] == Verdict("timeout", None, "(x+1)^{900000}", "box")
     assert max(latency) <= TIMEOUT_S + 1.0
-    assert elapsed < 2 * TIMEOUT_S + 3.0  # two workers: the two hangs overlap with the normal items
+    assert elapsed < TIMEOUT_S + 3.0
 
 
 def test_worker_killed_mid_item_gives_error_and_is_replaced() -> None:
-    pool = V._Pool(V.WORKER_MEMORY_HEADROOM_BYTES)
+    pool = Pool(WORKER_MEMORY_HEADROOM_BYTES, preload=())  # no math-verify warm-up: this is about processes
     try:
         out: list = []
-        job = V._Job("box", "7", "9^{9^{9^{9^{9}}}}")
-        runner = threading.Thread(target=lambda: out.append(pool.run([job], 30.0, 1)))
+        call = (time.sleep, (30,))
+        runner = threading.Thread(target=lambda: out.append(pool.run([call], 60.0, 1)))
         runner.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while not (pool.workers and pool.workers[0].job is not None) and time.monotonic() < deadline:
             time.sleep(0.02)
-        time.sleep(0.2)
-        os.kill(pool.workers[0].proc.pid, signal.SIGKILL)  # as the kernel's OOM killer would
+        os.kill(pool.workers[0].pid, signal.SIGKILL)  # as the kernel's OOM killer would
         runner.join(10)
         assert not runner.is_alive()
         (result,), _ = out[0]
-        assert result == ("error", None, "9^{9^{9^{9^{9}}}}")
-        # A worker that dies while idle: the next job goes to a fresh one.
-        results, _ = pool.run([V._Job("box", "2", "2")], 5.0, 1)
-        assert results == [("correct", True, "2")]
-        os.kill(pool.workers[0].proc.pid, signal.SIGKILL)
-        pool.workers[0].proc.join(5)
-        results, _ = pool.run([V._Job("box", "3", "3")], 5.0, 1)
-        assert results == [("correct", True, "3")]
+        assert result[0] == "error"
+        # A worker that dies while idle: the next call goes to a fresh one.
+        results, _ = pool.run([(len, ("ab",))], 5.0, 1)
+        assert results == [("ok", 2)]
+        os.kill(pool.workers[0].pid, signal.SIGKILL)
+        time.sleep(0.2)
+        results, _ = pool.run([(len, ("abc",))], 5.0, 1)
+        assert results == [("ok", 3)]
     finally:
         pool.shutdown()
 
 
 def test_memory_limit_turns_a_memory_bomb_into_an_error() -> None:
-    pool = V._Pool(32 << 20)  # 32 MiB of headroom
+    pool = Pool(32 << 20, preload=())  # 32 MiB of headroom
     try:
-        bomb = V._Job("box", "1" * (80 << 20), "1")  # an 80 MB gold answer cannot even be received
-        (result,), _ = pool.run([bomb], 30.0, 1)
+        (result,), _ = pool.run([(len, ("1" * (80 << 20),))], 30.0, 1)  # too large even to receive
         assert result[0] == "error"
-        results, _ = pool.run([V._Job("box", "1", "1")], 5.0, 1)
-        assert results == [("correct", True, "1")]
+        (result,), _ = pool.run([(bytearray, (200 << 20,))], 30.0, 1)  # received, but too large to allocate
+        assert result == ("error", "MemoryError")
+        results, _ = pool.run([(len, ("1",))], 5.0, 1)
+        assert results == [("ok", 1)]
+    finally:
+        pool.shutdown()
+
+
+# --- the pool as a library for other verifiers ----------------------------------------------------------------------
+
+
+def test_run_calls_results_timeouts_and_errors() -> None:
+    t0 = time.perf_counter()
+    results, latency = run_calls(time.sleep, [(0,), (30,), ("not a number",)], timeout_s=TIMEOUT_S, workers=2)
+    assert results[0] == ("ok", None)
+    assert results[1] == ("timeout", None) and latency[1] <= TIMEOUT_S + 1.0
+    assert results[2][0] == "error" and "TypeError" in results[2][1]
+    assert time.perf_counter() - t0 < TIMEOUT_S + 2.0
+    results, latency = run_calls(check_math, [("1", "1"), ("1", "2")], timeout_s=5.0)
+    assert results == [("ok", ("correct", True)), ("ok", ("incorrect", False))] and max(latency) < 5.0
+
+
+def test_run_calls_refuses_functions_of_main() -> None:
+    def local() -> None:
+        pass
+
+    local.__module__ = "__main__"
+    with pytest.raises(ValueError, match="__main__"):
+        run_calls(local, [()], timeout_s=1.0)
+
+
+@pytest.mark.parametrize(
+    "python, preload, fragment",
+    [("/nonexistent/python3", ("ckptdpo.verify.math",), "nonexistent"), (sys.executable, ("no_such_mod",), "no_such")],
+)
+def test_workers_that_cannot_start_raise_one_clear_error(python: str, preload: tuple, fragment: str) -> None:
+    pool = Pool(preload=preload, python=python)
+    try:
+        with pytest.raises(WorkersUnavailable, match=fragment):
+            pool.run([(check_math, ("1", "1"))], 5.0, 1)
     finally:
         pool.shutdown()
 
@@ -281,13 +365,15 @@ def test_works_from_threads() -> None:
         t.join(60)
     assert not any(t.is_alive() for t in threads)
     for k in range(3):
-        assert results[k] == [Verdict("correct", True, a) for a in expected[k]]
+        assert results[k] == [boxed(a) for a in expected[k]]
 
 
 def test_shutdown_and_restart() -> None:
-    V.shutdown_pool()
+    from ckptdpo.verify import shutdown_pool
+
+    shutdown_pool()
     item, answer = fresh_item()
-    assert verify_batch([item], timeout_s=TIMEOUT_S) == [Verdict("correct", True, answer)]
+    assert verify_batch([item], timeout_s=TIMEOUT_S) == [boxed(answer)]
 
 
 def test_invalid_parameters() -> None:
@@ -311,26 +397,47 @@ def test_cli_happy_path(tmp_path, capsys) -> None:
         {"id": "b", "answer": "3", "text": "\\boxed{4}"},
         {"id": "c", "answer": "3", "text": "no idea"},
         {"id": "d", "answer": "7", "text": "\\boxed{9^{9^{9^{9^{9}}}}}"},
+        {"id": "e", "answer": "12", "text": "Adding up, the final answer is 12."},
     ]
     write_jsonl(src, rows)
     out = tmp_path / "sub" / "verdicts.parquet"
     argv = ["verify", str(src), "-o", str(out), "--gold-column", "answer", "--completion-column", "text"]
     assert cli_main(argv + ["--timeout-s", str(TIMEOUT_S), "--workers", "2"]) == 0
     table = pq.read_table(out)
-    assert table.column_names == ["id", "answer", "text", "status", "is_correct", "extracted"]
-    assert table.column("id").to_pylist() == ["a", "b", "c", "d"]
-    assert table.column("status").to_pylist() == ["correct", "incorrect", "no_answer", "timeout"]
-    assert table.column("is_correct").to_pylist() == [True, False, None, None]
-    assert table.column("extracted").to_pylist() == ["0.5", "4", None, "9^{9^{9^{9^{9}}}}"]
+    assert table.column_names == ["id", "answer", "text", "status", "is_correct", "extracted", "extracted_from"]
+    assert table.column("id").to_pylist() == ["a", "b", "c", "d", "e"]
+    assert table.column("status").to_pylist() == ["correct", "incorrect", "no_answer", "timeout", "correct"]
+    assert table.column("is_correct").to_pylist() == [True, False, None, None, True]
+    assert table.column("extracted").to_pylist() == ["0.5", "4", None, "9^{9^{9^{9^{9}}}}", "12"]
+    assert table.column("extracted_from").to_pylist() == ["box", "box", "none", "box", "statement"]
     printed = capsys.readouterr().out
-    assert "accuracy" in printed and "1/4" in printed and "items/s" in printed
+    assert "accuracy" in printed and "2/5" in printed and "items/s" in printed
+    assert "extracted from box" in printed and "60.0%" in printed and "extracted from statement" in printed
     assert not [p for p in out.parent.iterdir() if p.name != out.name]  # no temp files left behind
 
-    # Verifying an earlier output again replaces its verdict columns.
+    # Verifying an earlier output again replaces its verdict columns; --answer-format boxed ignores statements.
     out2 = tmp_path / "again.parquet"
     argv = ["verify", str(out), "-o", str(out2), "--gold-column", "answer", "--completion-column", "text"]
-    assert cli_main(argv + ["--timeout-s", str(TIMEOUT_S)]) == 0
-    assert pq.read_table(out2).column_names == table.column_names
+    assert cli_main(argv + ["--timeout-s", str(TIMEOUT_S), "--answer-format", "boxed"]) == 0
+    again = pq.read_table(out2)
+    assert again.column_names == table.column_names
+    assert again.column("status").to_pylist()[4] == "no_answer"
+
+
+def test_cli_finish_reason_column(tmp_path) -> None:
+    src = tmp_path / "in.jsonl"
+    rows = [
+        {"gold": "5", "completion": "so \\boxed{5}. Let me also check", "finish_reason": "length"},
+        {"gold": "5", "completion": "so \\boxed{5}.", "finish_reason": "stop"},
+    ]
+    write_jsonl(src, rows)
+    out = tmp_path / "out.parquet"
+    assert cli_main(["verify", str(src), "-o", str(out)]) == 0
+    assert pq.read_table(out).column("status").to_pylist() == ["no_answer", "correct"]
+    # Naming a column that is not there is a user error; nothing is written.
+    out2 = tmp_path / "out2.parquet"
+    assert cli_main(["verify", str(src), "-o", str(out2), "--finish-reason-column", "why"]) == 2
+    assert not out2.exists()
 
 
 def test_cli_missing_column_writes_nothing(tmp_path, capsys) -> None:
@@ -393,3 +500,14 @@ def test_cli_mixed_column_types_is_one_sentence_and_exit_2(tmp_path):
     )
     assert r.returncode == 2 and "mixes value types" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def test_verify_config_answer_format() -> None:
+    from pydantic import ValidationError
+
+    from ckptdpo.configs.stages import VerifyConfig
+
+    assert VerifyConfig().answer_format == "boxed_or_final_statement"
+    assert VerifyConfig(answer_format="boxed").answer_format == "boxed"
+    with pytest.raises(ValidationError, match="answer_format"):
+        VerifyConfig(answer_format="anything")
