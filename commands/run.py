@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from ckptdpo.configs import STAGES, BackendConfig, Recipe, parse_override
 from ckptdpo.errors import UserError
 from ckptdpo.models import check_model_dir, resolve_model
 from ckptdpo.problems import load_problems
-from ckptdpo.shards import read_manifest, read_stats
+from ckptdpo.shards import MANIFEST, check_shards_present, read_manifest, read_stats
 from flows import progress
 from tasks.environment import hub_offline
 from tasks.rundir import run_dir_lock
@@ -54,18 +53,32 @@ def check_backend(cfg: BackendConfig, where: str, home: Path) -> None:
         FakeBackend.from_config(cfg)  # parses the script: a malformed one is one sentence, now
 
 
+def check_run_dir_files(run_dir: Path) -> None:
+    """Every manifest and the stats file a run would read parse (a damaged one is a sentence naming it, now)."""
+    if run_dir.is_dir():
+        read_stats(run_dir)
+        for manifest in sorted(run_dir.rglob(MANIFEST)):
+            read_manifest(manifest.parent)
+
+
 def check_stage_inputs(run_dir: Path, wanted: list[str]) -> None:
+    """Each stage's inputs are run too, or are finished in `run_dir` with their shards present (a cheap size check;
+    the stage that wrote them rewrites damaged ones when it runs)."""
     for stage in wanted:
         for needed in STAGE_INPUTS.get(stage, ()):
-            if needed not in wanted and read_manifest(run_dir / needed) is None:
+            if needed in wanted:
+                continue
+            if read_manifest(run_dir / needed) is None:
                 raise UserError(
                     f"--stages {','.join(wanted)}: stage {stage} reads {needed}, which {run_dir} does not have; "
                     f"add it (--stages {needed},{','.join(wanted)}) or run the whole recipe."
                 )
+            check_shards_present(run_dir / needed, f"add {needed} to --stages to rewrite it")
 
 
 def preflight(recipe: Recipe, recipe_path: Path, run_dir: Path, home: Path, stages: list[str]) -> None:
     """Fail fast, with one sentence and before anything is written, on what would fail minutes into a run."""
+    check_run_dir_files(run_dir)
     check_stage_inputs(run_dir, stages)
     check_backend(recipe.backend, "backend", home)
     if recipe.dto.judge.backend is not None and "dto" in stages and recipe.dto.prune:
@@ -85,20 +98,9 @@ def run_recipe(
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
         raise UserError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}.")
-    with run_dir_lock_if_exists(run_dir):
+    with run_dir_lock(run_dir, create=False):
         preflight(recipe, recipe_path, run_dir, home, wanted)
         return _run_locked(recipe, recipe_path, run_dir, overrides, wanted)
-
-
-@contextmanager
-def run_dir_lock_if_exists(run_dir: Path):
-    """The run directory's lock, taken before anything is written; a directory that does not exist yet is created
-    only for its lock file once preflight has passed, so a refused run leaves no directory behind."""
-    if run_dir.exists():
-        with run_dir_lock(run_dir):
-            yield
-    else:
-        yield
 
 
 def _run_locked(recipe: Recipe, recipe_path: Path, run_dir: Path, overrides: dict[str, Any], wanted: list[str]):
@@ -147,9 +149,7 @@ def run_command(args: argparse.Namespace, home: Path) -> int:
     if args.stages is not None:
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
         if not stages:
-            raise UserError(
-                f"--stages {args.stages!r} names no stage; list stages like generate,verify."
-            )
+            raise UserError(f"--stages {args.stages!r} names no stage; list stages like generate,verify.")
     run_recipe(Path(args.recipe), Path(args.run_dir), _overrides(args), stages, home)
     return 0
 

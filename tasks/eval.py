@@ -48,6 +48,7 @@ from tasks.planning import (
     artifact_key,
     backend_key,
     check_failures,
+    check_requests,
     fingerprints,
     plan_stage,
     shard_exists,
@@ -145,12 +146,9 @@ def evaluate_shard(
         results = b.generate(requests)
         generate_s = time.perf_counter() - t0
         model = b.model_id
-    failed = [(p["problem_id"], r.error) for p, r in zip(problems, results, strict=True) if r.error]
-    for pid, error in failed:
-        get_run_logger().warning("%s/%s problem %s: generation failed: %s", benchmark, model_name, pid, error)
-    if len(failed) > failure_budget:
-        # Nothing is written, so nothing is recorded as evaluated: Prefect retries the shard, a later run again.
-        raise RuntimeError(f"eval {benchmark}/{model_name} shard {index}: {len(failed)} request(s) failed")
+    failed = [p["problem_id"] for p, r in zip(problems, results, strict=True) if r.error]
+    errors = [r.error for r in results if r.error]
+    outcome = check_requests(f"eval {benchmark}/{model_name}", index, failed, errors, failure_budget)
     completions = [[s.text for s in r.samples[: cfg.num_samples]] for r in results]
     t0 = time.perf_counter()
     verdicts = evaluate.verify_samples(problems, completions, cfg, timeout_s=timeout_s, workers=workers)
@@ -159,10 +157,7 @@ def evaluate_shard(
         benchmark, model_name, model, [p["problem_id"] for p in problems], results, verdicts, cfg.num_samples
     )
     write_shard(Path(run_dir) / stage, index, make_table(rows, EVAL_SAMPLES))
-    out: dict[str, Any] = {"generate_s": generate_s, "verify_s": verify_s, "failed_requests": len(failed)}
-    if failed:
-        out.update(shard=f"part-{index:05d}.parquet", failed=[pid for pid, _ in failed])
-    return out
+    return {"generate_s": generate_s, "verify_s": verify_s, "failed_requests": len(failed), **outcome}
 
 
 @task(name="aggregate_eval", **RETRY)

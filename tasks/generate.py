@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 
 from ckptdpo.configs import BackendConfig, GenerateConfig, Recipe
 from ckptdpo.generation import build_generation_requests, sample_rows
@@ -14,7 +14,16 @@ from ckptdpo.schemas import SAMPLES, make_table
 from ckptdpo.shards import write_shard
 from tasks.backends import backend_session, model_fingerprint
 from tasks.common import content_cache_key
-from tasks.planning import RETRY, StagePlan, backend_key, fingerprints, plan_stage, read_rows, shard_exists
+from tasks.planning import (
+    RETRY,
+    StagePlan,
+    backend_key,
+    check_requests,
+    fingerprints,
+    plan_stage,
+    read_rows,
+    shard_exists,
+)
 
 STAGE = "generate"
 
@@ -53,13 +62,6 @@ def generate_shard(
         elapsed = time.perf_counter() - t0
         model = b.model_id
     rows, failed = sample_rows(problems, requests, results, model)
-    if failed:
-        errors = {r.error for r in results if r.error}
-        get_run_logger().warning(
-            "shard %d: %d request(s) failed: %s", index, len(failed), "; ".join(sorted(errors))[:300]
-        )
-        if len(failed) > failure_budget:
-            # Nothing is written: Prefect retries the shard, and a later run retries it again.
-            raise RuntimeError(f"generate shard {index}: {len(failed)} request(s) failed: {sorted(errors)[:3]}")
+    outcome = check_requests(STAGE, index, failed, [r.error for r in results if r.error], failure_budget)
     write_shard(Path(run_dir) / STAGE, index, make_table(rows, SAMPLES))
-    return {"shard": f"part-{index:05d}.parquet", "generate_s": elapsed, "failed": failed}
+    return {"generate_s": elapsed, **outcome}

@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from ckptdpo import summary
 from ckptdpo.configs import BackendConfig
 from ckptdpo.errors import UserError
 from ckptdpo.shards import (
+    check_shards_present,
     listed_shards,
     prepare_stage,
-    read_manifest,
     read_shard,
     shard_path,
     stage_fingerprint,
@@ -88,12 +88,7 @@ def fingerprints(run_dir: str, *stages: str) -> dict[str, str]:
     for s in stages:
         directory = Path(run_dir) / s
         out[s] = stage_fingerprint(directory)
-        for p, meta in zip(listed_shards(directory), read_manifest(directory)["shards"], strict=True):
-            if not p.exists() or ("num_bytes" in meta and p.stat().st_size != meta["num_bytes"]):
-                raise UserError(
-                    f"{p}: this input shard of stage '{s}' is missing or damaged; run the pipeline with that stage "
-                    "again (it rewrites damaged shards)."
-                )
+        check_shards_present(directory, f"run stage {s.split('/')[0]} again (it rewrites damaged shards)")
     return out
 
 
@@ -112,6 +107,18 @@ def read_stage_rows(run_dir: str, stage: str, columns: list[str], indices: list[
     for i in indices:
         rows.extend(read_rows(run_dir, stage, i, columns))
     return rows
+
+
+def check_requests(what: str, index: int, ids: list[str], errors: list[str], budget: int) -> dict[str, Any]:
+    """Failed requests of one shard: logged; past `budget` the shard task fails (nothing is written, Prefect retries
+    it, a later run again); within it, the ids to list in the manifest so the next run retries them."""
+    if not ids:
+        return {}
+    reasons = "; ".join(sorted(set(errors)))[:300]
+    get_run_logger().warning("%s shard %d: %d request(s) failed: %s", what, index, len(ids), reasons)
+    if len(ids) > budget:
+        raise RuntimeError(f"{what} shard {index}: {len(ids)} request(s) failed (failure budget {budget}): {reasons}")
+    return {"shard": f"part-{index:05d}.parquet", "failed": ids}
 
 
 def check_failures(stage: str, shard_results: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:

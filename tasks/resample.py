@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 
 from ckptdpo import summary
 from ckptdpo.configs import BackendConfig, Recipe, ResampleConfig, VerifyConfig
@@ -25,6 +25,7 @@ from tasks.planning import (
     RETRY,
     StagePlan,
     backend_key,
+    check_requests,
     fingerprints,
     plan_stage,
     publish_table,
@@ -141,14 +142,8 @@ def resample_shard(
             results = b.generate(requests)
             out["generate_s"] = time.perf_counter() - t0
         failed = [slot.source_sample_id for (slot, _), res in zip(work, results, strict=True) if res.error]
-        if failed:
-            errors = sorted({r.error for r in results if r.error})
-            get_run_logger().warning("round %d shard %d: %d request(s) failed: %s", round_index, index, len(failed),
-                                     "; ".join(errors)[:300])  # fmt: skip
-            if len(failed) > failure_budget:
-                raise RuntimeError(f"resample round {round_index} shard {index}: {len(failed)} request(s) failed")
-            out["failed"] = failed
-            out["shard"] = f"part-{index:05d}.parquet"
+        errors = [r.error for r in results if r.error]
+        out.update(check_requests(f"resample round {round_index}", index, failed, errors, failure_budget))
         items, owners = [], []
         for k, ((slot, _), res) in enumerate(zip(work, results, strict=True)):
             gold = trajectories[slot.source_sample_id]["gold_answer"]

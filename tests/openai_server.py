@@ -1,9 +1,17 @@
-"""A small, real OpenAI-compatible HTTP server over any Backend, for tests (127.0.0.1, an ephemeral port).
+"""A small OpenAI-compatible HTTP server over any Backend, for fault injection (127.0.0.1, an ephemeral port).
 
-Serves `/v1/completions` (text or token-id prompt, n, seed, stop, max_tokens, echo + logprobs) and
-`/v1/chat/completions`. Knobs for failure tests: `fail_first` (statuses answered before the real work),
-`retry_after` (the header sent with them), `delay_s`, `api_key`, `echo_supported`, `bos_text` (a BOS token the
-server prepends to echoed prompts, as vLLM does for text prompts). `log` records every request body.
+Behaviour against a server no one here wrote is tested on `transformers serve` (tests/slow/test_transformers_serve.py),
+this one exists for what a real server will not do on demand: 429/5xx/dropped connections, slow replies, and the
+vLLM replies the backend must handle (documented in vLLM 0.33's `entrypoints/openai/completion/protocol.py`).
+
+Serves `/v1/completions` (text or token-id prompt, n, seed, stop, max_tokens, echo + logprobs), `/v1/chat/completions`
+and GET `/v1/models`. Knobs: `fail_first` (statuses answered before the real work), `retry_after` (the header sent
+with them), `delay_s`, `api_key`, `echo_supported`, `bos_text` (a BOS token the server prepends to echoed prompts, as
+vLLM does for text prompts), `max_model_len` (reported by /v1/models; `max_tokens` above it is a 400, as in vLLM),
+`cached_tokens` (reported as `usage.prompt_tokens_details.cached_tokens`), `max_n` (a server that sends at most
+this many choices whatever `n` asks), `decode_prompts` (token-id prompts reach the backend as `decode(ids)`),
+`refuse_n` (a 400 naming `n` for n > 1).
+`choices[].token_ids` come only with `return_token_ids: true`, as in vLLM. `log` records every request body.
 """
 
 from __future__ import annotations
@@ -42,12 +50,20 @@ class OpenAIServer:
         bos_text: str = "",
         spans: Callable[[str], list[tuple[int, int]]] = regex_spans,
         decode: Callable[[list[int]], str] | None = None,
+        max_model_len: int | None = None,
+        cached_tokens: int | None = None,
+        max_n: int | None = None,
+        decode_prompts: bool = False,
+        refuse_n: bool = False,
     ) -> None:
         self.backend = backend
         self.fail_first = list(fail_first or [])
         self.retry_after, self.delay_s, self.api_key = retry_after, delay_s, api_key
         self.echo_supported, self.bos_text = echo_supported, bos_text
         self.spans, self.decode = spans, decode
+        self.max_model_len, self.cached_tokens, self.max_n = max_model_len, cached_tokens, max_n
+        self.decode_prompts = decode_prompts  # hand token-id prompts to the backend as text (the fake takes text)
+        self.refuse_n = refuse_n  # answer 400 naming `n` to n > 1
         self.log: list[dict[str, Any]] = []
         self.inflight = self.max_inflight = 0
         self._lock = threading.Lock()  # backends are not required to be thread-safe
@@ -77,6 +93,16 @@ class OpenAIServer:
 
             def log_message(self, *args: object) -> None:  # keep test output clean
                 pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                with server._lock:
+                    server.log.append({"path": self.path, "method": "GET"})
+                if self.path != "/v1/models":
+                    return self._send(404, {"error": {"message": f"no route {self.path}"}})
+                card = {"id": "served-model", "object": "model", "owned_by": "vllm"}
+                if server.max_model_len is not None:
+                    card["max_model_len"] = server.max_model_len
+                self._send(200, {"object": "list", "data": [card]})
 
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
@@ -118,14 +144,19 @@ class OpenAIServer:
     def _completions(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         prompt = body.get("prompt")
         if isinstance(prompt, list):
-            prompt = tuple(prompt)
+            prompt = self.decode(prompt) if self.decode_prompts and self.decode else tuple(prompt)
         elif not isinstance(prompt, str):
             return 400, {"error": {"message": "prompt must be a string or a list of token ids"}}
+        if self.max_model_len is not None and body.get("max_tokens", 16) > self.max_model_len:
+            message = f"max_tokens={body['max_tokens']} cannot be greater than max_model_len={self.max_model_len}."
+            return 400, {"error": {"message": message + " Please request fewer output tokens."}}
+        if self.refuse_n and body.get("n", 1) > 1:
+            return 400, {"error": {"message": "`n` must be 1 on this server", "param": "n"}}
         if body.get("echo"):
             return self._echo(prompt, body)
         req = GenerationRequest(
             prompt=prompt,
-            n=body.get("n", 1),
+            n=min(body.get("n", 1), self.max_n or body.get("n", 1)),
             seed=body.get("seed"),
             max_tokens=body.get("max_tokens", 16),
             temperature=body.get("temperature", 1.0),
@@ -141,12 +172,14 @@ class OpenAIServer:
         for i, s in enumerate(res.samples):
             choice = {"index": i, "text": s.text, "logprobs": None}
             choice["finish_reason"] = "repetition" if s.finish_reason == "loop" else s.finish_reason
-            if s.token_ids is not None:
+            if s.token_ids is not None and body.get("return_token_ids"):
                 choice["token_ids"] = s.token_ids
             choices.append(choice)
         completion = sum(s.num_tokens for s in res.samples)
         usage = {"prompt_tokens": res.prompt_tokens, "completion_tokens": completion}
         usage["total_tokens"] = res.prompt_tokens + completion
+        if self.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
         return 200, {"object": "text_completion", "model": body.get("model"), "choices": choices, "usage": usage}
 
     def _echo(self, prompt: str | tuple[int, ...], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

@@ -1,39 +1,47 @@
-"""Any OpenAI-compatible `/v1/completions` endpoint (vllm serve, SGLang, TGI), and `/v1/chat/completions` for judges.
+"""Any OpenAI-compatible `/v1/completions` endpoint (vllm serve, SGLang, TGI, transformers serve), and
+`/v1/chat/completions` for judges. The transport (retries, the `/v1/models` probe, what each endpoint accepts) is in
+ckptdpo.backends.openai_http.
 
-- `backend.model` is the model name the server serves (`vllm serve DIR` serves it under DIR).
-- `backend.base_urls` are base URLs the way the OpenAI SDK takes them, ending in `/v1`. A request with a `route_key`
-  always goes to the same URL (hash of the key mod the number of URLs), so continuations of one trajectory reach the
-  server that holds its prefix in cache; requests without a key go round-robin.
-- At most `max_concurrency` requests are in flight; 429, 5xx, timeouts and connection errors are retried
-  `max_retries` times with exponential backoff and jitter, or after the server's `Retry-After` seconds when it sends
-  them (the HTTP-date form would need the clock, so it falls back to backoff). Other 4xx fail the request at once.
-- Prompts go as text, or as a list of token ids when the request carries ids (the completions API takes both).
-  `top_k` is sent only when enabled: it is an extension (vLLM, SGLang) that a strict server may reject.
-- Token counts per sample: `choices[i].token_ids` when the server returns them (vLLM's `return_token_ids`), else the
-  local tokenizer, else `usage.completion_tokens` split over the choices in proportion to their characters (exact
-  for n = 1, an approximation for n > 1; with no `usage` at all, characters / 4).
-- `score` asks for `echo=True, logprobs=1, max_tokens=1` on prompt + continuation (the shape lm-eval uses; the one
-  generated token is dropped) and sums the logprobs of the continuation's tokens. With a local tokenizer the prompt
-  goes as token ids (prompt ids + continuation ids), which makes the split exact. Without one the split uses
-  `text_offset`, measured back from the generated token so a BOS the server adds does not shift it; a token that
-  straddles the boundary counts as prompt. A server that does not return prompt logprobs raises OpenAIError.
-- Chat template: a local tokenizer's when `backend.model` is a local directory, else ChatML
-  (`<|im_start|>user ... <|im_end|>`, Qwen/SmolLM style). Point `backend.model` at a local copy of the tokenizer for
-  any other template.
-- Loop guard: chunked generation would pay a prefill per chunk, so the guard runs post hoc on the returned text
-  (`loop_cut`: the sample is cut where the loop is proven and marked `loop`), and a vLLM finish_reason `repetition`
-  also maps to `loop`. That labels loops but saves no tokens. `vllm serve` (>= 0.17) can stop them itself when a
-  request carries its `repetition_detection` option; it is not sent here because other servers may reject unknown
-  fields. `repetition_penalty`/`frequency_penalty` would change the sampling distribution, so they are not set.
+- `backend.model` is the model name the server serves (`vllm serve DIR` serves it under DIR); when it is a local
+  directory its tokenizer is loaded here. `backend.base_urls` end in `/v1`. A request with a `route_key` always goes
+  to the same URL (hash of the key mod the number of URLs), so continuations of one trajectory reach the server that
+  holds its prefix in cache; requests without a key go round-robin. At most `max_concurrency` are in flight.
+- Prompts: with a local tokenizer every prompt goes as token ids (encoded without special tokens: chat prompts
+  carry the template's own), so the server adds no second BOS and prompt lengths are known here; a server that only
+  takes text prompts (transformers serve) gets text from then on. Without a tokenizer, text with
+  `add_special_tokens: false`.
+- Sampling: every field is sent, so the server samples from the same distribution as the hf backend whatever the
+  model's generation_config says: temperature, top_p, top_k (-1 = off), min_p 0, repetition_penalty 1, seed, stop,
+  max_tokens. vLLM and SGLang take them as body fields. A server that rejects those fields by name (transformers
+  serve answers 422 "Unexpected fields") gets them as a `generation_config` JSON string instead (what transformers
+  serve reads; without `do_sample: true` it would decode greedily at any temperature); one that rejects that too gets
+  the standard fields only, with a warning, and a request with top_k enabled fails there rather than sample wrong.
+- `max_tokens` is capped at the server's `max_model_len` (from `/v1/models`) minus the prompt when the prompt length
+  is known, else at `max_model_len` (vLLM answers 400 above it and clamps below it); a prompt that leaves no room
+  fails alone.
+- `n`: a server that ignores it (a reply with fewer choices than asked) or refuses it (a 4xx naming `n`) gets `n`
+  single requests from then on, sample i seeded with `draw_seed(seed, i)` (sample 0 keeps the request's seed).
+- Token counts are the server's: `choices[i].token_ids` (`return_token_ids: true`, vLLM), else
+  `usage.completion_tokens` (exact for one choice; split over several in proportion to their characters), never a
+  re-encoding of the text (a local tokenizer is used only without any `usage`, and for loop-guard cuts).
+- Prompt tokens: `prompt_tokens_requested` sums `usage.prompt_tokens` over the request's calls and
+  `prompt_tokens_computed` subtracts `usage.prompt_tokens_details.cached_tokens` (vLLM reports it when started with
+  `--enable-prompt-tokens-details`; a server that reports none counts as computing every prompt token).
+- `score` asks for `echo=True, logprobs=1, max_tokens=1` on prompt + continuation (lm-eval's shape; the one
+  generated token is dropped) and sums the continuation's logprobs; with a local tokenizer the prompt goes as prompt
+  ids + continuation ids, which makes the split exact, else the split uses `text_offset` measured back from the
+  generated token (a server BOS does not shift it). Servers without echo (transformers serve, TGI, llama.cpp) raise
+  ServerCapabilityError naming the server and `dto.probe: sample`.
+- Chat template: a local tokenizer's, else ChatML (`<|im_start|>user ... <|im_end|>`, Qwen/SmolLM style).
+- Loop guard: post hoc on the returned text (`loop_cut`: cut where the loop is proven, marked `loop`); a vLLM
+  finish_reason `repetition` also maps to `loop`. That labels loops but saves no tokens.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import math
-import random
 import re
 import threading
 import time
@@ -41,8 +49,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from ckptdpo.backends.base import (
     BackendStats,
@@ -53,18 +59,31 @@ from ckptdpo.backends.base import (
     problem_message,
 )
 from ckptdpo.backends.loopguard import PARAGRAPH_BREAK, LoopGuard
+from ckptdpo.backends.openai_http import (
+    NAMES_N,
+    Endpoint,
+    OpenAIError,
+    RejectedError,
+    ServerCapabilityError,
+    Transport,
+    adapt,
+    draw_seed,
+    learn,
+    no_echo,
+    prompt_usage,
+    sampling_fields,
+    split_proportionally,
+)
 from ckptdpo.configs import BackendConfig
 from ckptdpo.errors import UserError
+
+__all__ = ["OpenAIBackend", "OpenAIError", "ServerCapabilityError", "draw_seed", "loop_cut"]
 
 log = logging.getLogger(__name__)
 
 CHATML_TEMPLATE = "<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n"
 _CHUNK = re.compile(r"\s*\S+|\s+")  # a word with the whitespace before it
 _FINISH = {"stop": "stop", "length": "length", "repetition": "loop", "loop": "loop"}
-
-
-class OpenAIError(RuntimeError):
-    """A request to an OpenAI-compatible endpoint failed (after retries where retrying makes sense)."""
 
 
 class OpenAIBackend:
@@ -83,58 +102,32 @@ class OpenAIBackend:
         if not cfg.base_urls:
             raise UserError("backend.base_urls is empty; list at least one endpoint such as http://localhost:8000/v1.")
         self.cfg = cfg
-        self.urls = [u.rstrip("/") for u in cfg.base_urls]
+        self.http = Transport(
+            list(cfg.base_urls),
+            max_concurrency=cfg.max_concurrency,
+            timeout_s=cfg.request_timeout_s,
+            max_retries=cfg.max_retries,
+            api_key=api_key,
+            backoff_base_s=backoff_base_s,
+            backoff_max_s=backoff_max_s,
+            sleep=sleep,
+            seed=seed,
+        )
+        self.urls = [ep.url for ep in self.http.endpoints]
         self.model_id = cfg.model
         # The served weights are invisible from here: pin backend.revision so cache keys change with the model.
         self.revision = cfg.revision or "unpinned"
         self.stats = BackendStats()
-        self.backoff_base_s, self.backoff_max_s, self._sleep = backoff_base_s, backoff_max_s, sleep
-        self._rng = random.Random(seed)
-        self._rr = itertools.count()
-        self._lock = threading.Lock()
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency)
-        self._http = httpx.Client(headers=headers, timeout=cfg.request_timeout_s, limits=limits)
+        self._stats_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=cfg.max_concurrency, thread_name_prefix="openai")
         self.tokenizer = _local_tokenizer(cfg.model)
         self._tok_lock = threading.Lock()  # a fast tokenizer used from several threads can fail "Already borrowed"
 
-    # -- routing and transport -------------------------------------------------------------------------------------
-
     def route(self, route_key: str | None) -> int:
         """Index of the base URL for a request: stable per key, round-robin without one."""
         if route_key is None:
-            with self._lock:
-                return next(self._rr) % len(self.urls)
+            return self.http.next_round_robin()
         return int.from_bytes(hashlib.sha256(route_key.encode()).digest()[:8], "big") % len(self.urls)
-
-    def _post(self, server: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        url = self.urls[server] + path
-        for attempt in range(self.cfg.max_retries + 1):
-            retry_after = None
-            try:
-                resp = self._http.post(url, json=body)
-            except httpx.TransportError as e:  # timeouts, refused or dropped connections
-                failure = f"{type(e).__name__}: {e}"
-            else:
-                if resp.status_code == 200:
-                    try:
-                        return resp.json()
-                    except ValueError:
-                        raise OpenAIError(f"{url} answered 200 with a body that is not JSON") from None
-                failure = f"HTTP {resp.status_code}: {resp.text[:300]}"
-                if resp.status_code != 429 and resp.status_code < 500:
-                    raise OpenAIError(f"{url} rejected the request ({failure})")
-                retry_after = _retry_after_s(resp.headers.get("retry-after"))
-            if attempt == self.cfg.max_retries:
-                raise OpenAIError(f"{url} failed after {attempt + 1} attempts ({failure})")
-            if retry_after is None:
-                with self._lock:
-                    jitter = 0.5 + 0.5 * self._rng.random()
-                retry_after = min(self.backoff_max_s, self.backoff_base_s * 2**attempt) * jitter
-            log.warning("%s: %s; retry %d in %.2fs", url, failure, attempt + 1, retry_after)
-            self._sleep(retry_after)
-        raise AssertionError("unreachable")
 
     # -- generation ------------------------------------------------------------------------------------------------
 
@@ -142,45 +135,122 @@ class OpenAIBackend:
         # Routes are fixed here, in submission order, so round-robin does not depend on thread timing.
         futures = [self._pool.submit(self._generate_one, r, self.route(r.route_key)) for r in requests]
         results = [f.result() for f in futures]
-        for r in results:
-            self.stats.count(r)
+        with self._stats_lock:
+            for r in results:
+                self.stats.count(r, prompt_tokens_computed=r.prompt_tokens_computed)
         return results
 
     def _generate_one(self, req: GenerationRequest, server: int) -> GenerationResult:
-        body: dict[str, Any] = {
-            "model": self.model_id,
-            "prompt": req.prompt if isinstance(req.prompt, str) else list(req.prompt),
-            "n": req.n,
-            "max_tokens": req.max_tokens,
-            "temperature": req.temperature,
-            "top_p": req.top_p,
-        }
-        if req.top_k > 0:
-            body["top_k"] = req.top_k
-        if req.seed is not None:
-            body["seed"] = req.seed
-        if req.stop:
-            body["stop"] = list(req.stop)
         try:
-            data = self._post(server, "/completions", body)
-            choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
-            usage = data.get("usage") or {}
-            counts = self._choice_tokens(choices, usage)
-            samples = [self._sample(c, k) for c, k in zip(choices, counts, strict=True)]
-        except (OpenAIError, KeyError, TypeError) as e:
+            ep = self.http.probe(server, self.model_id)
+            ids = self._prompt_ids(req.prompt)
+            max_tokens = self._capped_max_tokens(ep, req.max_tokens, None if ids is None else len(ids))
+            replies = self._draw(server, req, ids, max_tokens)
+            samples = [s for data in replies for s in self._samples(data)]
+        except (OpenAIError, KeyError, TypeError, ValueError) as e:
             return GenerationResult([], 0, error=f"{type(e).__name__}: {e}")
-        return GenerationResult(samples, int(usage.get("prompt_tokens") or 0))
+        requested = computed = 0
+        for data in replies:
+            p, c = prompt_usage(data, len(ids) if ids is not None else 0)
+            requested, computed = requested + p, computed + c
+        first = prompt_usage(replies[0], len(ids) if ids is not None else 0)[0]
+        return GenerationResult(samples, first, prompt_tokens_requested=requested, prompt_tokens_computed=computed)
+
+    def _draw(
+        self, server: int, req: GenerationRequest, ids: list[int] | None, max_tokens: int
+    ) -> list[dict[str, Any]]:
+        """The replies that together hold `req.n` choices: one call, or one per sample where `n` does not work."""
+        ep = self.http.endpoints[server]
+        sampling = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k}
+        # An empty stop list is every server's default, and transformers serve answers 500 to one.
+        extra = {"max_tokens": max_tokens, **({"stop": list(req.stop)} if req.stop else {})}
+
+        def call(n: int, seed: int | None) -> dict[str, Any]:
+            return self._complete(server, req.prompt, ids, n=n, seed=seed, sampling=sampling, extra=extra)
+
+        replies: list[dict[str, Any]] = []
+        if not ep.single_n:
+            try:
+                replies.append(call(req.n, req.seed))
+            except RejectedError as e:
+                if req.n == 1 or not NAMES_N.search(e.text):
+                    raise
+                learn(
+                    ep, self.http.lock, "single_n", True, "refuses n > 1; each sample becomes its own seeded request"
+                )
+        got = sum(len(r.get("choices") or []) for r in replies)
+        if replies and got == 0:
+            raise OpenAIError(f"{ep.url} answered without choices")
+        if replies and got < req.n:
+            learn(
+                ep,
+                self.http.lock,
+                "single_n",
+                True,
+                f"sent {got} choice(s) for n={req.n}; each sample becomes a request",
+            )
+        for i in range(got, req.n):
+            replies.append(call(1, draw_seed(req.seed, i)))
+        return replies
+
+    def _complete(
+        self,
+        server: int,
+        prompt: str | tuple[int, ...],
+        ids: list[int] | None,
+        *,
+        n: int,
+        seed: int | None,
+        sampling: dict[str, Any],
+        extra: dict[str, Any],
+        path: str = "/completions",
+    ) -> dict[str, Any]:
+        """POST a completion, adapting to what the endpoint rejects (each adaptation is learned once)."""
+        ep = self.http.endpoints[server]
+        for _ in range(4):
+            body: dict[str, Any] = {"model": self.model_id}
+            if ids is not None and ep.token_prompts:
+                body["prompt"] = ids
+            else:
+                body["prompt"] = prompt if isinstance(prompt, str) else self._decode(list(prompt))
+            body |= {"n": n, **extra, **sampling_fields(ep, **sampling)}
+            if seed is not None:
+                body["seed"] = seed
+            if ep.sampling == "vllm":
+                body |= {"add_special_tokens": False, "return_token_ids": True}
+            try:
+                return self.http.post(server, path, body)
+            except RejectedError as e:
+                if not adapt(ep, self.http.lock, e, body):
+                    raise
+        raise OpenAIError(f"{ep.url} kept rejecting the request after adapting it")
+
+    def _prompt_ids(self, prompt: str | tuple[int, ...]) -> list[int] | None:
+        if not isinstance(prompt, str):
+            return list(prompt)
+        return self._encode(prompt) if self.tokenizer is not None else None
+
+    def _capped_max_tokens(self, ep: Endpoint, max_tokens: int, prompt_len: int | None) -> int:
+        if ep.max_model_len is None:
+            return max_tokens
+        room = ep.max_model_len - (prompt_len or 0)
+        if room < 1:
+            raise OpenAIError(f"prompt has {prompt_len} tokens; {ep.url} serves max_model_len {ep.max_model_len}")
+        return min(max_tokens, room)
+
+    def _samples(self, data: dict[str, Any]) -> list[Sample]:
+        choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+        counts = self._choice_tokens(choices, data.get("usage") or {})
+        return [self._sample(c, k) for c, k in zip(choices, counts, strict=True)]
 
     def _choice_tokens(self, choices: list[dict[str, Any]], usage: dict[str, Any]) -> list[int]:
         texts = [c.get("text") or "" for c in choices]
         if all(isinstance(c.get("token_ids"), list) for c in choices):
             return [len(c["token_ids"]) for c in choices]
-        if self.tokenizer is not None:
-            return self.count_tokens(texts)
         total = usage.get("completion_tokens")
-        if total is None:
-            return [math.ceil(len(t) / 4) for t in texts]
-        return _split_proportionally(int(total), [len(t) for t in texts])
+        if total is not None:
+            return split_proportionally(int(total), [len(t) for t in texts])
+        return self.count_tokens(texts)
 
     def _sample(self, choice: dict[str, Any], num_tokens: int) -> Sample:
         text = choice.get("text") or ""
@@ -208,53 +278,56 @@ class OpenAIBackend:
         return [f.result() for f in futures]
 
     def _score_one(self, prompt: str, continuation: str, server: int) -> float:
-        body: dict[str, Any] = {
-            "model": self.model_id,
-            "max_tokens": 1,
-            "temperature": 0.0,
-            "logprobs": 1,
-            "echo": True,
-        }
+        ep = self.http.endpoints[server]
+        p_ids = c_ids = None
         if self.tokenizer is not None:
-            p_ids, c_ids = (self._encode(t) for t in (prompt, continuation))
-            body["prompt"] = p_ids + c_ids
-        else:
-            body["prompt"] = prompt + continuation
-        data = self._post(server, "/completions", body)
+            p_ids, c_ids = self._encode(prompt), self._encode(continuation)
+        extra = {"max_tokens": 1, "logprobs": 1, "echo": True}
+        sampling = {"temperature": 0.0, "top_p": 1.0, "top_k": -1}
+        ids = None if p_ids is None else p_ids + c_ids
+        try:
+            data = self._complete(server, prompt + continuation, ids, n=1, seed=None, sampling=sampling, extra=extra)
+        except RejectedError as e:
+            if "echo" in e.text or "logprobs" in e.text:
+                raise no_echo(ep.url) from None
+            raise
         lp = (data.get("choices") or [{}])[0].get("logprobs") or {}
         token_lps, offsets = lp.get("token_logprobs"), lp.get("text_offset")
-        if not token_lps or (self.tokenizer is None and not offsets):
-            raise OpenAIError(
-                f"{self.urls[server]} returned no prompt logprobs for echo=True; score needs a server that supports "
-                "echo with logprobs on /v1/completions (vllm serve does)."
-            )
-        if self.tokenizer is not None:
+        exact = p_ids is not None and ep.token_prompts
+        if not token_lps or (not exact and not offsets):
+            raise no_echo(ep.url)
+        if exact:
             picked = token_lps[len(p_ids) : len(p_ids) + len(c_ids)]
             if len(picked) != len(c_ids):
-                raise OpenAIError(f"{self.urls[server]} echoed {len(token_lps)} logprobs for a longer prompt")
+                raise OpenAIError(f"{ep.url} echoed {len(token_lps)} logprobs for a longer prompt")
         else:
             # The last entry is the generated token: it starts where the echoed prompt + continuation ends.
             shift = offsets[-1] - len(prompt + continuation)
             picked = [t for t, off in zip(token_lps[:-1], offsets[:-1], strict=True) if off - shift >= len(prompt)]
         if any(t is None for t in picked):
-            raise OpenAIError(f"{self.urls[server]} returned a null logprob inside the continuation")
+            raise OpenAIError(f"{ep.url} returned a null logprob inside the continuation")
         return float(sum(picked))
 
     def chat(
         self, conversations: Sequence[Sequence[dict[str, str]]], *, max_tokens: int, temperature: float = 0.0
     ) -> list[str]:
         def one(conv: Sequence[dict[str, str]], server: int) -> str:
-            body = {
-                "model": self.model_id,
-                "messages": list(conv),
-                "max_tokens": max_tokens,
-                "temperature": temperature,
-            }
-            data = self._post(server, "/chat/completions", body)
+            ep = self.http.probe(server, self.model_id)
+            for _ in range(3):
+                body = {"model": self.model_id, "messages": list(conv), "max_tokens": max_tokens, "seed": 0}
+                body |= sampling_fields(ep, temperature=temperature, top_p=1.0, top_k=-1)
+                try:
+                    data = self.http.post(server, "/chat/completions", body)
+                    break
+                except RejectedError as e:
+                    if not adapt(ep, self.http.lock, e, body):
+                        raise
+            else:
+                raise OpenAIError(f"{ep.url} kept rejecting the chat request after adapting it")
             try:
                 return data["choices"][0]["message"].get("content") or ""
             except (KeyError, IndexError, TypeError, AttributeError):
-                raise OpenAIError(f"{self.urls[server]} sent a chat completion without a message") from None
+                raise OpenAIError(f"{ep.url} sent a chat completion without a message") from None
 
         futures = [self._pool.submit(one, conv, self.route(None)) for conv in conversations]
         return [f.result() for f in futures]
@@ -278,32 +351,15 @@ class OpenAIBackend:
         with self._tok_lock:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            raise OpenAIError("a token-id prompt needs a local tokenizer (backend.model a local directory)")
+        with self._tok_lock:
+            return self.tokenizer.decode(ids)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self._http.close()
-
-
-def _retry_after_s(value: str | None) -> float | None:
-    """Seconds from a Retry-After header; None for a missing header or the HTTP-date form."""
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _split_proportionally(total: int, weights: list[int]) -> list[int]:
-    """Integers summing to `total`, proportional to `weights` (largest remainder)."""
-    if not weights:
-        return []
-    wsum = sum(weights)
-    if wsum == 0:
-        weights, wsum = [1] * len(weights), len(weights)
-    exact = [total * w / wsum for w in weights]
-    parts = [math.floor(x) for x in exact]
-    order = sorted(range(len(weights)), key=lambda i: exact[i] - parts[i], reverse=True)
-    for i in order[: total - sum(parts)]:
-        parts[i] += 1
-    return parts
+        self.http.close()
 
 
 def _local_tokenizer(model: str) -> Any | None:

@@ -1,4 +1,9 @@
-"""The offline vLLM engine (`vllm.LLM`, pinned to vllm==0.33.0 in the `gpu` extra), kept thin.
+"""The offline vLLM engine (`vllm.LLM`, pinned to vllm==0.22.1 in the `gpu` extra), kept thin.
+
+- Why 0.22.1: it is the newest vLLM that installs next to Prefect 3.8 (0.23 and later pin fastapi<0.137; Prefect
+  needs >=0.139), shown by `pip install --dry-run` (tests/slow/test_extras_resolve.py). Every API used here exists in
+  it as in 0.33 (`LLM`, `TokensPrompt`, `SamplingParams(repetition_detection=...)`, `RequestOutput.num_cached_tokens`,
+  `prompt_logprobs`). For current vLLM run `vllm serve` (docker/Dockerfile.vllm-server) and use the openai backend.
 
 - One `LLM` per backend, built from the config: tensor_parallel_size, gpu_memory_utilization,
   enable_prefix_caching, max_model_len, dtype, revision, seed 0. `vllm` is imported here only, when the backend
@@ -56,7 +61,8 @@ class VLLMBackend:
             import vllm
         except ImportError:
             raise UserError(
-                "backend.kind is 'vllm' but vLLM is not installed; install the gpu extra (pip install 'ckptdpo[gpu]')."
+                "backend.kind is 'vllm' but vLLM is not installed; install the gpu extra (pip install "
+                "'ckptdpo[gpu]') or run `vllm serve` and set backend.kind: openai."
             ) from None
         self._vllm = vllm
         from vllm.sampling_params import RepetitionDetectionParams

@@ -207,3 +207,18 @@ def test_a_judge_that_answers_nonsense_fails_the_stage(tmp_path: Path):
     r = run(recipe, tmp_path / "run")
     assert r.returncode == 2 and "could not be parsed" in r.stderr, r.stderr
     assert read_manifest(tmp_path / "run" / "dto") is None
+
+
+def test_a_second_run_into_a_held_run_directory_is_refused_and_touches_nothing(finished, tmp_path: Path):
+    from tasks.rundir import run_dir_lock
+
+    recipe, source = finished
+    run_dir = copy_run(source, tmp_path)
+    with run_dir_lock(run_dir):  # this test process plays the first run
+        before = hashes(run_dir)
+        r = run(recipe, run_dir)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"in use by pid {os.getpid()}" in r.stderr, r.stderr
+        assert hashes(run_dir) == before
+    r = run(recipe, run_dir)  # released (as it is when its holder dies): the next run goes ahead
+    assert r.returncode == 0, r.stderr

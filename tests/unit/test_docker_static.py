@@ -26,6 +26,10 @@ IMAGES = {
     "Dockerfile.train": ({"train"}, "deepspeed"),
 }
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# vLLM's own server image: vLLM 0.33 cannot share an environment with Prefect 3.8, so it never installs the project.
+SERVER_IMAGE = "Dockerfile.vllm-server"
+VLLM_SERVER_BASE = "vllm/vllm-openai:v0.33.0"
+SERVE_RECIPE = REPO / "recipes" / "r1-distill-qwen-1.5b" / "deepscaler-serve.yaml"
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -151,7 +155,7 @@ def test_compose_builds_existing_images_and_serves_the_deployments_pools():
             assert context == REPO, f"{name}: the build context must be the repository root"
             assert (context / svc["build"]["dockerfile"]).is_file(), f"{name}: no {svc['build']['dockerfile']}"
             built[svc["image"]] = svc["build"]["dockerfile"]
-    assert set(built.values()) == {f"docker/{n}" for n in IMAGES}, "every image in docker/ is built by the stack"
+    assert set(built.values()) == {f"docker/{n}" for n in [*IMAGES, SERVER_IMAGE]}, "every image in docker/ is built"
     for name, svc in services.items():
         image = svc.get("image", "")
         assert image in built or not image.startswith("ckptdpo:"), f"{name} uses {image}, which nothing builds"
@@ -183,3 +187,58 @@ def test_compose_builds_existing_images_and_serves_the_deployments_pools():
     deploy = " ".join(services["deploy"]["command"])
     assert "--prefect-file deployments/prefect.yaml" in deploy
     assert all(f"work-pool create {p} --type process" in deploy for p, _ in used)
+
+
+def _served_model(svc: dict, image_cmd: list[str]) -> tuple[str, list[str]]:
+    args = svc.get("command") or image_cmd
+    return args[0], args
+
+
+def test_vllm_server_image_serves_what_the_openai_backend_relies_on():
+    steps = instructions(DOCKER / SERVER_IMAGE)
+    assert steps[0] == ("FROM", VLLM_SERVER_BASE)
+    assert not pip_installs(steps), "the vLLM server image must not install the project (Prefect pins fastapi)"
+    (entry,) = [json.loads(a) for op, a in steps if op == "ENTRYPOINT"]
+    (cmd,) = [json.loads(a) for op, a in steps if op == "CMD"]
+    assert entry == ["vllm", "serve"]
+    # Cached prompt tokens in usage, prefix caching for continuations, vLLM's sampling defaults, not the model's.
+    assert {"--enable-prompt-tokens-details", "--enable-prefix-caching"} <= set(cmd)
+    assert cmd[cmd.index("--generation-config") + 1] == "vllm" and cmd[cmd.index("--port") + 1] == "8000"
+
+
+def test_compose_vllm_servers_are_the_ones_the_serve_recipe_reaches():
+    from urllib.parse import urlparse
+
+    from ckptdpo.configs import Recipe
+
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services = compose["services"]
+    (image_cmd,) = [json.loads(a) for op, a in instructions(DOCKER / SERVER_IMAGE) if op == "CMD"]
+    servers = {n: s for n, s in services.items() if s.get("build", {}).get("dockerfile") == f"docker/{SERVER_IMAGE}"}
+    assert servers, "compose runs no vLLM server"
+    gpus_by_profile: dict[str, list[str]] = {}
+    for name, svc in servers.items():
+        (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert device["capabilities"] == ["gpu"] and device["device_ids"], f"{name} reserves no GPU"
+        for profile in svc["profiles"]:
+            gpus_by_profile.setdefault(profile, []).extend(device["device_ids"])
+        assert "8000/health" in " ".join(svc["healthcheck"]["test"])
+    for profile, gpus in gpus_by_profile.items():
+        assert len(gpus) == len(set(gpus)), f"two vLLM servers of profile {profile} share a GPU: {gpus}"
+
+    recipe = Recipe.from_yaml(SERVE_RECIPE)
+    workers = [s for s in services.values() if s.get("entrypoint", [])[:3] == ["prefect", "worker", "start"]]
+    backends = [recipe.backend, *recipe.eval.backends.values()]
+    assert all(b.kind == "openai" for b in backends)
+    for backend in backends:
+        for url in backend.base_urls:
+            parsed = urlparse(url)
+            assert parsed.hostname in servers and parsed.port == 8000 and parsed.path == "/v1", url
+            model, args = _served_model(servers[parsed.hostname], image_cmd)
+            # The served name is the path, and the workers see the same directory (tokenizer, chat template).
+            assert model == backend.model, f"{parsed.hostname} serves {model}, the recipe asks for {backend.model}"
+            assert int(args[args.index("--max-model-len") + 1]) > recipe.generate.max_tokens
+            for svc in [servers[parsed.hostname], *workers]:
+                mounts = [v.split(":", 1)[1] for v in svc["volumes"]]
+                assert any(backend.model.startswith(m + "/") for m in mounts), f"{backend.model} is not mounted"
+    assert recipe.dto.probe == "sample"  # the likelihood probe needs echo; the sampled one runs on any server

@@ -1,8 +1,11 @@
-"""The openai backend against real local HTTP servers (tests/openai_server.py) serving the fake or the hf backend."""
+"""The openai backend against the fault-injection server (tests/openai_server.py) serving the fake or the hf backend:
+retries, routing, and the JSON it sends (what vLLM 0.33's protocol reads). Real-server behaviour (transformers serve)
+is in tests/slow/test_transformers_serve.py."""
 
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,8 +13,9 @@ import pytest
 from ckptdpo.backends import make_backend
 from ckptdpo.backends.base import GenerationRequest, problem_message
 from ckptdpo.backends.fake import FakeBackend
-from ckptdpo.backends.openai import OpenAIBackend, OpenAIError, _split_proportionally
-from ckptdpo.configs import backend_config
+from ckptdpo.backends.openai import OpenAIBackend, ServerCapabilityError, draw_seed
+from ckptdpo.backends.openai_http import split_proportionally
+from ckptdpo.configs import Recipe, backend_config
 from ckptdpo.errors import UserError
 from tests.openai_server import OpenAIServer
 
@@ -36,9 +40,14 @@ class Sleeps(list):
         self.append(seconds)
 
 
-def client(*urls: str, sleeps: Sleeps | None = None, **cfg) -> OpenAIBackend:
-    config = backend_config(kind="openai", model="served-model", base_urls=list(urls), **cfg)
+def client(*urls: str, sleeps: Sleeps | None = None, model: str = "served-model", **cfg) -> OpenAIBackend:
+    config = backend_config(kind="openai", model=model, base_urls=list(urls), **cfg)
     return OpenAIBackend(config, backoff_base_s=0.01, sleep=sleeps if sleeps is not None else Sleeps(), seed=0)
+
+
+def posts(srv: OpenAIServer, path: str = "/v1/completions") -> list[dict]:
+    """The request bodies the server received on `path` (the backend's GET /v1/models probe left out)."""
+    return [b for b in srv.log if b["path"] == path]
 
 
 @pytest.fixture
@@ -70,9 +79,9 @@ def test_n_samples_stop_and_max_tokens_match_the_served_backend(server: OpenAISe
         assert sum(s.num_tokens for s in g.samples) == sum(s.num_tokens for s in w.samples)
     assert got[1].samples[0].num_tokens == want[1].samples[0].num_tokens
     # Requests run concurrently, so the log is in arrival order: find each body by its max_tokens and n.
-    bodies = {(b["max_tokens"], b["n"]): b for b in server.log if b["path"] == "/v1/completions"}
+    bodies = {(b["max_tokens"], b["n"]): b for b in posts(server)}
     assert bodies[100, 3]["seed"] == 7 and bodies[100, 3]["model"] == "served-model"
-    assert "top_k" not in bodies[100, 3] and bodies[2, 2]["top_k"] == 20
+    assert bodies[100, 3]["top_k"] == -1 and bodies[2, 2]["top_k"] == 20
     assert bodies[100, 1]["stop"] == ["\n\nWait"] and "stop" not in bodies[100, 3]
     assert be.stats.requests == 3 and be.stats.samples == 6
     be.close()
@@ -94,8 +103,8 @@ def test_request_error_does_not_fail_the_batch(server: OpenAIServer, fake: FakeB
     assert bad.error and "400" in bad.error and not bad.samples
     assert good.error is None and good.samples
     assert ids.error and "token ids" in ids.error
-    assert any(b["prompt"] == [1, 2, 3] for b in server.log)  # token-id prompts travel as a list of ints
-    assert len(server.log) == 3  # a 400 is not retried
+    assert any(b["prompt"] == [1, 2, 3] for b in posts(server))  # token-id prompts travel as a list of ints
+    assert len(posts(server)) == 3  # a 400 is not retried
 
 
 def test_retries_503_then_429_then_succeeds(fake: FakeBackend) -> None:
@@ -105,7 +114,7 @@ def test_retries_503_then_429_then_succeeds(fake: FakeBackend) -> None:
             [GenerationRequest(fake.chat_prompt("What is 2+3?"))]
         )
     assert res.error is None and res.samples[0].text.startswith("So 2+3=5.")
-    assert len(srv.log) == 3
+    assert len(posts(srv)) == 3
     # exponential backoff with jitter in [0.5, 1] of 0.01 * 2**attempt
     assert len(sleeps) == 2 and 0.005 <= sleeps[0] <= 0.01 and 0.01 <= sleeps[1] <= 0.02
 
@@ -121,7 +130,7 @@ def test_retries_exhausted_is_a_request_error(fake: FakeBackend) -> None:
     with OpenAIServer(fake, fail_first=[500] * 10) as srv:
         (res,) = client(srv.base_url, max_retries=2).generate([GenerationRequest(fake.chat_prompt("What is 2+3?"))])
     assert res.error and "after 3 attempts" in res.error and "HTTP 500" in res.error
-    assert len(srv.log) == 3
+    assert len(posts(srv)) == 3
 
 
 def test_connection_errors_are_retried_then_reported() -> None:
@@ -152,17 +161,17 @@ def test_sticky_routing_by_route_key_across_two_servers(fake: FakeBackend) -> No
             be.generate([GenerationRequest(f"{prefix}{k} r{round_}\n\nWait", route_key=k) for k in keys])
         where = {}
         for name, srv in (("a", a), ("b", b)):
-            for body in srv.log:
+            for body in posts(srv):
                 key = body["prompt"][len(prefix) :].split(" ")[0]
                 where.setdefault(key, set()).add(name)
         assert set(where) == set(keys)
         assert all(len(servers) == 1 for servers in where.values())  # every trajectory stayed on one server
         assert {s for servers in where.values() for s in servers} == {"a", "b"}  # and both servers got work
-        assert all(len(srv.log) % 3 == 0 for srv in (a, b))
+        assert all(len(posts(srv)) % 3 == 0 for srv in (a, b))
         assert [be.route(k) for k in keys] == [client(a.base_url, b.base_url).route(k) for k in keys]  # stable
-        na, nb = len(a.log), len(b.log)
+        na, nb = len(posts(a)), len(posts(b))
         be.generate([GenerationRequest(prefix) for _ in range(4)])  # no key: round-robin
-        assert (len(a.log) - na, len(b.log) - nb) == (2, 2)
+        assert (len(posts(a)) - na, len(posts(b)) - nb) == (2, 2)
 
 
 def test_loop_guard_cuts_returned_text(server: OpenAIServer, fake: FakeBackend) -> None:
@@ -197,16 +206,18 @@ def test_score_is_not_shifted_by_a_server_bos(fake: FakeBackend) -> None:
         assert client(srv.base_url).score(["Q: x \\boxed{"], ["5}"]) == [-0.75]
 
 
-def test_score_without_echo_support_raises(fake: FakeBackend) -> None:
+def test_score_without_echo_support_names_the_server_and_the_probe_setting(fake: FakeBackend) -> None:
     with OpenAIServer(fake, echo_supported=False) as srv:
-        with pytest.raises(OpenAIError, match="echo"):
+        with pytest.raises(ServerCapabilityError, match="dto.probe: sample") as info:
             client(srv.base_url).score(["Q: x \\boxed{"], ["5}"])
+    assert srv.base_url in str(info.value) and isinstance(info.value, UserError)  # the CLI prints it, exits 2
 
 
 def test_chat_completions(server: OpenAIServer) -> None:
     convs = [[{"role": "user", "content": "judge segment 2"}], [{"role": "user", "content": "judge segment 3"}]]
     assert client(server.base_url).chat(convs, max_tokens=8) == ["REDUNDANT", "KEEP"]
-    assert server.log[-1]["path"] == "/v1/chat/completions" and server.log[-1]["max_tokens"] == 8
+    body = posts(server, "/v1/chat/completions")[-1]
+    assert body["max_tokens"] == 8 and body["temperature"] == 0.0 and body["top_k"] == -1 and body["seed"] == 0
 
 
 def test_chat_prompt_fallback_is_chatml_and_counts_are_estimates() -> None:
@@ -222,10 +233,157 @@ def test_config_errors() -> None:
 
 
 def test_split_proportionally_keeps_the_total() -> None:
-    assert _split_proportionally(10, [1, 1, 2]) == [3, 2, 5]
-    assert _split_proportionally(7, [0, 0]) == [4, 3]
-    assert _split_proportionally(0, []) == []
-    assert _split_proportionally(5, [5]) == [5]
+    assert split_proportionally(10, [1, 1, 2]) == [3, 2, 5]
+    assert split_proportionally(7, [0, 0]) == [4, 3]
+    assert split_proportionally(0, []) == []
+    assert split_proportionally(5, [5]) == [5]
+
+
+# -- issue 14: what vLLM 0.33 reads from the request, and what it reports back --------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """A local directory holding only the demo model's tokenizer (what `backend.model` points at)."""
+    source = Path(request.getfixturevalue("demo_model_path"))
+    target = tmp_path_factory.mktemp("tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (source / name).exists():
+            shutil.copy(source / name, target / name)
+    return target
+
+
+def test_text_prompts_ask_the_server_to_add_no_special_tokens(server: OpenAIServer, fake: FakeBackend) -> None:
+    (res,) = client(server.base_url).generate([GenerationRequest(fake.chat_prompt("What is 2+3?"))])
+    (body,) = posts(server)
+    assert res.error is None
+    # vLLM's default add_special_tokens=True would put a second BOS before a template that already has one.
+    assert isinstance(body["prompt"], str) and body["add_special_tokens"] is False
+
+
+def test_every_sampling_field_is_sent(server: OpenAIServer, fake: FakeBackend) -> None:
+    req = GenerationRequest(fake.chat_prompt("What is 2+3?"), n=2, seed=3, max_tokens=50, temperature=0.7, top_p=0.9)
+    (res,) = client(server.base_url).generate([req])
+    (body,) = posts(server)
+    assert res.error is None
+    # Omitted fields take the model's generation_config defaults on vLLM: another distribution than the hf backend.
+    want = {"temperature": 0.7, "top_p": 0.9, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "seed": 3}
+    assert {k: body.get(k) for k in want} == want
+    assert body["n"] == 2 and body["max_tokens"] == 50 and body["return_token_ids"] is True
+
+
+def test_a_local_tokenizer_sends_token_ids(tokenizer_dir: Path, fake: FakeBackend) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    with OpenAIServer(fake, decode=tok.decode, decode_prompts=True) as srv:
+        be = client(srv.base_url, model=str(tokenizer_dir))
+        prompt = fake.chat_prompt("What is 2+3?")
+        (res,) = be.generate([GenerationRequest(prompt, max_tokens=100)])
+    (body,) = posts(srv)
+    assert res.error is None and res.samples[0].text == fake.generate([GenerationRequest(prompt)])[0].samples[0].text
+    assert body["prompt"] == tok(prompt, add_special_tokens=False)["input_ids"]  # no BOS added here or there
+
+
+def test_token_counts_are_the_servers_not_a_re_encoding(tokenizer_dir: Path, fake: FakeBackend) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    prompt = fake.chat_prompt("What is 2+3?")
+    (served,) = fake.generate([GenerationRequest(prompt, max_tokens=100)])
+    text, server_count = served.samples[0].text, served.samples[0].num_tokens
+    assert server_count != len(tok(text, add_special_tokens=False)["input_ids"])  # the two counts differ here
+    with OpenAIServer(fake, decode=tok.decode, decode_prompts=True) as srv:
+        (res,) = client(srv.base_url, model=str(tokenizer_dir)).generate([GenerationRequest(prompt, max_tokens=100)])
+    assert res.samples[0].text == text and res.samples[0].num_tokens == server_count
+
+
+def test_max_tokens_is_capped_by_the_servers_max_model_len(tokenizer_dir: Path, fake: FakeBackend) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    prompt = fake.chat_prompt("What is 2+3?")
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    with OpenAIServer(fake, max_model_len=n_prompt + 40, decode=tok.decode, decode_prompts=True) as srv:
+        be = client(srv.base_url, model=str(tokenizer_dir))
+        ok, too_long = be.generate([GenerationRequest(prompt, max_tokens=32768), GenerationRequest(prompt * 3)])
+        (no_tok,) = client(srv.base_url).generate([GenerationRequest(prompt, max_tokens=32768)])
+    assert ok.error is None and ok.samples  # vLLM answers 400 to max_tokens above max_model_len
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert [b["max_tokens"] for b in posts(srv) if b["prompt"] == ids] == [40]
+    assert too_long.error and "max_model_len" in too_long.error  # fails alone, before any request
+    # Without a tokenizer the prompt's length is unknown here: capped at the limit (vLLM clamps below it).
+    assert no_tok.error is None and posts(srv)[-1]["max_tokens"] == n_prompt + 40
+
+
+def test_cached_prompt_tokens_are_reported_as_not_computed(fake: FakeBackend) -> None:
+    prompt = fake.chat_prompt("What is 2+3?")
+    with OpenAIServer(fake, cached_tokens=5) as srv:
+        be = client(srv.base_url)
+        (res,) = be.generate([GenerationRequest(prompt)])
+    assert res.prompt_tokens > 5
+    assert res.prompt_tokens_requested == res.prompt_tokens and res.prompt_tokens_computed == res.prompt_tokens - 5
+    assert be.stats.prompt_tokens_computed == res.prompt_tokens - 5
+
+
+def test_n_is_emulated_by_seeded_single_requests_where_the_server_ignores_it(fake: FakeBackend) -> None:
+    prompt = fake.chat_prompt("What is 2+3?")
+    with OpenAIServer(fake, max_n=1) as srv:
+        be = client(srv.base_url)
+        (res,) = be.generate([GenerationRequest(prompt, n=3, seed=7)])
+        first = [(b["n"], b["seed"]) for b in posts(srv)]
+        (again,) = be.generate([GenerationRequest(prompt, n=2, seed=9)])
+        later = [(b["n"], b["seed"]) for b in posts(srv)][len(first) :]
+    assert res.error is None and len(res.samples) == 3
+    assert first == [(3, 7), (1, draw_seed(7, 1)), (1, draw_seed(7, 2))]
+    assert len({draw_seed(7, i) for i in range(3)}) == 3
+    assert len(again.samples) == 2 and later == [(1, 9), (1, draw_seed(9, 1))]  # learned: no n > 1 any more
+    assert res.prompt_tokens_requested == 3 * res.prompt_tokens  # three prompts went through the server
+
+
+def test_n_is_emulated_where_the_server_refuses_it_by_name(fake: FakeBackend) -> None:
+    with OpenAIServer(fake, refuse_n=True) as srv:
+        (res,) = client(srv.base_url).generate([GenerationRequest(fake.chat_prompt("What is 2+3?"), n=2, seed=4)])
+    assert res.error is None and len(res.samples) == 2
+    assert [(b["n"], b["seed"]) for b in posts(srv)] == [(2, 4), (1, 4), (1, draw_seed(4, 1))]
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("generate.temperature=2.5", "generate.temperature"),
+        ("generate.temperature=0", "generate.temperature"),
+        ("generate.stop=['']", "generate.stop"),
+        ("generate.top_p=0", "generate.top_p"),
+        ("generate.top_p=1.5", "generate.top_p"),
+        ("resample.temperature=0", "resample.temperature"),
+        ("eval.temperature=3", "eval.temperature"),
+        ("dto.probe_temperature=0", "dto.probe_temperature"),
+        ("dto.judge.temperature=2.01", "dto.judge.temperature"),
+    ],
+)
+def test_settings_vllm_refuses_are_refused_at_recipe_load(override: str, field: str) -> None:
+    from ckptdpo.configs import ConfigError
+    from ckptdpo.configs.recipe import parse_override
+
+    key, value = parse_override(override)
+    data: dict = {}
+    node = data
+    for part in key.split(".")[:-1]:
+        node = node.setdefault(part, {})
+    node[key.split(".")[-1]] = value
+    with pytest.raises(ConfigError) as info:
+        Recipe.from_dict(data, source="r.yaml")
+    message = str(info.value)
+    assert f"'{field}'" in message and message.count(". ") == 0 and message.endswith(".")
+
+
+def test_greedy_single_samples_and_temperature_two_still_load() -> None:
+    recipe = Recipe.from_dict(
+        {"generate": {"temperature": 0, "num_samples": 1}, "eval": {"temperature": 2.0}, "dto": {"judge": {}}}
+    )
+    assert recipe.generate.temperature == 0 and recipe.eval.temperature == 2.0
+    assert Recipe.from_dict({"resample": {"temperature": 0, "max_attempts": 1}}).resample.temperature == 0
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
-"""Stand-in for the part of vLLM 0.33.0 that ckptdpo.backends.vllm uses; tests put its parent folder on sys.path.
+"""Stand-in for the part of vLLM that ckptdpo.backends.vllm uses; tests put its parent folder on sys.path.
 
-Names, signatures and fields follow the vllm-0.33.0 wheel's source (the files named below):
+Names, signatures and fields follow the vllm-0.33.0 wheel's source (the files named below); the pinned vllm==0.22.1
+(the `gpu` extra) has the same `LLM` arguments, outputs, `TokensPrompt` and `RepetitionDetectionParams`:
 - `LLM(model, *, tokenizer, tensor_parallel_size, dtype, revision, seed, gpu_memory_utilization, **engine_kwargs)`
   (vllm/entrypoints/llm.py; `enable_prefix_caching`, `max_model_len` reach `EngineArgs` through **kwargs, which
   rejects unknown names), `llm.llm_engine.model_config.max_model_len`, `llm.get_tokenizer()`;
