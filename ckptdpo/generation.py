@@ -12,12 +12,14 @@ from ckptdpo.shards import content_id
 
 
 def build_generation_requests(
-    problems: Sequence[dict[str, Any]], cfg: GenerateConfig, chat_prompt: Callable[[str], str]
+    problems: Sequence[dict[str, Any]], cfg: GenerateConfig, chat_prompt: Callable[..., str]
 ) -> list[GenerationRequest]:
-    """`num_samples` trajectories per problem, seeded by the problem's id, routed to one endpoint per problem."""
+    """`num_samples` trajectories per problem (after the recipe's worked examples, when it has any), seeded by the
+    problem's id, routed to one endpoint per problem."""
+    few_shot = cfg.few_shot_pairs()
     return [
         GenerationRequest(
-            prompt=chat_prompt(p["problem"]),
+            prompt=chat_prompt(p["problem"], few_shot),
             n=cfg.num_samples,
             seed=stable_seed(p["problem_id"], cfg.seed),
             max_tokens=cfg.max_tokens,

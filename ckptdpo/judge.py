@@ -8,6 +8,11 @@ Quoted text can never contain a delimiter: every run of three or more `<` or `>`
 object with exactly the three keys and "yes"/"no" values (optionally inside one ```json fence); anything else
 (prose, an echoed template, several objects, extra or repeated keys) is unparseable, and an unparseable reply keeps
 the segment. The parser only ever sees the judge's reply, so the verdict's format cannot be set by segment text.
+
+`reply_format: yes_no` is for small judges (the demo's 135M model cannot write the JSON object): one question (is the
+segment wrong, a repeat of the earlier reasoning, or off-topic?), two worked exchanges in chat form showing a one-word
+answer, and a reply whose first word must be yes or no (anything else is unparseable and keeps the segment). A "yes"
+counts as all three reasons at once, since the one answer cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -40,7 +45,16 @@ SYSTEM_PROMPT = (
     f"{REPLY_TEMPLATE}"
 )
 
+YES_NO_SYSTEM = "You check the steps of math solutions. Answer with one word: Yes or No."
+YES_NO_QUESTION = "Is the new step wrong, a repeat of the earlier steps, or off-topic? Answer Yes or No."
+# Worked exchanges, as earlier chat turns: a step that computes something new (No) and a repeated check (Yes).
+YES_NO_EXAMPLES = (
+    ("What is 5 × 3?", "We need to multiply 5 by 3.", "5 × 3 = 15.", "No"),
+    ("What is 2 + 2?", "2 + 2 = 4.", "Wait, let me check: 2 + 2 = 4. Yes, it is 4.", "Yes"),
+)
+
 _RUN = re.compile(r"<{3,}|>{3,}")
+_FIRST_WORD = re.compile(r"\W*(yes|no)\b", re.IGNORECASE)
 _FENCE = re.compile(r"```(?:json)?[ \t]*\n?(.*?)\n?```", re.DOTALL)
 
 
@@ -83,6 +97,40 @@ def build_judge_messages(
         ]
     )
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def _yes_no_user(problem: str, context: str, segment: str) -> str:
+    return (
+        f"Problem: {neutralize(problem.strip())}\nEarlier steps: {neutralize(context.strip()) or '(none)'}\n"
+        f"New step: {neutralize(segment.strip())}\n{YES_NO_QUESTION}"
+    )
+
+
+def build_yes_no_messages(
+    problem: str, context_segments: Sequence[str], segment: str, *, max_context_chars: int = 8000
+) -> list[dict[str, str]]:
+    """Chat messages asking a small judge one yes/no question about `segment`, after two worked exchanges."""
+    context = "".join(context_segments)
+    if len(context) > max_context_chars:
+        context = OMITTED + context[len(context) - max_context_chars :]
+    messages = [{"role": "system", "content": YES_NO_SYSTEM}]
+    for ex_problem, ex_context, ex_segment, answer in YES_NO_EXAMPLES:
+        messages += [
+            {"role": "user", "content": _yes_no_user(ex_problem, ex_context, ex_segment)},
+            {"role": "assistant", "content": answer},
+        ]
+    return [*messages, {"role": "user", "content": _yes_no_user(problem, context, segment)}]
+
+
+def parse_yes_no_reply(text: str | None) -> JudgeVerdict | None:
+    """The verdict in a one-word reply: its first word yes (remove) or no (keep); None for anything else."""
+    if not isinstance(text, str):
+        return None
+    m = _FIRST_WORD.match(text)
+    if m is None:
+        return None
+    yes = m.group(1).lower() == "yes"
+    return JudgeVerdict(yes, yes, yes)
 
 
 class _DuplicateKey(ValueError):
@@ -130,18 +178,22 @@ def judge_trajectories(
     attack that everything after it builds on, and a trajectory without it does not read as a solution. After it, at
     most `cfg.max_segments` segments are judged; later ones are kept unjudged (`segments_unjudged`). A segment is
     removed when the judge answers yes to any question; an unparseable reply keeps it (`judge_parse_failures`).
+    `cfg.reply_format` picks the prompt and parser (three-key JSON, or one yes/no word for small judges).
     """
     if len(problems) != len(segment_lists):
         raise ValueError(f"{len(problems)} problems for {len(segment_lists)} segment lists")
+    build, parse = (
+        (build_yes_no_messages, parse_yes_no_reply)
+        if cfg.reply_format == "yes_no"
+        else (build_judge_messages, parse_judge_reply)
+    )
     conversations, where = [], []
     unjudged = 0
     for t, (problem, segments) in enumerate(zip(problems, segment_lists, strict=True)):
         judged = range(1, min(len(segments), 1 + cfg.max_segments))
         unjudged += max(0, len(segments) - 1 - cfg.max_segments)
         for i in judged:
-            conversations.append(
-                build_judge_messages(problem, segments[:i], segments[i], max_context_chars=cfg.max_context_chars)
-            )
+            conversations.append(build(problem, segments[:i], segments[i], max_context_chars=cfg.max_context_chars))
             where.append((t, i))
     replies = (
         judge_backend.chat(conversations, max_tokens=cfg.max_tokens, temperature=cfg.temperature)
@@ -153,7 +205,7 @@ def judge_trajectories(
     keeps = [[True] * len(segments) for segments in segment_lists]
     failures = removed = 0
     for (t, i), reply in zip(where, replies, strict=True):
-        verdict = parse_judge_reply(reply)
+        verdict = parse(reply)
         if verdict is None:
             failures += 1
         elif verdict.remove:

@@ -1,12 +1,17 @@
-"""Evaluation metrics: unbiased pass@k, cons@k, token statistics, DTO efficiency and O1-Pruner's AES."""
+"""Evaluation metrics: unbiased pass@k, cons@k, token statistics, DTO efficiency, O1-Pruner's AES, and paired
+bootstrap intervals over problems for base-vs-trained differences."""
 
 from __future__ import annotations
 
 import math
 import operator
 import statistics
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 
 def _as_int(name: str, value: object) -> int:
@@ -42,30 +47,42 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def cons_at_k(answers: Sequence[str | None], gold_equal: Sequence[bool], k: int) -> float:
-    """Majority vote over the first k answers: 1.0 if the winning answer is correct, else 0.0.
+    """Majority-vote accuracy over k samples: the expectation, over every k-subset of the n answers, of the vote's
+    correctness, so cons@1 equals pass@1 and cons@n is the vote over all samples.
 
     `answers` are normalized answer strings compared exactly, None where a sample gave none (it does not vote);
-    `gold_equal[i]` says whether answers[i] equals the gold answer. A tie goes to the answer seen first among the
-    most frequent ones. With no vote at all the result is 0.0. k > len(answers) is a ValueError.
+    `gold_equal[i]` says whether answers[i] equals the gold answer, and all answers equal to the gold vote together.
+    A tie among the most frequent answers is broken uniformly at random (it counts as 1/ties when the gold is among
+    them); a subset with no vote at all counts 0. k > len(answers) is a ValueError.
+
+    Until issue 16 this looked at the FIRST k answers only (so cons@1 was the first sample's correctness, not
+    pass@1); the name is kept, the meaning is now the subset expectation. Exact: the subsets are counted by how many
+    of each answer they hold (a product of binomials), never enumerated.
     """
     k = _as_int("k", k)
     if len(answers) != len(gold_equal):
         raise ValueError(f"answers ({len(answers)}) and gold_equal ({len(gold_equal)}) must have the same length")
-    if not 1 <= k <= len(answers):
-        raise ValueError(f"k must be in [1, {len(answers)}] (number of answers), got {k}")
-    votes: Counter[str] = Counter()
-    first_seen: dict[str, int] = {}
-    for i in range(k):
-        a = answers[i]
-        if a is None:
-            continue
-        votes[a] += 1
-        first_seen.setdefault(a, i)
-    if not votes:
-        return 0.0
-    top = max(votes.values())
-    winner = min((a for a, v in votes.items() if v == top), key=first_seen.__getitem__)
-    return 1.0 if gold_equal[first_seen[winner]] else 0.0
+    n = len(answers)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}] (number of answers), got {k}")
+    gold = sum(1 for a, g in zip(answers, gold_equal, strict=True) if a is not None and g)
+    others = Counter(a for a, g in zip(answers, gold_equal, strict=True) if a is not None and not g)
+    silent = n - gold - sum(others.values())
+    favourable = 0.0
+    for t in range(1, min(gold, k) + 1):
+        # ways[(chosen among other answers, how many of them tie with the gold at t)]: every other answer at most t.
+        ways: dict[tuple[int, int], int] = {(0, 0): 1}
+        for m in others.values():
+            nxt: dict[tuple[int, int], int] = defaultdict(int)
+            for (used, ties), w in ways.items():
+                for x in range(min(m, t, k - t - used) + 1):
+                    nxt[(used + x, ties + (x == t))] += w * math.comb(m, x)
+            ways = nxt
+        for (used, ties), w in ways.items():
+            rest = k - t - used
+            if rest <= silent:
+                favourable += math.comb(gold, t) * w * math.comb(silent, rest) / (1 + ties)
+    return favourable / math.comb(n, k)
 
 
 def efficiency_eta(acc_base: float, cost_base: float, acc_new: float, cost_new: float) -> float:
@@ -135,4 +152,150 @@ def token_stats(tokens: Sequence[int], is_correct: Sequence[bool | None] | None 
         for key, flag in (("mean_correct", True), ("mean_incorrect", False)):
             group = [t for t, c in zip(tokens, is_correct, strict=True) if c is flag]
             out[key] = statistics.fmean(group) if group else None
+    return out
+
+
+# --- paired bootstrap over problems ----------------------------------------------------------------------------------
+
+DEFAULT_RESAMPLES = 2000
+DEFAULT_CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with a percentile bootstrap interval; `null` is the value meaning "no change" (0 for a
+    difference, 1 for a ratio such as eta)."""
+
+    estimate: float
+    low: float
+    high: float
+    null: float = 0.0
+
+    @property
+    def significant(self) -> bool:
+        """Whether the interval excludes the no-change value."""
+        return not self.low <= self.null <= self.high
+
+    def to_dict(self) -> dict[str, float | bool]:
+        return {
+            "estimate": round(self.estimate, 6),
+            "low": round(self.low, 6),
+            "high": round(self.high, 6),
+            "null": self.null,
+            "significant": self.significant,
+        }
+
+
+@dataclass(frozen=True)
+class ProblemOutcome:
+    """One problem's eval samples, reduced to what the intervals need: samples, correct ones, token sum and count."""
+
+    num_samples: int
+    num_correct: int
+    tokens: int
+    counted: int
+
+
+def problem_outcomes(rows: Iterable[Mapping[str, Any]]) -> dict[str, ProblemOutcome]:
+    """Per problem_id of EVAL_SAMPLES rows (problem_id, status, finish_reason, completion_tokens): the counts that
+    pass@1, pass@k and mean tokens are computed from, as the eval stage computes them (an `error` sample, where
+    nothing was generated, counts as a wrong sample but has no length)."""
+    acc: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for r in rows:
+        a = acc[r["problem_id"]]
+        a[0] += 1
+        a[1] += r["status"] == "correct"
+        if r["finish_reason"] != "error":
+            a[2] += int(r["completion_tokens"])
+            a[3] += 1
+    return {pid: ProblemOutcome(*a) for pid, a in acc.items()}
+
+
+def paired_bootstrap(
+    base: np.ndarray,
+    new: np.ndarray,
+    statistic: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    *,
+    null: float = 0.0,
+    num_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = 0,
+) -> Interval:
+    """Percentile bootstrap of `statistic(base, new)` resampling problems (rows) with replacement, the same rows for
+    both models, so what the problems have in common cancels out.
+
+    `base` and `new` are (problems, columns) arrays, row i of each the same problem; `statistic` takes (resamples,
+    problems, columns) arrays and returns one value per resample (it is also applied once to the data as given).
+    """
+    base, new = np.asarray(base, dtype=float), np.asarray(new, dtype=float)
+    if base.shape != new.shape or base.ndim != 2 or not len(base):
+        raise ValueError(f"paired bootstrap needs two equal (problems, columns) arrays, got {base.shape}, {new.shape}")
+    if not 0 < confidence < 1 or num_resamples < 1:
+        raise ValueError(f"need 0 < confidence < 1 and num_resamples >= 1, got {confidence}, {num_resamples}")
+    estimate = float(statistic(base[None], new[None])[0])
+    idx = np.random.default_rng(seed).integers(0, len(base), size=(num_resamples, len(base)))
+    values = statistic(base[idx], new[idx])
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return Interval(estimate, math.nan, math.nan, null)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(values, [tail, 1 - tail])
+    return Interval(estimate, float(low), float(high), null)
+
+
+def _columns(outcomes: Sequence[ProblemOutcome], ks: Sequence[int]) -> np.ndarray:
+    """Per problem: pass@1, pass@k for each k, token sum, token count."""
+    return np.array(
+        [
+            [
+                o.num_correct / o.num_samples,
+                *(pass_at_k(o.num_samples, o.num_correct, k) for k in ks),
+                o.tokens,
+                o.counted,
+            ]
+            for o in outcomes
+        ],
+        dtype=float,
+    )
+
+
+def paired_eval_intervals(
+    base: Mapping[str, ProblemOutcome],
+    new: Mapping[str, ProblemOutcome],
+    ks: Sequence[int] = (),
+    *,
+    num_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Paired bootstrap intervals of new - base over the problems both were evaluated on: pass@1, pass@k (each k
+    both have samples for), mean tokens, and eta = (pass@1 new / base) x (tokens base / new), whose null is 1.
+
+    The estimates are the eval stage's own figures restricted to the shared problems (mean tokens is total tokens
+    over counted samples, per resample too), so an interval always brackets the difference the report shows.
+    """
+    shared = sorted(set(base) & set(new))
+    out: dict[str, Any] = {"num_problems": len(shared), "num_resamples": num_resamples, "confidence": confidence}
+    if not shared:
+        return out
+    ks = [k for k in ks if k > 1 and all(k <= o.num_samples for p in shared for o in (base[p], new[p]))]
+    b, n = _columns([base[p] for p in shared], ks), _columns([new[p] for p in shared], ks)
+    tok = len(ks) + 1  # column of the token sums; the counts follow
+
+    def mean_of(col: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        return lambda x, y: y[..., col].mean(-1) - x[..., col].mean(-1)
+
+    def tokens(x: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return x[..., tok].sum(-1) / x[..., tok + 1].sum(-1)
+
+    def eta(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (y[..., 0].mean(-1) / x[..., 0].mean(-1)) * (tokens(x) / tokens(y))
+
+    opts = {"num_resamples": num_resamples, "confidence": confidence, "seed": seed}
+    out["pass_at_1"] = paired_bootstrap(b, n, mean_of(0), **opts).to_dict()
+    out["pass_at_k"] = {str(k): paired_bootstrap(b, n, mean_of(1 + i), **opts).to_dict() for i, k in enumerate(ks)}
+    out["mean_tokens"] = paired_bootstrap(b, n, lambda x, y: tokens(y) - tokens(x), **opts).to_dict()
+    out["eta"] = paired_bootstrap(b, n, eta, null=1.0, **opts).to_dict()
     return out

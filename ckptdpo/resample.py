@@ -144,6 +144,7 @@ def attempt_rows(
                 "status": v.status,
                 "is_correct": v.is_correct,
                 "extracted": v.extracted,
+                "extracted_from": v.extracted_from,
             }
         )
     return rows

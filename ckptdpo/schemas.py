@@ -80,6 +80,7 @@ ATTEMPTS = pa.schema(
         ("status", pa.string()),
         ("is_correct", pa.bool_()),
         ("extracted", pa.string()),
+        ("extracted_from", pa.string()),  # box | statement | none
     ]
 )
 

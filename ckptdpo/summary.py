@@ -92,3 +92,63 @@ def summarize_pairs(rows: Sequence[dict[str, Any]], generated_tokens: int) -> di
         },
         "pairs_per_1k_generated_tokens": round(1000 * len(rows) / generated_tokens, 4) if generated_tokens else None,
     }
+
+
+PAIR_SOURCES = {"r2w": "resample", "w2r": "resample", "dto": "dto"}
+RATIO_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile of sorted values (numpy's default), without numpy."""
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summarize_pair_quality(
+    rows: Sequence[dict[str, Any]],
+    dropped: dict[str, dict[str, int]] | None = None,
+    sources: dict[str, str] = PAIR_SOURCES,
+) -> dict[str, Any]:
+    """Pair quality figures for stats.json (`pair_quality`), shown by the report.
+
+    - `rows`: the kept pairs, with pair_type, chosen_tokens, rejected_tokens and, when known, how each side's label
+      was read (`chosen_extracted_from` / `rejected_extracted_from`: the verifier's Verdict.extracted_from, e.g.
+      "boxed" or "final_statement"; missing or None counts as "unknown").
+    - `dropped`: per producing stage (resample, dto), the pairs each filter dropped ({filter: count}); a stage's
+      candidates are its kept pairs plus its drops, so each filter's share is of the candidates.
+    Returns {"by_type": {type: {num_pairs, chosen_extracted_from, rejected_extracted_from, length_ratio}},
+    "dropped": {stage: {candidates, by_filter: {filter: {count, share}}}}}; length_ratio is chosen/rejected tokens
+    with count, mean, the RATIO_QUANTILES and the share of pairs whose chosen side is shorter.
+    """
+    by_type: dict[str, Any] = {}
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[r["pair_type"]].append(r)
+    for t, group in sorted(groups.items()):
+        ratios = sorted(r["chosen_tokens"] / r["rejected_tokens"] for r in group if r["rejected_tokens"])
+        ratio: dict[str, Any] = {"count": len(ratios)}
+        if ratios:
+            ratio["mean"] = round(statistics.fmean(ratios), 4)
+            ratio.update({f"p{round(q * 100)}": round(_quantile(ratios, q), 4) for q in RATIO_QUANTILES})
+            ratio["chosen_shorter"] = round(sum(x < 1 for x in ratios) / len(ratios), 4)
+        by_type[t] = {
+            "num_pairs": len(group),
+            **{
+                f"{side}_extracted_from": dict(Counter(r.get(f"{side}_extracted_from") or "unknown" for r in group))
+                for side in ("chosen", "rejected")
+            },
+            "length_ratio": ratio,
+        }
+    kept = Counter(sources.get(r["pair_type"], r["pair_type"]) for r in rows)
+    out_dropped = {}
+    for stage, filters in (dropped or {}).items():
+        candidates = kept[stage] + sum(filters.values())
+        out_dropped[stage] = {
+            "candidates": candidates,
+            "by_filter": {
+                f: {"count": n, "share": round(n / candidates, 4) if candidates else 0.0} for f, n in filters.items()
+            },
+        }
+    return {"by_type": by_type, "dropped": out_dropped}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from ckptdpo.errors import UserError
@@ -160,6 +161,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    # Before anything imports Prefect (its settings are read then): no telemetry, and a start-up limit for the
+    # ephemeral API that a busy 2-core machine can meet (the default 20 s is not).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     # Our own progress at INFO; third-party libraries (httpx logs every Prefect API call at INFO) at WARNING.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("ckptdpo").setLevel(logging.DEBUG if args.verbose else logging.INFO)

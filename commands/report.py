@@ -5,8 +5,16 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import Any
 
-from ckptdpo.report import build_report, compare_rows, format_number, read_eval_section
+from ckptdpo.report import (
+    ETA_B_VS_A,
+    build_report,
+    compare_intervals,
+    compare_rows,
+    format_number,
+    read_eval_section,
+)
 
 
 def report_command(args: argparse.Namespace) -> int:
@@ -15,13 +23,24 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interval(iv: dict[str, Any] | None, ratio: bool = False) -> str:
+    """'[+0.0420, +0.2100] significant' for a difference; '[0.95, 1.31] no significant change' for a ratio."""
+    if not iv or iv.get("low") is None or not math.isfinite(iv["low"]):
+        return "-"
+    fmt = "{:.4f}" if ratio else "{:+.4f}"
+    verdict = "significant" if iv.get("significant") else "no significant change"
+    return f"[{fmt.format(iv['low'])}, {fmt.format(iv['high'])}] {verdict}"
+
+
 def compare_table(run_a: Path, run_b: Path):
-    """A rich table of two runs' eval metrics side by side, with B - A."""
+    """A rich table of two runs' eval metrics side by side, with B - A and, where both runs have the eval shards,
+    its 95% paired bootstrap interval over the problems both evaluated."""
     from rich.table import Table
 
     a, b = read_eval_section(run_a), read_eval_section(run_b)
+    intervals = compare_intervals(run_a, run_b, a, b)
     name_a, name_b = str(run_a), str(run_b)
-    table = Table(title="ckptdpo compare (eval metrics)")
+    table = Table(title="ckptdpo compare (eval metrics; 95% CI: paired bootstrap over problems)")
     for col, justify in (
         ("benchmark", "left"),
         ("model", "left"),
@@ -29,10 +48,13 @@ def compare_table(run_a: Path, run_b: Path):
         (name_a, "right"),
         (name_b, "right"),
         ("B - A", "right"),
+        ("95% CI of B - A", "left"),
     ):
         table.add_column(col, justify=justify, overflow="fold")
     last = None
     for bench, model, label, va, vb in compare_rows(a, b):
+        if last is not None and (bench, model) != last:
+            _eta_row(table, intervals.get((*last, ETA_B_VS_A)))
         delta = vb - va if va is not None and vb is not None else None
         shown = (bench, model) if (bench, model) != last else ("", "")
         last = (bench, model)
@@ -43,8 +65,16 @@ def compare_table(run_a: Path, run_b: Path):
             format_number(va, 4),
             format_number(vb, 4),
             "-" if delta is None else sign + format_number(delta, 4),
+            _interval(intervals.get((bench, model, label))),
         )
+    if last is not None:
+        _eta_row(table, intervals.get((*last, ETA_B_VS_A)))
     return table
+
+
+def _eta_row(table, iv: dict[str, Any] | None) -> None:
+    if iv:
+        table.add_row("", "", ETA_B_VS_A, "", "", format_number(iv["estimate"], 4), _interval(iv, ratio=True))
 
 
 def compare_command(args: argparse.Namespace) -> int:

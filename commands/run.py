@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -104,9 +103,6 @@ def run_recipe(
 
 
 def _run_locked(recipe: Recipe, recipe_path: Path, run_dir: Path, overrides: dict[str, Any], wanted: list[str]):
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # The ephemeral API's default 20 s start-up limit is too short on a busy 2-core machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.pipeline import pipeline_flow
 
     with run_dir_lock(run_dir), stop_on_signals():
@@ -155,7 +151,20 @@ def run_command(args: argparse.Namespace, home: Path) -> int:
 
 
 def demo_command(args: argparse.Namespace, home: Path) -> int:
-    run_recipe(DEMO_RECIPE, Path(args.run_dir), _overrides(args), None, home)
+    """The demo recipe; its DTO judge is the demo model behind a real `transformers serve` process on loopback
+    (started here, stopped at the end), reached through the openai backend the way production reaches vLLM."""
+    overrides = _overrides(args)
+    recipe = Recipe.from_yaml(DEMO_RECIPE, overrides)
+    served_judge = "dto" in recipe.stages and recipe.dto.prune and recipe.dto.judge.backend is None
+    if not served_judge or recipe.backend.kind != "hf":
+        run_recipe(DEMO_RECIPE, Path(args.run_dir), overrides, None, home)
+        return 0
+    from commands.localserver import transformers_server
+
+    model = resolve_model(recipe.backend.model, home, offline=hub_offline())
+    with transformers_server(model, home / "logs" / "demo-judge-server.log") as url:
+        judge = {"kind": "openai", "model": str(model), "base_urls": [url], "max_concurrency": 1}
+        run_recipe(DEMO_RECIPE, Path(args.run_dir), {**overrides, "dto.judge.backend": judge}, None, home)
     return 0
 
 

@@ -38,6 +38,13 @@ DEFAULT_PORT = 4200
 HEALTH_TIMEOUT_S = 240.0
 CLI_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 20.0
+# Concurrency leases (a deployment's `concurrency_limit` slot) on disk under PREFECT_HOME: with Prefect's default
+# in-memory storage a server restart forgets the lease of a running flow run, its slot is never released and every
+# later run of the deployment waits for it forever.
+LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
+HEARTBEAT_S = 30  # flow runs send a heartbeat this often (Prefect's minimum)
+ZOMBIE_AFTER_S = 4 * HEARTBEAT_S  # no heartbeat for this long: the run's process is gone, mark it crashed
+ZOMBIE_AUTOMATION = "ckptdpo: crash zombie flow runs"
 
 
 @dataclass(frozen=True)
@@ -153,14 +160,17 @@ def _write_state(s: ServerSettings, state: dict[str, Any]) -> None:
     atomic_write_bytes(s.state_file, json.dumps(state, indent=1).encode())
 
 
-def _environment(s: ServerSettings) -> dict[str, str]:
+def server_environment(s: ServerSettings, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of everything `up` starts: the API on loopback, no analytics, flows run from this checkout."""
     return {
-        **os.environ,
+        **(os.environ if base is None else base),
         "PREFECT_HOME": str(s.prefect_home),
         "PREFECT_API_URL": s.api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_CLI_PROMPT": "false",
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE,
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
+        # Read by the deployments' pull step on the worker when a flow run starts (never baked in at deploy time).
         "CKPTDPO_REPO": str(REPO),
     }
 
@@ -189,7 +199,8 @@ def _spawn(s: ServerSettings, state: dict[str, Any], role: str, argv: list[str],
         if start is not None:
             break
         time.sleep(0.02)
-    state["processes"].append({"role": role, "pid": proc.pid, "start": start, "log": str(logs / f"{role}.log")})
+    record = {"role": role, "pid": proc.pid, "start": start, "log": str(logs / f"{role}.log"), "argv": argv}
+    state["processes"].append(record)
     _write_state(s, state)
 
 
@@ -228,14 +239,15 @@ def server_up(s: ServerSettings) -> int:
     s.state_dir.mkdir(parents=True, exist_ok=True)
     s.prefect_home.mkdir(parents=True, exist_ok=True)
     pools, names = deployment_plan()
-    env = _environment(s)
+    env = server_environment(s)
     state = {"url": s.url, "api_url": s.api_url, "prefect_home": str(s.prefect_home), "pools": pools, "processes": []}
     _write_state(s, state)
     console = Console()
     try:
-        _spawn(s, state, "server", _prefect("server", "start", "--host", HOST, "--port", str(s.port)), env)
+        _spawn(s, state, "server", _server_argv(s), env)
         console.print(f"prefect server starting on {s.url} (database under {s.prefect_home})")
         _wait_healthy(s, state["processes"][0])
+        ensure_zombie_automation(s.api_url)
         for pool in pools:
             _create_pool(pool, env, s)
         console.print(f"deploying {len(names)} deployments from {PREFECT_FILE}")
@@ -250,6 +262,29 @@ def server_up(s: ServerSettings) -> int:
     console.print(f"Prefect UI: {s.url}")
     console.print(f"export PREFECT_API_URL={s.api_url}   # for `prefect deployment run 'pipeline/pipeline' ...`")
     return 0
+
+
+def _server_argv(s: ServerSettings) -> list[str]:
+    return _prefect("server", "start", "--host", HOST, "--port", str(s.port))
+
+
+def restart_processes(s: ServerSettings, roles: list[str], base: dict[str, str] | None = None) -> None:
+    """Stop and start some of what `up` started (the server after an upgrade, a worker that died), the rest untouched.
+
+    Leases live on disk (LEASE_STORAGE), so a deployment's concurrency slot held by a run across a server restart is
+    released when that run ends, or when its lease expires because the run's process died with its machine.
+    """
+    state = read_state(s)
+    chosen = [r for r in state.get("processes", []) if r["role"] in roles]
+    if sorted(r["role"] for r in chosen) != sorted(roles):
+        raise UserError(f"{s.state_file}: no {', '.join(roles)} was started here; run `ckptdpo server up`.")
+    _stop(chosen)
+    state["processes"] = [r for r in state["processes"] if r["role"] not in roles]
+    env = server_environment(s, base)
+    for rec in sorted(chosen, key=lambda r: r["role"] != "server"):  # the server first: workers need its API
+        _spawn(s, state, rec["role"], rec["argv"], env)
+        if rec["role"] == "server":
+            _wait_healthy(s, state["processes"][-1])
 
 
 def _wait_healthy(s: ServerSettings, server: dict[str, Any]) -> None:
@@ -268,7 +303,9 @@ def _wait_healthy(s: ServerSettings, server: dict[str, Any]) -> None:
 
 def _run_cli(argv: list[str], env: dict[str, str], s: ServerSettings, what: str, ok_if: str | None = None) -> str:
     log = s.state_dir / "logs" / f"{what}.log"
-    r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    r = subprocess.run(
+        argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=CLI_TIMEOUT_S
+    )
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         f.write(f"$ {' '.join(argv)}\n{r.stdout}{r.stderr}\n")
@@ -280,6 +317,38 @@ def _run_cli(argv: list[str], env: dict[str, str], s: ServerSettings, what: str,
 def _create_pool(pool: str, env: dict[str, str], s: ServerSettings) -> None:
     """A process work pool; one that exists already (from an earlier `up`) is kept as it is."""
     _run_cli(_prefect("work-pool", "create", pool, "--type", "process"), env, s, "pools", ok_if="already exists")
+
+
+def zombie_automation() -> dict[str, Any]:
+    """Prefect's zombie detection: a running flow run whose heartbeats stopped (its worker or machine died) is marked
+    crashed, which frees its concurrency slot and lets the UI's Retry resume it from its shards."""
+    terminal = ("Completed", "Failed", "Cancelled", "Crashed")
+    return {
+        "name": ZOMBIE_AUTOMATION,
+        "description": f"No flow-run heartbeat for {ZOMBIE_AFTER_S} s: the flow run's process is gone.",
+        "enabled": True,
+        "trigger": {
+            "type": "event",
+            "posture": "Proactive",
+            "after": ["prefect.flow-run.heartbeat"],
+            "expect": ["prefect.flow-run.heartbeat", *(f"prefect.flow-run.{t}" for t in terminal)],
+            "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
+            "for_each": ["prefect.resource.id"],
+            "within": ZOMBIE_AFTER_S,
+            "threshold": 1,
+        },
+        "actions": [
+            {"type": "change-flow-run-state", "state": "CRASHED", "message": "No heartbeat: its process is gone."}
+        ],
+    }
+
+
+def ensure_zombie_automation(api_url: str) -> None:
+    """Create the zombie automation unless a server started earlier on this database has it already."""
+    body = {"automations": {"name": {"any_": [ZOMBIE_AUTOMATION]}}}
+    if httpx.post(f"{api_url}/automations/filter", json=body, timeout=30).raise_for_status().json():
+        return
+    httpx.post(f"{api_url}/automations/", json=zombie_automation(), timeout=30).raise_for_status()
 
 
 def server_down(s: ServerSettings) -> int:

@@ -59,6 +59,7 @@ def eval_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None =
                     backend=spec.backend,
                     verify=recipe.verify,
                     failure_budget=budget,
+                    few_shot=recipe.generate.few_shot_pairs(),
                 )
             )
             # Always: a changed k list re-aggregates the kept shards without generating again.

@@ -23,6 +23,7 @@ from ckptdpo import evaluate
 from ckptdpo.backends.base import GenerationRequest
 from ckptdpo.configs import BackendConfig, EvalConfig, ProblemsConfig, Recipe, VerifyConfig
 from ckptdpo.evaluate import ModelSpec
+from ckptdpo.report import eval_intervals
 from ckptdpo.resample import stable_seed
 from ckptdpo.schemas import EVAL_PROBLEMS, EVAL_RESULTS, EVAL_SAMPLES, SCHEMA_VERSION, make_table
 from ckptdpo.shards import (
@@ -95,6 +96,8 @@ def plan_eval(run_dir: str, recipe: Recipe, model: ModelSpec, bench: str, kind: 
     code), the backend and the model's content fingerprint (the same one for a base and a freshly trained model)."""
     cfg = recipe.eval
     sampling = cfg.model_dump(mode="json", include={"num_samples", "temperature", "top_p", "max_tokens", "seed"})
+    if kind == "math" and recipe.generate.few_shot:
+        sampling["few_shot"] = recipe.generate.few_shot_pairs()
     if kind == "code":
         limits = {"code_wall_s", "code_cpu_s", "code_memory_mb", "code_max_processes"}
         sampling = {**sampling, **cfg.model_dump(mode="json", include=limits)}
@@ -121,8 +124,12 @@ def evaluate_shard(
     backend: BackendConfig,
     verify: VerifyConfig,
     failure_budget: int = 0,
+    few_shot: list[tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """Sample `num_samples` completions per problem of one benchmark shard with one model, verify, write the shard."""
+    """Sample `num_samples` completions per problem of one benchmark shard with one model, verify, write the shard.
+
+    `few_shot`: the recipe's worked examples (math problems), put before math benchmarks' problems as in generation.
+    """
     stage = samples_stage(benchmark, model_name)
     if shard_exists(run_dir, stage, index):
         return {"generate_s": 0.0, "verify_s": 0.0}
@@ -132,7 +139,11 @@ def evaluate_shard(
     with backend_session(bcfg) as b:
         requests = [
             GenerationRequest(
-                prompt=evaluate.kind_prompt(b.chat_prompt(p["problem"]), p["problem"], p.get("kind") or "math"),
+                prompt=evaluate.kind_prompt(
+                    b.chat_prompt(p["problem"], (few_shot or []) if (p.get("kind") or "math") == "math" else []),
+                    p["problem"],
+                    p.get("kind") or "math",
+                ),
                 n=cfg.num_samples,
                 seed=stable_seed(p["problem_id"], cfg.seed),
                 max_tokens=cfg.max_tokens,
@@ -240,6 +251,11 @@ def finalize_eval(
         },
     }
     atomic_write_bytes(stage / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    # Paired bootstrap intervals over problems for every difference to the reference, so stats.json, the report and
+    # `ckptdpo compare` quote the same ones.
+    for bench, by_model in eval_intervals(Path(run_dir), section).items():
+        for name, iv in by_model.items():
+            section[bench][name]["intervals"] = iv
     update_stats(run_dir, "eval", section)
     table = [
         {"benchmark": r["benchmark"], "model": r["model_name"], **{k: _fmt(r[k]) for k in _ARTIFACT_COLUMNS}}

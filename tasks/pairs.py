@@ -15,6 +15,7 @@ from ckptdpo.shards import (
     read_manifest,
     read_shard,
     read_stage,
+    update_stats,
     write_manifest,
     write_shard,
 )
@@ -51,7 +52,42 @@ def collect_pairs(run_dir: str, sources: list[str]) -> dict[str, Any]:
     rows = [r for i in range(index) for r in read_shard(stage / f"part-{i:05d}.parquet", _PAIR_COLUMNS).to_pylist()]
     stats = summary.summarize_pairs(rows, generated)
     write_manifest(stage, config_hash=key, stats=stats, inputs=inputs)
+    update_stats(run_dir, "pair_quality", pair_quality(run_dir, sources))
     return stats
+
+
+def pair_quality(run_dir: str, sources: list[str]) -> dict[str, Any]:
+    """How each pair's labels were read (box or final statement, from the verdicts of both sides' sources), the
+    chosen/rejected length ratios and the share of candidates each filter dropped, per pair type."""
+    run = Path(run_dir)
+    labels = {
+        r["sample_id"]: r["extracted_from"]
+        for r in read_stage(run / "verify", ["sample_id", "extracted_from"]).to_pylist()
+    }
+    for rounds in sorted(run.glob("resample/round-*")):
+        if read_manifest(rounds) is not None:
+            labels.update(
+                (r["attempt_id"], r["extracted_from"])
+                for r in read_stage(rounds, ["attempt_id", "extracted_from"]).to_pylist()
+            )
+    columns = ["pair_type", "chosen_tokens", "rejected_tokens", "source_sample_id", "attempt_id"]
+    rows = []
+    for p in read_stage(run / "pairs", columns).to_pylist():
+        source, attempt = labels.get(p["source_sample_id"]), labels.get(p["attempt_id"])
+        if p["pair_type"] == "r2w":
+            p["chosen_extracted_from"], p["rejected_extracted_from"] = source, attempt
+        elif p["pair_type"] == "w2r":
+            p["chosen_extracted_from"], p["rejected_extracted_from"] = attempt, source
+        else:  # dto: the optimized side ends in the boxed gold answer DTO appends; the rejected side's is not kept
+            p["chosen_extracted_from"], p["rejected_extracted_from"] = "box", None
+        rows.append(p)
+    dropped = {}
+    for s in sources:
+        top = s.split("/")[0]
+        stats = (read_manifest(run / top) or {}).get("stats", {})
+        if isinstance(stats.get("dropped"), dict):
+            dropped[top] = stats["dropped"]
+    return summary.summarize_pair_quality(rows, dropped)
 
 
 def read_pairs(run_dir: str) -> pa.Table:

@@ -37,11 +37,20 @@ class Sample:
 
 @dataclass
 class GenerationResult:
-    """The `n` samples of one request; `error` is set (and samples empty) when the request itself failed."""
+    """The `n` samples of one request; `error` is set (and samples empty) when the request itself failed.
+
+    Prompt-token accounting is per result (per request, not per sample: the `n` samples of a request share one
+    prompt). `prompt_tokens_requested` is the prompt's length as sent; `prompt_tokens_computed` is how many of those
+    tokens this request actually ran through the model, the rest having come from a cache (the hf backend's prefix
+    reuse across requests of one `route_key`, a server's prefix cache). Both are 0 when the backend does not know;
+    summing each over a stage's results gives that stage's totals.
+    """
 
     samples: list[Sample]
     prompt_tokens: int
     error: str | None = None
+    prompt_tokens_requested: int = 0
+    prompt_tokens_computed: int = 0
 
 
 @dataclass
@@ -81,8 +90,9 @@ class Backend(Protocol):
         """Summed log-probability of each continuation's tokens given its prompt."""
         ...
 
-    def chat_prompt(self, problem: str) -> str:
-        """The model's chat template applied to the problem plus the reasoning instruction, ready to continue."""
+    def chat_prompt(self, problem: str, few_shot: Sequence[tuple[str, str]] = ()) -> str:
+        """The model's chat template applied to the problem plus the reasoning instruction, ready to continue;
+        `few_shot` (problem, solution) pairs come first as earlier exchanges (`problem_messages`)."""
         ...
 
     def chat(
@@ -108,6 +118,15 @@ def templated_prompts(tokenizer, conversations: Sequence[Sequence[dict[str, str]
     return [tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True) for c in conversations]
 
 
-def templated_problem(tokenizer, problem: str) -> str:
-    """The chat prompt of one problem: the user turn from `problem_message`, templated by the tokenizer."""
-    return templated_prompts(tokenizer, [[{"role": "user", "content": problem_message(problem)}]])[0]
+def problem_messages(problem: str, few_shot: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
+    """The chat turns of one problem: each worked example (problem, solution) as an earlier user/assistant exchange,
+    then the problem's own user turn from `problem_message`."""
+    turns = []
+    for example, solution in few_shot:
+        turns += [{"role": "user", "content": problem_message(example)}, {"role": "assistant", "content": solution}]
+    return [*turns, {"role": "user", "content": problem_message(problem)}]
+
+
+def templated_problem(tokenizer, problem: str, few_shot: Sequence[tuple[str, str]] = ()) -> str:
+    """The chat prompt of one problem (after its worked examples: `problem_messages`), templated by the tokenizer."""
+    return templated_prompts(tokenizer, [problem_messages(problem, few_shot)])[0]

@@ -144,9 +144,12 @@ class FakeBackend:
             raise UserError(f"{path}: a fake backend script must be a mapping, got {type(data).__name__}.")
         return cls(data, source=str(path))
 
-    def chat_prompt(self, problem: str) -> str:
+    def chat_prompt(self, problem: str, few_shot: Sequence[tuple[str, str]] = ()) -> str:
         # replace, not str.format: problems are LaTeX and full of braces.
-        return self.script.template.replace("{message}", problem_message(problem))
+        examples = "".join(
+            self.script.template.replace("{message}", problem_message(q)) + a + "\n" for q, a in few_shot
+        )
+        return examples + self.script.template.replace("{message}", problem_message(problem))
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         if self.script.delay_s:

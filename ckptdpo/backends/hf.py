@@ -3,8 +3,10 @@
 The decode loop (instead of `model.generate`) gives four things generate lacks: the `n` samples of a prompt share
 one prefill (the prompt's KV cache is computed once and indexed out to `n` rows), every sample has its own random
 stream, stop strings and the loop guard end single rows, and finished rows leave the batch. Requests that share a
-`route_key` (the checkpoints of one trajectory) are batched together and their common token prefix is computed once
-(`decode.prefill_shared`); each result reports the prompt tokens it requested and the ones it computed.
+`route_key` (the checkpoints of one trajectory) are batched together, and the common token prefixes of a batch's
+prompts are computed once (`decode.prefill_shared`; `prefix_reuse = False` prefills each prompt in full); each
+result reports the prompt tokens it requested and the ones it computed. The decode's KV cache is reserved up front
+and written in place (`decode.reserve`), not concatenated every step.
 
 Reproducibility: each sample draws its randomness from its own stream, seeded from (request seed, sample index),
 one uniform number per generated token (inverse-CDF sampling). The same requests in the same batch composition give
@@ -56,7 +58,6 @@ from ckptdpo.models import (
 __all__ = ["HFBackend", "SamplingParams", "local_revision", "plan_batches", "sample_seed"]
 
 log = logging.getLogger(__name__)
-
 
 
 class _RequestError(Exception):
@@ -278,9 +279,9 @@ class HFBackend:
             result.append(float(rows.gather(1, targets[:, None]).sum()))
         return result
 
-    def chat_prompt(self, problem: str) -> str:
+    def chat_prompt(self, problem: str, few_shot: Sequence[tuple[str, str]] = ()) -> str:
         """The model's chat template around the problem and the instruction, ending where the assistant speaks."""
-        return templated_problem(self.tokenizer, problem)
+        return templated_problem(self.tokenizer, problem, few_shot)
 
     def chat(
         self, conversations: Sequence[Sequence[dict[str, str]]], *, max_tokens: int, temperature: float = 0.0

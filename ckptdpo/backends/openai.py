@@ -56,7 +56,7 @@ from ckptdpo.backends.base import (
     GenerationRequest,
     GenerationResult,
     Sample,
-    problem_message,
+    problem_messages,
 )
 from ckptdpo.backends.loopguard import PARAGRAPH_BREAK, LoopGuard
 from ckptdpo.backends.openai_http import (
@@ -332,13 +332,17 @@ class OpenAIBackend:
         futures = [self._pool.submit(one, conv, self.route(None)) for conv in conversations]
         return [f.result() for f in futures]
 
-    def chat_prompt(self, problem: str) -> str:
-        message = problem_message(problem)
+    def chat_prompt(self, problem: str, few_shot: Sequence[tuple[str, str]] = ()) -> str:
+        turns = problem_messages(problem, few_shot)
         if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
-            )
-        return CHATML_TEMPLATE.replace("{message}", message)
+            return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        # Without a local tokenizer: ChatML, each earlier assistant turn closed the way ChatML closes turns.
+        return "".join(
+            CHATML_TEMPLATE.replace("{message}", t["content"])
+            if t["role"] == "user"
+            else f"{t['content']}<|im_end|>\n"
+            for t in turns
+        )
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Local tokenizer counts; without one, characters / 4 (an estimate)."""

@@ -170,8 +170,8 @@ class VLLMBackend:
             scores[i] = sum(out.prompt_logprobs[j][ids[j]].logprob for j in range(len(p), len(ids)))
         return scores
 
-    def chat_prompt(self, problem: str) -> str:
-        return templated_problem(self.tokenizer, problem)
+    def chat_prompt(self, problem: str, few_shot: Sequence[tuple[str, str]] = ()) -> str:
+        return templated_problem(self.tokenizer, problem, few_shot)
 
     def chat(
         self, conversations: Sequence[Sequence[dict[str, str]]], *, max_tokens: int, temperature: float = 0.0

@@ -6,13 +6,25 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ckptdpo.configs.backend import BackendConfig
 from ckptdpo.configs.base import _Config
 
 STAGES = ("generate", "verify", "checkpoints", "resample", "dto", "train", "eval")
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def _vllm_temperature(value: float, n: int | None = None, n_field: str = "") -> float:
+    """Refuse at recipe load the temperatures `vllm serve` refuses per request (so no stage fails on them later)."""
+    if value > 2:
+        raise ValueError("must be at most 2 (vLLM refuses temperatures above 2)")
+    if value == 0 and n is not None and n > 1:
+        raise ValueError(
+            f"0 decodes greedily, so {n_field}: {n} would be {n} copies of one sample (vLLM refuses n > 1 at "
+            f"temperature 0); set it above 0 or {n_field}: 1"
+        )
+    return value
 
 
 class ProblemsConfig(_Config):
@@ -88,12 +100,29 @@ class GenerateConfig(_Config):
         """The worked examples as (problem, solution) pairs, for `ckptdpo.backends.base.problem_messages`."""
         return [(e.problem, e.solution) for e in self.few_shot]
 
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float, info: ValidationInfo) -> float:
+        return _vllm_temperature(v, info.data.get("num_samples"), "num_samples")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, v: list[str]) -> list[str]:
+        if any(not s for s in v):
+            raise ValueError("must not contain an empty string (vLLM refuses one)")
+        return v
+
 
 class VerifyConfig(_Config):
     """Answer extraction and math-verify in a killable process pool."""
 
     timeout_s: float = Field(5.0, gt=0, description="hard wall-clock limit per item")
     workers: int | None = Field(None, ge=1, description="worker processes; default: CPU count")
+    answer_format: Literal["boxed", "boxed_or_final_statement"] = Field(
+        "boxed_or_final_statement",
+        description="boxed: only the last \\boxed{} counts; boxed_or_final_statement: else an explicit final "
+        "statement at the end ('the answer is X'); every verdict records which in extracted_from",
+    )
 
 
 class CheckpointConfig(_Config):
@@ -126,6 +155,12 @@ class ResampleConfig(_Config):
     prefer_fitting_prefixes: bool = Field(True, description="skip checkpoints whose prefix cannot fit a pair")
     max_length_ratio: float | None = Field(None, gt=1, description="drop pairs with chosen/rejected token ratio over")
 
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float, info: ValidationInfo) -> float:
+        # A checkpoint's draws are one request with n = its draws (up to max_attempts).
+        return _vllm_temperature(v, info.data.get("max_attempts"), "max_attempts")
+
     @model_validator(mode="before")
     @classmethod
     def _drop_dead_shard_size(cls, data: Any) -> Any:
@@ -144,6 +179,14 @@ class JudgeConfig(_Config):
     temperature: float = Field(0.0, ge=0)
     max_segments: int = Field(64, ge=1, description="judge at most this many segments per trajectory")
     max_context_chars: int = Field(8000, ge=0, description="preceding reasoning shown to the judge (its tail)")
+    reply_format: Literal["json", "yes_no"] = Field(
+        "json", description="json: three yes/no keys in one object; yes_no: one word, for small judges"
+    )
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        return _vllm_temperature(v)
 
 
 class DTOConfig(_Config):
@@ -158,10 +201,21 @@ class DTOConfig(_Config):
     max_probes: int = Field(64, ge=1, description="probe at most this many positions per trajectory (spread)")
     seed: int = Field(2, description="base seed for sampled probes")
     min_checkpoints: int = Field(2, ge=0, description="use paragraph breaks when fewer checkpoints than this")
+    exit_must_shorten: bool = Field(
+        False, description="no exit where closing the text there (exit sentence + answer) would not shorten it"
+    )
     prune: bool = Field(True, description="run judge pruning after truncation")
+    prune_without_exit: bool = Field(
+        False, description="also judge-prune trajectories with no exit (kept only if the pruned text still verifies)"
+    )
     on_reverify_fail: Literal["truncated", "drop"] = Field("truncated", description="pruned text fails: fall back")
     rejected: Literal["longest", "longest_correct"] = Field("longest", description="rejected side of DTO pairs")
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+
+    @field_validator("probe_temperature")
+    @classmethod
+    def _temperature(cls, v: float, info: ValidationInfo) -> float:
+        return _vllm_temperature(v, info.data.get("probe_samples"), "probe_samples")
 
 
 class TrainConfig(_Config):
@@ -252,6 +306,11 @@ class EvalConfig(_Config):
         False, description="run model-written code even where no network/mount isolation is possible (limits only)"
     )
 
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float, info: ValidationInfo) -> float:
+        return _vllm_temperature(v, info.data.get("num_samples"), "num_samples")
+
     @field_validator("benchmarks")
     @classmethod
     def _benchmark_names(cls, v: dict[str, ProblemsConfig]) -> dict[str, ProblemsConfig]:
@@ -332,3 +391,8 @@ class TaskRunnerConfig(_Config):
     max_in_flight: int = Field(
         2, ge=1, description="shard tasks submitted at once per stage; each holds one shard in memory"
     )
+    retries: int = Field(2, ge=0, description="retries of a failed shard task (after the backend's own retries)")
+    retry_delay_s: list[float] = Field(
+        default_factory=lambda: [5.0, 30.0], description="delay before each retry of a shard task (last one repeats)"
+    )
+    task_timeout_s: float | None = Field(None, gt=0, description="wall-clock limit of one shard task; none: no limit")

@@ -236,10 +236,11 @@ def test_no_exit_found_leaves_trajectory_alone():
     results, stats = optimize_trajectories(backend, judge, [item(A, backend=backend)], cfg, exact_verify)
     (r,) = results
     assert r.status == "no_exit" and r.text is None and r.exit_index is None and r.exit_probability is None
-    assert stats["no_exit_found"] == 1 and stats["num_exit_found"] == 0
-    assert (
-        stats["tokens_before"] == stats["tokens_after_truncation"] == stats["tokens_after_pruning"] == count_words(A)
-    )
+    assert stats["no_exit_found"] == 1 and stats["num_exit_found"] == 0 and stats["num_optimized"] == 0
+    # Token totals cover only optimized trajectories: one left alone is in none of them (and dilutes no reduction).
+    assert stats["tokens_before"] == stats["tokens_after_truncation"] == stats["tokens_after_pruning"] == 0
+    assert stats["tokens_all_trajectories"] == count_words(A)
+    assert merge_dto_stats([stats])["token_reduction"] is None
     assert judge.calls == [] and stats["segments_judged"] == 0
 
 
@@ -352,8 +353,12 @@ def test_reverification_failure(on_fail):
         assert r.status == "truncated" and r.text == r.truncated_text and stats["num_dropped"] == 0
     else:
         assert r.status == "dropped" and r.text is None and stats["num_dropped"] == 1
-    # Either way the length after pruning is the truncated length: pruning did not stick.
-    assert stats["tokens_after_pruning"] == stats["tokens_after_truncation"] == count_words(r.truncated_text)
+    # Either way the length after pruning is the truncated length: pruning did not stick. A dropped trajectory is
+    # not an optimized one, so it counts in no token total.
+    if on_fail == "truncated":
+        assert stats["tokens_after_pruning"] == stats["tokens_after_truncation"] == count_words(r.truncated_text)
+    else:
+        assert stats["tokens_before"] == stats["tokens_after_pruning"] == stats["num_optimized"] == 0
 
 
 def test_adversarial_segment_and_unparseable_replies_keep_segments():
@@ -387,7 +392,29 @@ def test_merge_stats():
     s2 = dict.fromkeys(STAT_KEYS, 2)
     merged = merge_dto_stats([s1, s2], num_pairs=5)
     assert all(merged[k] == 3 for k in STAT_KEYS) and merged["num_pairs"] == 5
-    assert merge_dto_stats([]) == dict.fromkeys(STAT_KEYS, 0)
+    assert merge_dto_stats([]) == {**dict.fromkeys(STAT_KEYS, 0), "token_reduction": None,
+                                   "truncation_token_reduction": None}  # fmt: skip
+
+
+def test_merged_reduction_is_one_minus_after_over_before_of_the_sums():
+    """The reduction is derived from the summed totals (never a sum or mean of per-shard ratios) and is positive
+    when DTO shortened the texts."""
+    a = {
+        **dict.fromkeys(STAT_KEYS, 0),
+        "tokens_before": 100,
+        "tokens_after_truncation": 90,
+        "tokens_after_pruning": 80,
+    }
+    b = {
+        **dict.fromkeys(STAT_KEYS, 0),
+        "tokens_before": 300,
+        "tokens_after_truncation": 150,
+        "tokens_after_pruning": 120,
+    }
+    a["token_reduction"], b["token_reduction"] = 0.2, 0.6  # what a shard-level derivation would have stored
+    merged = merge_dto_stats([a, b])
+    assert merged["token_reduction"] == pytest.approx(1 - 200 / 400)
+    assert merged["truncation_token_reduction"] == pytest.approx(1 - 240 / 400)
 
 
 # --- pairs -----------------------------------------------------------------------------------------------------------
@@ -476,3 +503,47 @@ def test_pairs_reject_unknown_source():
         build_dto_pairs(
             [{"problem_id": "p1", "answer": "5"}], [result("zz", "p1", "t")], originals(), lambda ts: [1] * len(ts)
         )
+
+
+def test_exit_must_shorten_refuses_a_cut_that_lengthens():
+    """Closing at an exit adds the exit sentence and the answer: on a trajectory whose rest is shorter than that, the
+    cut would lengthen it, so with exit_must_shorten it is no exit (and never counts as an optimization)."""
+    short = "We add 2 and 3.\n\nThat is 5.\n\nSo \\boxed{5}."
+    scores = [{"prompt_endswith": "2 and 3.\n\n" + PROBE, "continuation": "5}", "logprob": -0.01}]
+    backend = policy(scores=scores)
+    loose = DTOConfig(min_checkpoints=1, prune=False)
+    (r,), _ = optimize_trajectories(backend, None, [item(short, backend=backend)], loose, exact_verify)
+    assert r.status == "truncated" and len(r.text) > len(short)  # what the rule prevents
+    strict = loose.model_copy(update={"exit_must_shorten": True})
+    (r,), stats = optimize_trajectories(backend, None, [item(short, backend=backend)], strict, exact_verify)
+    assert r.status == "no_exit" and stats["num_optimized"] == 0
+    long = short.replace("That is 5.", "That is 5. " + "Let me recount the sum once more, slowly. " * 6)
+    (r,), _ = optimize_trajectories(backend, None, [item(long, backend=backend)], strict, exact_verify)
+    assert r.status == "truncated" and len(r.text) < len(long)
+
+
+def test_prune_without_exit_judges_and_verifies_the_whole_trajectory():
+    """With prune_without_exit a trajectory no probe could cut still has its segments judged; a pruned text keeps its
+    own ending, counts as optimized only when it still verifies, and the judge is asked once for the shard."""
+    backend = policy()
+    judge = SegmentJudge(flagged=["double check"])
+    cfg = DTOConfig(threshold=0.99, prune_without_exit=True)
+    results, stats = optimize_trajectories(backend, judge, [item(A, backend=backend)], cfg, exact_verify)
+    (r,) = results
+    assert r.status == "pruned" and r.truncated_text is None and r.exit_index is None
+    assert r.text == A.replace("But let me double check the sum.\n\n", "")
+    assert exact_verify([("5", r.text)]) == [V(True)]
+    assert stats["segments_judged"] == 3 and stats["segments_removed"] == 1 and stats["num_pruned_without_exit"] == 1
+    assert stats["num_optimized"] == 1 and stats["tokens_before"] == count_words(A)
+    assert stats["tokens_after_truncation"] == count_words(A) > stats["tokens_after_pruning"] == count_words(r.text)
+    assert len(judge.calls) == 1
+    # Off by default: the same trajectory is left alone and the judge is not asked.
+    judge = SegmentJudge(flagged=["double check"])
+    (r,), stats = optimize_trajectories(
+        backend, judge, [item(A, backend=backend)], DTOConfig(threshold=0.99), exact_verify
+    )
+    assert r.status == "no_exit" and judge.calls == [] and stats["segments_judged"] == 0
+    # A pruned text that no longer verifies is not kept.
+    judge = SegmentJudge(flagged=["So the answer"])
+    (r,), stats = optimize_trajectories(backend, judge, [item(A, backend=backend)], cfg, exact_verify)
+    assert r.status == "no_exit" and r.text is None and stats["reverify_failures"] == 1 and stats["num_optimized"] == 0

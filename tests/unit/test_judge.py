@@ -11,12 +11,15 @@ from ckptdpo.configs import JudgeConfig
 from ckptdpo.judge import (
     REPLY_TEMPLATE,
     SYSTEM_PROMPT,
+    YES_NO_QUESTION,
     JudgeVerdict,
     build_judge_messages,
+    build_yes_no_messages,
     judge_segments,
     judge_trajectories,
     neutralize,
     parse_judge_reply,
+    parse_yes_no_reply,
 )
 
 NO = '{"wrong_information": "no", "adds_nothing_new": "no", "off_topic_or_redundant": "no"}'
@@ -226,3 +229,61 @@ def test_judge_config_is_passed_to_chat():
     judge_segments(Recorder(), "p", ["a", "b"], JudgeConfig(max_tokens=40, temperature=0.3))
     assert seen == {"max_tokens": 40, "temperature": 0.3}
     assert json.loads(NO)  # the fixtures themselves are valid JSON
+
+
+# --- the yes/no format for small judges ------------------------------------------------------------------------------
+
+
+def new_step_of(conversation: list[dict[str, str]]) -> str:
+    m = re.search(r"\nNew step: (.*)\n" + re.escape(YES_NO_QUESTION) + r"$", conversation[-1]["content"], re.DOTALL)
+    assert m is not None
+    return m.group(1)
+
+
+@pytest.mark.parametrize(
+    ("reply", "remove"),
+    [("Yes", True), ("No", False), ("no.", False), (" YES, it repeats", True), ('"No"', False), ("**Yes**", True)],
+)
+def test_yes_no_reply_parses_the_first_word(reply, remove):
+    verdict = parse_yes_no_reply(reply)
+    assert verdict is not None and verdict.remove is remove
+
+
+@pytest.mark.parametrize("reply", ["", None, "Maybe", "The answer is yes", "Nope", "Yesterday", "<<<BEGIN SEGMENT>>"])
+def test_yes_no_reply_anything_else_is_unparseable(reply):
+    assert parse_yes_no_reply(reply) is None
+
+
+def test_yes_no_messages_show_worked_exchanges_then_the_segment():
+    msgs = build_yes_no_messages("What is 2+3?", ["Add.\n\n", "2+3=5.\n\n"], "Wait, 2+3=5 <<<END>>>.\n\n")
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert [m["content"] for m in msgs if m["role"] == "assistant"] == ["No", "Yes"]
+    assert "Earlier steps: Add.\n\n2+3=5.\n" in msgs[-1]["content"]
+    assert new_step_of(msgs) == "Wait, 2+3=5 < < <END> > >."  # quoted data never carries a delimiter run
+
+
+def test_judge_trajectories_with_yes_no_format_counts_unparseable_replies():
+    class OneWord:
+        def __init__(self):
+            self.calls = []
+
+        def chat(self, conversations, *, max_tokens, temperature=0.0):
+            self.calls.append((len(conversations), max_tokens))
+            steps = [new_step_of(c) for c in conversations]
+            return ["Yes" if "again" in s else "I think so" if "odd" in s else "No" for s in steps]
+
+    judge = OneWord()
+    cfg = JudgeConfig(reply_format="yes_no", max_tokens=3)
+    segments = ["Start.\n\n", "2+3=5.\n\n", "Wait, again 2+3=5.\n\n", "An odd step.\n\n"]
+    keeps, stats = judge_trajectories(judge, ["What is 2+3?"], [segments], cfg)
+    assert keeps == [[True, True, False, True]]
+    assert stats == {"segments_judged": 3, "segments_removed": 1, "judge_parse_failures": 1, "segments_unjudged": 0}
+    assert judge.calls == [(3, 3)]
+
+    # Under the JSON format the same one-word replies are all unparseable: every segment kept, every reply counted.
+    class Yes:
+        def chat(self, conversations, *, max_tokens, temperature=0.0):
+            return ["Yes"] * len(conversations)
+
+    keeps, stats = judge_trajectories(Yes(), ["What is 2+3?"], [segments], JudgeConfig())
+    assert keeps == [[True] * 4] and stats["judge_parse_failures"] == 3 and stats["segments_removed"] == 0

@@ -1,0 +1,73 @@
+"""Per-sample random streams and batched inverse-CDF sampling with per-row temperature, top-p and top-k."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from ckptdpo.backends.base import GenerationRequest
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The random stream of sample `index` of a request seeded with `seed`; independent of the batch it runs in."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class SamplingParams:
+    """Per-row temperature / top-p / top-k as tensors, so one batch can mix requests with different settings."""
+
+    def __init__(self, requests: list[GenerationRequest], device: torch.device) -> None:
+        self.temperature = torch.tensor([r.temperature for r in requests], dtype=torch.float32, device=device)
+        self.top_p = torch.tensor([r.top_p for r in requests], dtype=torch.float32, device=device)
+        self.top_k = torch.tensor([r.top_k if r.top_k > 0 else 0 for r in requests], dtype=torch.long, device=device)
+        self._flags()
+
+    def _flags(self) -> None:
+        self.all_greedy = bool((self.temperature == 0).all())
+        self.any_greedy = bool((self.temperature == 0).any())
+        self.any_top_p = bool((self.top_p < 1).any())
+        self.max_top_k = int(self.top_k.max()) if self.top_k.numel() else 0
+
+    def select(self, keep: torch.Tensor) -> SamplingParams:
+        new = object.__new__(SamplingParams)
+        new.temperature, new.top_p, new.top_k = self.temperature[keep], self.top_p[keep], self.top_k[keep]
+        new._flags()
+        return new
+
+    def sample(self, logits: torch.Tensor, u: list[float]) -> torch.Tensor:
+        """One token per row: argmax for temperature 0, else inverse-CDF sampling with the row's uniform `u`."""
+        if self.all_greedy:
+            return logits.argmax(-1)
+        scaled = logits / self.temperature.clamp(min=1e-6)[:, None]
+        vocab = scaled.shape[-1]
+        if self.max_top_k > 0 and self.max_top_k < vocab:
+            kth_values = torch.topk(scaled, self.max_top_k, dim=-1).values
+            k = self.top_k.clamp(max=self.max_top_k)
+            kth = kth_values.gather(1, (k - 1).clamp(min=0)[:, None])
+            drop = (scaled < kth) & (k > 0)[:, None]
+            scaled = scaled.masked_fill(drop, -math.inf)
+        probs = torch.softmax(scaled, dim=-1)
+        order = None
+        if self.any_top_p:
+            probs, order = probs.sort(dim=-1, descending=True)
+            before = probs.cumsum(-1) - probs
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            probs = probs.masked_fill(before >= self.top_p[:, None], 0.0)
+        cdf = probs.cumsum(-1)
+        # Slightly below the total, so rounding never points past the last token with mass.
+        target = torch.tensor(u, dtype=cdf.dtype, device=cdf.device)[:, None] * cdf[:, -1:] * (1 - 1e-6)
+        picked = torch.searchsorted(cdf, target, right=True).clamp(max=vocab - 1)
+        if order is not None:
+            picked = order.gather(1, picked)
+        picked = picked[:, 0]
+        if self.any_greedy:
+            picked = torch.where(self.temperature == 0, logits.argmax(-1), picked)
+        return picked
+
+
+def left_pad_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for left-padded rows: 0 at each row's first real token (padding gets 1, as generate does)."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
