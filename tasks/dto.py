@@ -97,7 +97,7 @@ def check_dto_failures(index: int, stats: dict[str, Any], budget: FailureBudgetC
     if stats.get("probe_errors", 0) > budget.dto:
         raise StageFailed(f"dto shard {index}: {stats['probe_errors']} exit probe(s) failed (budget {budget.dto})")
     failures = stats.get("judge_parse_failures", 0)
-    asked = failures + stats.get("segments_judged", 0)
+    asked = stats.get("segments_judged", 0)  # every segment the judge was asked about, parsed or not
     if asked and failures / asked > budget.judge_unparsed_share:
         raise JudgeUnparsed(
             f"dto shard {index}: the judge's replies could not be parsed for {failures} of {asked} segments (over "

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger("ckptdpo")
-GRACE_S = 15.0
+GRACE_S = 8.0
 
 
 def _children(pid: int) -> list[int]:
