@@ -160,11 +160,12 @@ def prepare_stage(stage_dir: str | Path, config_hash: str) -> bool:
     m = read_manifest(stage_dir)
     if m is not None and m.get("config_hash") == config_hash:
         redo = set(damaged_shards(stage_dir, m)) | {f["shard"] for f in m.get("failed", [])}
-        if not redo:
+        if not redo and not _damaged_substages(stage_dir):
             return True
         # Same key, so the intact shards are kept and only the damaged, missing or failed ones are rewritten.
-        log.warning("%s: %d shard(s) damaged, missing or with failed rows (%s); rewriting them", stage_dir,
-                    len(redo), ", ".join(sorted(redo)[:5]))  # fmt: skip
+        if redo:
+            log.warning("%s: %d shard(s) damaged, missing or with failed rows (%s); rewriting them", stage_dir,
+                        len(redo), ", ".join(sorted(redo)[:5]))  # fmt: skip
         atomic_write_bytes(stage_dir / PENDING, json.dumps({"config_hash": config_hash}).encode())
         (stage_dir / MANIFEST).unlink()
         for name in redo:
@@ -180,6 +181,17 @@ def prepare_stage(stage_dir: str | Path, config_hash: str) -> bool:
     else:
         (stage_dir / MANIFEST).unlink(missing_ok=True)
     return False
+
+
+def _damaged_substages(stage_dir: Path) -> list[Path]:
+    """Sub-stages (a folder below with its own manifest, like resample/pairs) whose shards are damaged: the parent
+    stage is then not done either, so its flow runs again and the sub-stage rewrites what is damaged."""
+    bad = []
+    for manifest in stage_dir.glob(f"*/**/{MANIFEST}"):
+        sub = manifest.parent
+        if damaged_shards(sub, read_manifest(sub)):
+            bad.append(sub)
+    return bad
 
 
 def write_manifest(
@@ -225,24 +237,23 @@ def stage_fingerprint(stage_dir: str | Path) -> str:
     return hashlib.sha256(json.dumps([s["sha256"] for s in m["shards"]]).encode()).hexdigest()[:16]
 
 
-def _intact_listed(stage_dir: Path) -> list[Path]:
+def check_shards_present(stage_dir: str | Path, fix: str = "run the stage again to rewrite it") -> list[Path]:
     """The manifest's shards after a cheap check (present, same size); damage is a sentence, not an ArrowInvalid."""
+    stage_dir = Path(stage_dir)
     m = read_manifest(stage_dir)
     if m is None:
         raise StageNotDone(f"{stage_dir}: no {MANIFEST}, so the stage never completed; run it (again) first.")
     for s in m["shards"]:
         p = stage_dir / s["name"]
         if not p.exists() or ("num_bytes" in s and p.stat().st_size != s["num_bytes"]):
-            raise StageNotDone(
-                f"{p}: missing or damaged (it differs from {MANIFEST}); run the stage again to rewrite it."
-            )
+            raise StageNotDone(f"{p}: this shard is missing or damaged (it differs from {MANIFEST}); {fix}.")
     return [stage_dir / s["name"] for s in m["shards"]]
 
 
 def read_stage(stage_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
     """Read a completed stage as one table, from the manifest's list of shards."""
     stage_dir = Path(stage_dir)
-    shards = _intact_listed(stage_dir)
+    shards = check_shards_present(stage_dir)
     if not shards:
         raise StageNotDone(f"{stage_dir}: the manifest lists no shards.")
     return pa.concat_tables([pq.read_table(p, columns=columns) for p in shards])
@@ -252,7 +263,7 @@ def iter_stage(
     stage_dir: str | Path, columns: list[str] | None = None, batch_size: int = 4096
 ) -> Iterator[pa.RecordBatch]:
     """Stream a completed stage batch by batch, for stages too large to hold in memory."""
-    for p in _intact_listed(Path(stage_dir)):
+    for p in check_shards_present(Path(stage_dir)):
         yield from pq.ParquetFile(p).iter_batches(batch_size=batch_size, columns=columns)
 
 

@@ -222,3 +222,50 @@ def test_a_second_run_into_a_held_run_directory_is_refused_and_touches_nothing(f
         assert hashes(run_dir) == before
     r = run(recipe, run_dir)  # released (as it is when its holder dies): the next run goes ahead
     assert r.returncode == 0, r.stderr
+
+
+# --- a flaky or absent OpenAI-compatible endpoint (the case as it was reported) --------------------------------------
+
+ENDPOINT_SCRIPT = {
+    "template": "<|user|>\n{message}\n<|assistant|>\n",
+    "problems": {},
+    "default_continuation": "Let me think.\n\nWait, it is 5.\n\nSo the answer is \\boxed{5}.",
+}
+
+
+def endpoint_recipe(tmp: Path, url: str) -> Path:
+    backend = {"kind": "openai", "model": "served-model", "base_urls": [url], "max_retries": 3}
+    return write_fake_recipe(
+        tmp, None, PROBLEMS, stages=["generate", "verify"], backend=backend, task_runner=FAST_RETRIES
+    )
+
+
+def test_a_flaky_endpoint_loses_no_sample(tmp_path: Path):
+    from ckptdpo.backends.fake import FakeBackend
+    from tests.openai_server import OpenAIServer
+
+    # Five 500s: the first request exhausts its retries (1 + 3), so its shard fails once and is retried.
+    with OpenAIServer(FakeBackend(ENDPOINT_SCRIPT), fail_first=[500] * 5) as srv:
+        r = run(endpoint_recipe(tmp_path, srv.base_url), tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert read_manifest(tmp_path / "run" / "generate")["num_rows"] == 4  # 2 problems x 2 samples, none dropped
+
+
+def test_an_endpoint_that_is_down_fails_the_run_and_the_rerun_after_it_recovers_completes(tmp_path: Path):
+    import socket
+
+    from ckptdpo.backends.fake import FakeBackend
+    from tests.openai_server import OpenAIServer
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    recipe = endpoint_recipe(tmp_path, f"http://127.0.0.1:{port}/v1")
+    r = run(recipe, tmp_path / "run", "--set", "backend.max_retries=0")
+    assert r.returncode == 1 and "request(s) failed" in r.stderr, r.stderr
+    assert read_manifest(tmp_path / "run" / "generate") is None
+    with OpenAIServer(FakeBackend(ENDPOINT_SCRIPT)) as srv:
+        recipe = endpoint_recipe(tmp_path, srv.base_url)
+        r = run(recipe, tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert read_manifest(tmp_path / "run" / "generate")["num_rows"] == 4

@@ -85,3 +85,18 @@ def test_garbage_manifest_or_stats_is_one_sentence(tmp_path: Path):
     (stage / "_manifest.json").write_text(json.dumps({"no": "shards"}))
     with pytest.raises(UserError, match="no shard list"):
         read_manifest(stage)
+
+
+def test_a_damaged_sub_stage_makes_its_parent_stage_not_done(tmp_path: Path):
+    parent = tmp_path / "resample"
+    assert prepare_stage(parent, "top") is False
+    sub = parent / "pairs"
+    prepare_stage(sub, "sub")
+    write_shard(sub, 0, pa.table({"x": [1, 2]}))
+    write_manifest(sub, config_hash="sub")
+    write_manifest(parent, config_hash="top")
+    assert prepare_stage(parent, "top") is True
+    (sub / "part-00000.parquet").unlink()
+    assert prepare_stage(parent, "top") is False
+    assert (sub / "_manifest.json").exists()  # the sub-stage's own plan rewrites what is missing
+    assert prepare_stage(sub, "sub") is False
