@@ -326,11 +326,12 @@ def test_train_flow_simpo_lora_counts_drops_and_skips_when_done(prefect_harness,
         "learning_rate": 1e-2,
         "max_length": MAX_LENGTH,
         "eval_fraction": 0.2,
+        "group_by_length": True,
     }
     recipe.write_text(yaml.safe_dump({"name": "tiny", "backend": {"model": str(tiny["model"])}, "train": train}))
 
     summary = train_flow(str(recipe), str(run_dir))
-    assert summary["loss"] == "simpo" and summary["global_step"] == 3 and summary["lora"]
+    assert summary["loss"] == "simpo" and summary["global_step"] == 3 and summary["lora"] and summary["merged"]
     assert summary["pairs"]["dropped"]["prompt_not_prefix"] == 1
     assert summary["pairs"]["dropped"]["over_max_length"] == 1
     assert summary["pairs"]["num_realigned"] == 18
@@ -338,6 +339,11 @@ def test_train_flow_simpo_lora_counts_drops_and_skips_when_done(prefect_harness,
     assert "eval_loss" in summary["eval"]
     losses = [s["loss"] for s in summary["steps"]]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    # Tokens are counted from the batches CPOTrainer saw (chosen and rejected padded to the longer), not estimated.
+    padding = summary["padding"]
+    assert [p["step"] for p in padding["per_step"]] == [1, 2, 3] and summary["group_by_length"]
+    assert all(0 < p["real_tokens"] <= p["padded_tokens"] for p in padding["per_step"])
+    assert summary["tokens"] == padding["real_tokens"] and not summary["tokens_estimated"]
     # The LoRA adapter is merged into a full safetensors model next to its tokenizer.
     _assert_all_changed(
         {k: v for k, v in _weights(tiny["model"]).items() if "proj" in k},
