@@ -7,10 +7,9 @@ from typing import Any
 from prefect import flow
 
 from ckptdpo.shards import read_manifest
-from flows.fanout import fan_out
+from flows.fanout import run_stage
 from tasks import resample
 from tasks.common import load_recipe
-from tasks.planning import finalize_stage
 from tasks.rundir import holds_run_dir
 
 
@@ -19,7 +18,7 @@ from tasks.rundir import holds_run_dir
 def resample_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None = None) -> dict:
     """Rounds of resampling from checkpoints until the round or token budget is spent, then r2w / w2r pairs."""
     recipe = load_recipe(recipe_path, overrides)
-    cfg, in_flight = recipe.resample, recipe.task_runner.max_in_flight
+    cfg = recipe.resample
     top = resample.plan_resample(run_dir, recipe)
     if top.done:
         return {"stage": "resample", "skipped": True}
@@ -30,35 +29,21 @@ def resample_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | No
         if plan.done:
             stats = read_manifest(plan.directory)["stats"]
         else:
-            results = fan_out(
+            stats = run_stage(
                 plan,
                 resample.resample_shard,
-                plan.stage,
-                in_flight=in_flight,
                 runner=recipe.task_runner,
+                failure_budget=recipe.failure_budget.resample,
                 round_index=r,
                 resample=cfg,
                 backend=recipe.backend,
                 verify=recipe.verify,
-                failure_budget=recipe.failure_budget.resample,
             )
-            stats = finalize_stage(plan, results, failure_budget=recipe.failure_budget.resample)
         round_stats.append(stats)
         spent += stats["tokens"]
         if stats["attempts"] == 0 or (cfg.token_budget and spent >= cfg.token_budget):
             break
     plan = resample.plan_pairs(run_dir, recipe, len(round_stats))
-    pair_results = []
-    if not plan.done:
-        pair_results = fan_out(
-            plan,
-            resample.pairs_shard,
-            plan.stage,
-            in_flight=in_flight,
-            runner=recipe.task_runner,
-            rounds=len(round_stats),
-            resample=cfg,
-            backend=recipe.backend,
-        )
-        finalize_stage(plan, pair_results)
-    return resample.finalize_resample(top, round_stats, pair_results)
+    pairs = {"rounds": len(round_stats), "resample": cfg, "backend": recipe.backend}
+    run_stage(plan, resample.pairs_shard, runner=recipe.task_runner, **pairs)
+    return resample.finalize_resample(top, round_stats)

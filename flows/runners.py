@@ -4,6 +4,10 @@ Only where tasks run changes, never what they compute, so the task runner is no 
 flow fans its shards out itself, so the runner is applied to every stage flow the pipeline calls, not only to the
 pipeline flow. prefect-dask and prefect-ray are optional (`pip install 'ckptdpo[dask]'` or `'ckptdpo[ray]'`) and
 imported only when a recipe asks for them.
+
+A cluster runner is refused with an in-process backend (hf, vllm): every Dask or Ray worker process would load its own
+copy of the model, and a persistent cluster keeps it loaded after the run. On a cluster the model is served once
+(`vllm serve`) and the shard tasks reach it through `backend.kind: openai`.
 """
 
 from __future__ import annotations
@@ -13,10 +17,26 @@ import importlib.util
 from prefect import Flow
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from ckptdpo.configs import TaskRunnerConfig
+from ckptdpo.configs import Recipe, TaskRunnerConfig
 from ckptdpo.errors import UserError
 
 _PACKAGES = {"dask": ("prefect_dask", "prefect-dask", "dask"), "ray": ("prefect_ray", "prefect-ray", "ray")}
+IN_PROCESS_BACKENDS = ("hf", "vllm")
+
+
+def check_task_runner(recipe: Recipe) -> None:
+    """Refuse a Dask or Ray task runner with a backend that loads the model inside each task's process."""
+    if recipe.task_runner.kind == "thread":
+        return
+    judge = recipe.dto.judge.backend if "dto" in recipe.stages and recipe.dto.prune else None
+    for field, backend in (("backend", recipe.backend), ("dto.judge.backend", judge)):
+        if backend is not None and backend.kind in IN_PROCESS_BACKENDS:
+            raise UserError(
+                f"recipe field task_runner.kind is {recipe.task_runner.kind!r} but {field}.kind is {backend.kind!r}, "
+                "which would load the model in every cluster worker; use `backend.kind: openai` with served models "
+                "or set task_runner.kind: thread."
+            )
+    make_task_runner(recipe.task_runner)  # a missing prefect-dask / prefect-ray is a user error too
 
 
 def make_task_runner(cfg: TaskRunnerConfig) -> TaskRunner | None:

@@ -12,6 +12,7 @@ from ckptdpo.models import resolve_model
 from ckptdpo.shards import stage_fingerprint
 from tasks.common import load_recipe, stage_dir
 from tasks.environment import ckptdpo_home, hub_offline
+from tasks.rundir import holds_run_dir
 from tasks.train import train_model
 
 # `<run_dir>/pairs` is the union of every pair-producing stage (resample, dto).
@@ -27,16 +28,18 @@ def resolve_accelerate_config(path: str, recipe_path: str) -> str:
     raise UserError(f"{recipe_path}: train.accelerate_config '{path}' not found; give a path to an accelerate YAML.")
 
 
-@flow(name="train")
+@flow(name="train", flow_run_name="train {run_dir}", timeout_seconds=14 * 24 * 3600)
+@holds_run_dir
 def train_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None = None) -> dict:
     """DPO / SimPO on `<run_dir>/pairs` -> `<run_dir>/train/model` and the train section of stats.json."""
     recipe = load_recipe(recipe_path, overrides)
     get_run_logger().info("train of recipe %s, config hash %s", recipe.name, recipe.config_hash("train"))
     model = resolve_model(recipe.backend.model, ckptdpo_home(), offline=hub_offline())
-    train = recipe.train.model_dump(mode="json")
-    if recipe.train.accelerate_config:
-        train["accelerate_config"] = resolve_accelerate_config(recipe.train.accelerate_config, recipe_path)
+    train = recipe.train
+    if train.accelerate_config:
+        train = train.model_copy(
+            update={"accelerate_config": resolve_accelerate_config(train.accelerate_config, recipe_path)}
+        )
     pairs_dirs = [str(stage_dir(run_dir, s)) for s in PAIR_STAGES]
     fingerprints = {s: stage_fingerprint(d) for s, d in zip(PAIR_STAGES, pairs_dirs, strict=True)}
-    job = {"train": train, "pairs_dirs": pairs_dirs, "model": model}
-    return train_model(run_dir, job, fingerprints)
+    return train_model(run_dir, train, model, pairs_dirs, fingerprints)

@@ -9,6 +9,7 @@ shards an interrupted run already wrote (complete by construction), and `finaliz
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,9 @@ def finalize_stage(
         total = sum(r.get(name, 0) for r in shard_results)
         if total:
             stats[name] = round(total, 3)
+    dropped = sum((Counter(r.get("dropped") or {}) for r in shard_results), Counter())
+    if dropped:
+        stats["dropped"] = dict(sorted(dropped.items()))
     if failed:
         stats["failed_rows"] = sum(len(f["ids"]) for f in failed)
     stats["wall_s"] = round(time.time() - plan.started, 3)

@@ -7,7 +7,7 @@ and the stage's own `_manifest.json`, written last.
 from __future__ import annotations
 
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +187,7 @@ def pairs_shard(
 
 
 @task(name="finalize_resample", **RETRY)
-def finalize_resample(plan: StagePlan, round_stats: list[dict[str, Any]], pair_results: list[dict[str, Any]]) -> dict:
+def finalize_resample(plan: StagePlan, round_stats: list[dict[str, Any]]) -> dict:
     """The resample stage's manifest and stats: every round's outcomes, pairs by type, yield per 1k tokens."""
     rounds = [{"round": i, **s} for i, s in enumerate(round_stats, 1)]
     generated = sum(r["tokens"] for r in rounds)
@@ -196,7 +196,7 @@ def finalize_resample(plan: StagePlan, round_stats: list[dict[str, Any]], pair_r
     stats = {
         "rounds": rounds,
         "generated_tokens": generated,
-        "dropped": dict(sum((Counter(r.get("dropped", {})) for r in pair_results), Counter())),
+        "dropped": read_manifest(Path(plan.run_dir) / PAIRS_STAGE)["stats"].get("dropped", {}),
         "pairs": summary.summarize_pairs(rows, generated + base),
         "wall_s": round(time.time() - plan.started, 3),
     }

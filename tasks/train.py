@@ -21,7 +21,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from pydantic import ValidationError
 
-from ckptdpo.configs import describe_validation_error
+from ckptdpo.configs import TrainConfig, describe_validation_error
 from ckptdpo.errors import UserError
 from ckptdpo.shards import prepare_stage, read_manifest, update_stats, write_manifest
 from ckptdpo.train import FAULT_FIELDS, SUMMARY, TrainJob, build_launch_command, build_merge_command, write_job
@@ -59,16 +59,18 @@ def train_key(job: TrainJob, inputs: dict[str, str]) -> str:
     retry_delay_seconds=5,
     retry_condition_fn=_retry_unless_user_error,
 )
-def train_model(run_dir: str, job: dict[str, Any], pairs_fingerprints: dict[str, str]) -> dict[str, Any]:
+def train_model(
+    run_dir: str, train: TrainConfig, model: str, pairs_dirs: list[str], pairs_fingerprints: dict[str, str]
+) -> dict[str, Any]:
     """Run one training job into `<run_dir>/train`; returns its summary (also the `train` section of stats.json).
 
-    `job` is a `TrainJob` without `output_dir`; `pairs_fingerprints` (stage name -> fingerprint of each pair
-    stage) makes the cache key follow the pairs' content.
+    `model` is the base model's local path; `pairs_fingerprints` (stage name -> fingerprint of each pair stage)
+    makes the cache key follow the pairs' content.
     """
     log = get_run_logger()
     stage = Path(run_dir) / STAGE
     try:
-        train_job = TrainJob.model_validate({**job, "output_dir": str(stage)})
+        train_job = TrainJob(train=train, pairs_dirs=pairs_dirs, model=model, output_dir=str(stage))
     except ValidationError as e:
         raise UserError(describe_validation_error(e, "train job")) from None
     key = train_key(train_job, pairs_fingerprints)

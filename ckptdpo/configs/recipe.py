@@ -10,21 +10,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError
 
+import ckptdpo.configs.stages as st
 from ckptdpo.configs.backend import BACKEND_CLASSES, BACKEND_KINDS, BackendConfig, HFBackendConfig
 from ckptdpo.configs.base import ConfigError, _Config
-from ckptdpo.configs.stages import (
-    CheckpointConfig,
-    DTOConfig,
-    EvalConfig,
-    FailureBudgetConfig,
-    GenerateConfig,
-    ProblemsConfig,
-    RefreshConfig,
-    ResampleConfig,
-    TaskRunnerConfig,
-    TrainConfig,
-    VerifyConfig,
-)
 
 
 class Recipe(_Config):
@@ -34,18 +22,18 @@ class Recipe(_Config):
     stages: list[Literal["generate", "verify", "checkpoints", "resample", "dto", "train", "eval"]] = Field(
         default_factory=lambda: ["generate", "verify", "checkpoints", "resample"]
     )
-    problems: ProblemsConfig = Field(default_factory=ProblemsConfig)
+    problems: st.ProblemsConfig = Field(default_factory=st.ProblemsConfig)
     backend: BackendConfig = Field(default_factory=HFBackendConfig)
-    generate: GenerateConfig = Field(default_factory=GenerateConfig)
-    verify: VerifyConfig = Field(default_factory=VerifyConfig)
-    checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    resample: ResampleConfig = Field(default_factory=ResampleConfig)
-    dto: DTOConfig = Field(default_factory=DTOConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    refresh: RefreshConfig = Field(default_factory=RefreshConfig)
-    task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig)
-    failure_budget: FailureBudgetConfig = Field(default_factory=FailureBudgetConfig)
+    generate: st.GenerateConfig = Field(default_factory=st.GenerateConfig)
+    verify: st.VerifyConfig = Field(default_factory=st.VerifyConfig)
+    checkpoints: st.CheckpointConfig = Field(default_factory=st.CheckpointConfig)
+    resample: st.ResampleConfig = Field(default_factory=st.ResampleConfig)
+    dto: st.DTOConfig = Field(default_factory=st.DTOConfig)
+    train: st.TrainConfig = Field(default_factory=st.TrainConfig)
+    eval: st.EvalConfig = Field(default_factory=st.EvalConfig)
+    refresh: st.RefreshConfig = Field(default_factory=st.RefreshConfig)
+    task_runner: st.TaskRunnerConfig = Field(default_factory=st.TaskRunnerConfig)
+    failure_budget: st.FailureBudgetConfig = Field(default_factory=st.FailureBudgetConfig)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:

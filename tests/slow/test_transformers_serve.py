@@ -7,74 +7,26 @@ sample what the recipe asks. Tiny `max_tokens` keep the module near a minute on 
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from ckptdpo.backends.base import GenerationRequest
 from ckptdpo.backends.openai import OpenAIBackend, ServerCapabilityError
 from ckptdpo.configs import JudgeConfig, ResampleConfig, backend_config
+from commands.localserver import server_binary, transformers_server
 
 pytestmark = pytest.mark.slow
-STARTUP_S = 240
-
-
-def _server_binary() -> str | None:
-    exe = Path(sys.executable).with_name("transformers")
-    found = str(exe) if exe.exists() else shutil.which("transformers")
-    if found is None or importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
-        return None
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def served(demo_model_path: Path, tmp_path_factory: pytest.TempPathFactory):
-    """(base_url, model path) of a `transformers serve` process serving the demo model; stopped afterwards."""
-    binary = _server_binary()
-    if binary is None:
+    """(base_url, model path) of a `transformers serve` process serving the demo model; stopped afterwards (the same
+    server process `ckptdpo demo` starts for its judge)."""
+    if server_binary() is None or importlib.util.find_spec("fastapi") is None:
         pytest.skip("`transformers serve` is not installed: pip install 'ckptdpo[serve]' (transformers[serving])")
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [binary, "serve", str(demo_model_path), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"transformers serve exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                tail = log_path.read_text()[-2000:]
-                pytest.fail(f"transformers serve did not answer /health in {STARTUP_S}s: {tail}")
-            time.sleep(0.5)
-        yield base + "/v1", demo_model_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with transformers_server(demo_model_path, tmp_path_factory.mktemp("serve") / "server.log") as url:
+        yield url, demo_model_path
 
 
 @pytest.fixture(scope="module")
