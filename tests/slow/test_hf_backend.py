@@ -11,14 +11,15 @@ import pytest
 import torch
 
 from ckptdpo.backends.base import GenerationRequest, problem_message
-from ckptdpo.backends.hf import HFBackend, _Prepared, _SamplingParams, local_revision, plan_batches, sample_seed
+from ckptdpo.backends.decode import Prepared
+from ckptdpo.backends.hf import HFBackend, SamplingParams, local_revision, plan_batches, sample_seed
 from ckptdpo.configs import INSTRUCTION
 
 # --- no model needed ---------------------------------------------------------------------------------------------
 
 
-def params(*requests: GenerationRequest) -> _SamplingParams:
-    return _SamplingParams(list(requests), torch.device("cpu"))
+def params(*requests: GenerationRequest) -> SamplingParams:
+    return SamplingParams(list(requests), torch.device("cpu"))
 
 
 def test_inverse_cdf_sampling_follows_the_uniforms() -> None:
@@ -62,8 +63,8 @@ def test_sample_streams_differ_per_sample_and_seed() -> None:
     assert sample_seed(3, 1) == sample_seed(3, 1)
 
 
-def prep(index: int, prompt_len: int, n: int, max_new: int) -> _Prepared:
-    return _Prepared(index, [1] * prompt_len, max_new, GenerationRequest((1,) * prompt_len, n=n, max_tokens=max_new))
+def prep(index: int, prompt_len: int, n: int, max_new: int) -> Prepared:
+    return Prepared(index, [1] * prompt_len, max_new, GenerationRequest((1,) * prompt_len, n=n, max_tokens=max_new))
 
 
 def test_plan_respects_rows_and_budget() -> None:
