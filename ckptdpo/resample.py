@@ -157,26 +157,35 @@ def build_pairs(
     count_tokens: Callable[[Sequence[str]], list[int]],
     model: str,
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """PAIRS rows from resampling attempts, filtered and deduplicated; returns (pairs, drop counts)."""
+    """PAIRS rows from resampling attempts, filtered and deduplicated; returns (pairs, drop counts).
+
+    A trajectory's prefix and suffix at a checkpoint are cut and counted once, however many draws continue from
+    there (at the real shape that is most of the text), and pair strings are built only for the pairs kept.
+    """
+    texts: list[str] = []
+    cut: dict[tuple[str, int], tuple[int, int]] = {}
     candidates = []
     for a in attempts:
-        t = trajectories[a["source_sample_id"]]
-        prefix, suffix = t["completion"][: a["checkpoint_char"]], t["completion"][a["checkpoint_char"] :]
-        if a["direction"] == "r2w" and a["status"] == "incorrect":
-            chosen, rejected = suffix, a["continuation"]
-        elif a["direction"] == "w2r" and a["status"] == "correct":
-            chosen, rejected = a["continuation"], suffix
-        else:
+        if not (
+            (a["direction"] == "r2w" and a["status"] == "incorrect")
+            or (a["direction"] == "w2r" and a["status"] == "correct")
+        ):
             continue
-        candidates.append((a, t, prefix, chosen, rejected))
+        t = trajectories[a["source_sample_id"]]
+        key = (a["source_sample_id"], a["checkpoint_char"])
+        if key not in cut:
+            cut[key] = (len(texts), len(texts) + 1)
+            texts += [t["completion"][: a["checkpoint_char"]], t["completion"][a["checkpoint_char"] :]]
+        texts.append(a["continuation"])
+        prefix_i, suffix_i = cut[key]
+        chosen_i, rejected_i = (suffix_i, len(texts) - 1) if a["direction"] == "r2w" else (len(texts) - 1, suffix_i)
+        candidates.append((a, t, prefix_i, chosen_i, rejected_i))
 
-    texts = [x for _, _, prefix, chosen, rejected in candidates for x in (prefix, chosen, rejected)]
     counts = count_tokens(texts) if texts else []
     pairs: dict[str, dict[str, Any]] = {}
     dropped = Counter()
-    for i, (a, t, prefix, chosen, rejected) in enumerate(candidates):
-        prefix_tokens, chosen_tokens, rejected_tokens = counts[3 * i : 3 * i + 3]
-        prompt = t["prompt"] + prefix
+    for a, t, prefix_i, chosen_i, rejected_i in candidates:
+        prefix_tokens, chosen_tokens, rejected_tokens = counts[prefix_i], counts[chosen_i], counts[rejected_i]
         prompt_tokens = t["prompt_tokens"] + prefix_tokens
         if cfg.max_pair_tokens and prompt_tokens + max(chosen_tokens, rejected_tokens) > cfg.max_pair_tokens:
             dropped["over_max_pair_tokens"] += 1
@@ -186,6 +195,7 @@ def build_pairs(
         ):
             dropped["over_max_length_ratio"] += 1
             continue
+        prompt, chosen, rejected = t["prompt"] + texts[prefix_i], texts[chosen_i], texts[rejected_i]
         pair_id = content_id(prompt, chosen, rejected)
         if pair_id in pairs:
             dropped["duplicate"] += 1

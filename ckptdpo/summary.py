@@ -7,6 +7,9 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 
 def describe(values: Sequence[float]) -> dict[str, float | None]:
     """mean / median / max (None when empty)."""
@@ -74,23 +77,73 @@ def summarize_round(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def summarize_pairs(rows: Sequence[dict[str, Any]], generated_tokens: int) -> dict[str, Any]:
-    by_type = Counter(r["pair_type"] for r in rows)
-    by_round: dict[str, Counter] = defaultdict(Counter)
-    for r in rows:
-        by_round[str(r["round"])][r["pair_type"]] += 1
+def summarize_pairs(rows: Sequence[dict[str, Any]] | pa.Table, generated_tokens: int) -> dict[str, Any]:
+    """Pair counts by type, round and checkpoint, token statistics and yield; from rows or an Arrow table of them.
+
+    Computed over Arrow columns: the pair stage of a large run holds hundreds of thousands of pairs, and one Python
+    dict per pair would dominate the stage's memory.
+    """
+    table = (
+        rows
+        if isinstance(rows, pa.Table)
+        else pa.Table.from_pylist(list(rows), schema=_PAIR_SUMMARY)
+        if rows
+        else None
+    )
+    if table is None or table.num_rows == 0:
+        return {
+            "num_pairs": 0,
+            "by_type": {},
+            "by_round": {},
+            "by_checkpoint_index": {},
+            "problems_with_pairs": 0,
+            "tokens": {k: describe([]) for k in ("prompt", "chosen", "rejected")},
+            "pairs_per_1k_generated_tokens": 0.0 if generated_tokens else None,
+        }
+    by_round: dict[str, dict[str, int]] = defaultdict(dict)
+    for r in table.group_by(["round", "pair_type"]).aggregate([([], "count_all")]).to_pylist():
+        by_round[str(r["round"])][r["pair_type"]] = r["count_all"]
     return {
-        "num_pairs": len(rows),
-        "by_type": dict(by_type),
-        "by_round": {k: dict(v) for k, v in sorted(by_round.items())},
-        "by_checkpoint_index": dict(sorted(Counter(str(r["checkpoint_index"]) for r in rows).items())),
-        "problems_with_pairs": len({r["problem_id"] for r in rows}),
+        "num_pairs": table.num_rows,
+        "by_type": _counts(table.column("pair_type")),
+        "by_round": {k: dict(sorted(v.items())) for k, v in sorted(by_round.items())},
+        "by_checkpoint_index": dict(sorted((str(k), v) for k, v in _counts(table.column("checkpoint_index")).items())),
+        "problems_with_pairs": pc.count_distinct(table.column("problem_id")).as_py(),
         "tokens": {
-            "prompt": describe([r["prompt_tokens"] for r in rows]),
-            "chosen": describe([r["chosen_tokens"] for r in rows]),
-            "rejected": describe([r["rejected_tokens"] for r in rows]),
+            side: _describe_column(table.column(f"{side}_tokens")) for side in ("prompt", "chosen", "rejected")
         },
-        "pairs_per_1k_generated_tokens": round(1000 * len(rows) / generated_tokens, 4) if generated_tokens else None,
+        "pairs_per_1k_generated_tokens": round(1000 * table.num_rows / generated_tokens, 4)
+        if generated_tokens
+        else None,
+    }
+
+
+_PAIR_SUMMARY = pa.schema(
+    [
+        ("pair_type", pa.string()),
+        ("problem_id", pa.string()),
+        ("round", pa.int32()),
+        ("checkpoint_index", pa.int32()),
+        ("prompt_tokens", pa.int64()),
+        ("chosen_tokens", pa.int64()),
+        ("rejected_tokens", pa.int64()),
+    ]
+)
+
+
+def _counts(column: pa.ChunkedArray) -> dict[Any, int]:
+    return {r["values"]: r["counts"] for r in pc.value_counts(column).to_pylist()}
+
+
+def _describe_column(column: pa.ChunkedArray) -> dict[str, float | None]:
+    """`describe` over an Arrow column (the median interpolates between the middle two, as statistics.median)."""
+    if len(column) == 0:
+        return describe([])
+    median = pc.quantile(column, q=0.5).to_pylist()[0]
+    return {
+        "mean": round(pc.mean(column).as_py(), 3),
+        "median": int(median) if float(median).is_integer() else median,
+        "max": pc.max(column).as_py(),
     }
 
 

@@ -49,7 +49,8 @@ def collect_pairs(run_dir: str, sources: list[str]) -> dict[str, Any]:
         (read_manifest(Path(run_dir) / s) or {}).get("stats", {}).get("generated_tokens", 0)
         for s in ("generate", "resample")
     )
-    rows = [r for i in range(index) for r in read_shard(stage / f"part-{i:05d}.parquet", _PAIR_COLUMNS).to_pylist()]
+    written = [read_shard(stage / f"part-{i:05d}.parquet", _PAIR_COLUMNS) for i in range(index)]
+    rows = pa.concat_tables(written) if written else []
     stats = summary.summarize_pairs(rows, generated)
     write_manifest(stage, config_hash=key, stats=stats, inputs=inputs)
     update_stats(run_dir, "pair_quality", pair_quality(run_dir, sources))

@@ -192,7 +192,7 @@ def finalize_resample(plan: StagePlan, round_stats: list[dict[str, Any]]) -> dic
     rounds = [{"round": i, **s} for i, s in enumerate(round_stats, 1)]
     generated = sum(r["tokens"] for r in rounds)
     base = (read_manifest(Path(plan.run_dir) / "generate") or {}).get("stats", {}).get("generated_tokens", 0)
-    rows = read_stage(Path(plan.run_dir) / PAIRS_STAGE, _PAIR_COLUMNS).to_pylist()
+    rows = read_stage(Path(plan.run_dir) / PAIRS_STAGE, _PAIR_COLUMNS)
     stats = {
         "rounds": rounds,
         "generated_tokens": generated,

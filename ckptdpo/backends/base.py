@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -130,3 +131,20 @@ def problem_messages(problem: str, few_shot: Sequence[tuple[str, str]] = ()) -> 
 def templated_problem(tokenizer, problem: str, few_shot: Sequence[tuple[str, str]] = ()) -> str:
     """The chat prompt of one problem (after its worked examples: `problem_messages`), templated by the tokenizer."""
     return templated_prompts(tokenizer, [problem_messages(problem, few_shot)])[0]
+
+
+def local_chat(backend, tokenizer, conversations: Sequence[Sequence[dict[str, str]]], max_tokens: int,
+               temperature: float) -> list[str]:  # fmt: skip
+    """`chat` of a backend that holds its tokenizer (hf, vllm): template each conversation, generate one reply.
+
+    A conversation that cannot be generated (longer than the context, say) gets an empty reply, logged: the judge
+    counts it as an unparseable reply, which its failure budget bounds.
+    """
+    prompts = templated_prompts(tokenizer, conversations)
+    requests = [GenerationRequest(p, n=1, seed=0, max_tokens=max_tokens, temperature=temperature) for p in prompts]
+    replies = []
+    for res in backend.generate(requests):
+        if res.error:
+            logging.getLogger(__name__).warning("chat request failed: %s", res.error)
+        replies.append(res.samples[0].text if res.samples else "")
+    return replies

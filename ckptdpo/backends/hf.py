@@ -32,8 +32,8 @@ from ckptdpo.backends.base import (
     GenerationRequest,
     GenerationResult,
     Sample,
+    local_chat,
     templated_problem,
-    templated_prompts,
 )
 from ckptdpo.backends.decode import (
     Detokenizer,
@@ -286,15 +286,8 @@ class HFBackend:
     def chat(
         self, conversations: Sequence[Sequence[dict[str, str]]], *, max_tokens: int, temperature: float = 0.0
     ) -> list[str]:
-        """Reply text per conversation; a conversation that cannot be generated (too long) gets an empty reply."""
-        prompts = templated_prompts(self.tokenizer, conversations)
-        requests = [GenerationRequest(p, n=1, seed=0, max_tokens=max_tokens, temperature=temperature) for p in prompts]
-        replies = []
-        for res in self.generate(requests):
-            if res.error:
-                log.warning("chat request failed: %s", res.error)
-            replies.append(res.samples[0].text if res.samples else "")
-        return replies
+        """Reply text per conversation (`local_chat`: an empty reply where one cannot be generated)."""
+        return local_chat(self, self.tokenizer, conversations, max_tokens, temperature)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Token counts under this model's tokenizer (no special tokens added)."""

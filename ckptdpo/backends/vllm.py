@@ -40,8 +40,8 @@ from ckptdpo.backends.base import (
     GenerationRequest,
     GenerationResult,
     Sample,
+    local_chat,
     templated_problem,
-    templated_prompts,
 )
 from ckptdpo.backends.openai import loop_cut
 from ckptdpo.configs import BackendConfig
@@ -176,15 +176,8 @@ class VLLMBackend:
     def chat(
         self, conversations: Sequence[Sequence[dict[str, str]]], *, max_tokens: int, temperature: float = 0.0
     ) -> list[str]:
-        """Reply per conversation; one that does not fit the context gets an empty reply (logged)."""
-        prompts = templated_prompts(self.tokenizer, conversations)
-        reqs = [GenerationRequest(p, seed=0, max_tokens=max_tokens, temperature=temperature) for p in prompts]
-        replies = []
-        for res in self.generate(reqs):
-            if res.error:
-                log.warning("chat request failed: %s", res.error)
-            replies.append(res.samples[0].text if res.samples else "")
-        return replies
+        """Reply text per conversation (`local_chat`: an empty reply where one cannot be generated)."""
+        return local_chat(self, self.tokenizer, conversations, max_tokens, temperature)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return [len(self._encode(t)) for t in texts]
