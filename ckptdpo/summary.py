@@ -10,6 +10,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ckptdpo.schemas import PAIRS
+
 
 def describe(values: Sequence[float]) -> dict[str, float | None]:
     """mean / median / max (None when empty)."""
@@ -120,14 +122,17 @@ def summarize_pairs(rows: Sequence[dict[str, Any]] | pa.Table, generated_tokens:
 
 _PAIR_SUMMARY = pa.schema(
     [
-        ("pair_type", pa.string()),
-        ("problem_id", pa.string()),
-        ("round", pa.int32()),
-        ("checkpoint_index", pa.int32()),
-        ("prompt_tokens", pa.int64()),
-        ("chosen_tokens", pa.int64()),
-        ("rejected_tokens", pa.int64()),
-    ]
+        PAIRS.field(n)
+        for n in (
+            "pair_type",
+            "problem_id",
+            "round",
+            "checkpoint_index",
+            "prompt_tokens",
+            "chosen_tokens",
+            "rejected_tokens",
+        )
+    ]  # fmt: skip
 )
 
 

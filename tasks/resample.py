@@ -19,19 +19,9 @@ from ckptdpo.resample import attempt_rows, build_pairs, build_requests, draws_th
 from ckptdpo.schemas import ATTEMPTS, PAIRS, make_table
 from ckptdpo.shards import read_manifest, read_stage, update_stats, write_manifest, write_shard
 from ckptdpo.verify import verify_batch
+from tasks import planning
 from tasks.backends import backend_session, model_fingerprint
 from tasks.common import content_cache_key
-from tasks.planning import (
-    RETRY,
-    StagePlan,
-    backend_key,
-    check_requests,
-    fingerprints,
-    plan_stage,
-    publish_table,
-    read_rows,
-    shard_exists,
-)
 from tasks.verify import verify_kwargs
 
 STAGE = "resample"
@@ -45,40 +35,40 @@ def round_dir(round_index: int) -> str:
     return f"resample/round-{round_index:02d}"
 
 
-def plan_resample(run_dir: str, recipe: Recipe) -> StagePlan:
+def plan_resample(run_dir: str, recipe: Recipe) -> planning.StagePlan:
     """The whole stage: keyed by its inputs, its whole config and the model."""
     cfg, backend = recipe.resample, recipe.backend
-    inputs = fingerprints(run_dir, *INPUTS)
+    inputs = planning.fingerprints(run_dir, *INPUTS)
     model = model_fingerprint(backend)
-    return plan_stage(
-        run_dir, STAGE, inputs, cfg.model_dump(mode="json"), backend_key(backend), model, shards_of="generate"
+    return planning.plan_stage(
+        run_dir, STAGE, inputs, cfg.model_dump(mode="json"), planning.backend_key(backend), model, shards_of="generate"
     )
 
 
-def plan_round(run_dir: str, recipe: Recipe, round_index: int) -> StagePlan:
+def plan_round(run_dir: str, recipe: Recipe, round_index: int) -> planning.StagePlan:
     """Round r: keyed by the earlier rounds too; the round and token budgets decide only how many rounds run."""
     cfg, backend = recipe.resample, recipe.backend
     inputs = {
-        **fingerprints(run_dir, *INPUTS),
-        **fingerprints(run_dir, *[round_dir(i) for i in range(1, round_index)]),
+        **planning.fingerprints(run_dir, *INPUTS),
+        **planning.fingerprints(run_dir, *[round_dir(i) for i in range(1, round_index)]),
     }
-    return plan_stage(
+    return planning.plan_stage(
         run_dir,
         round_dir(round_index),
         inputs,
         cfg.model_dump(mode="json", exclude={"max_rounds", "token_budget"}),
-        backend_key(backend),
+        planning.backend_key(backend),
         model_fingerprint(backend),
         shards_of="generate",
     )
 
 
-def plan_pairs(run_dir: str, recipe: Recipe, rounds: int) -> StagePlan:
+def plan_pairs(run_dir: str, recipe: Recipe, rounds: int) -> planning.StagePlan:
     cfg = recipe.resample
-    return plan_stage(
+    return planning.plan_stage(
         run_dir,
         PAIRS_STAGE,
-        fingerprints(run_dir, *[round_dir(i) for i in range(1, rounds + 1)]),
+        planning.fingerprints(run_dir, *[round_dir(i) for i in range(1, rounds + 1)]),
         cfg.model_dump(mode="json", include={"max_pair_tokens", "max_length_ratio", "r2w", "w2r"}),
         model_fingerprint(recipe.backend),
         shards_of="generate",
@@ -87,11 +77,13 @@ def plan_pairs(run_dir: str, recipe: Recipe, rounds: int) -> StagePlan:
 
 def load_trajectories(run_dir: str, index: int) -> dict[str, dict[str, Any]]:
     """Samples of one shard joined with their verdicts, checkpoints and gold answers, keyed by sample id."""
-    gold = {p["problem_id"]: p["answer"] for p in read_rows(run_dir, "problems", index, ["problem_id", "answer"])}
-    verdicts = {v["sample_id"]: v for v in read_rows(run_dir, "verify", index)}
-    cps = {c["sample_id"]: c["checkpoint_chars"] for c in read_rows(run_dir, "checkpoints", index)}
+    gold = {
+        p["problem_id"]: p["answer"] for p in planning.read_rows(run_dir, "problems", index, ["problem_id", "answer"])
+    }
+    verdicts = {v["sample_id"]: v for v in planning.read_rows(run_dir, "verify", index)}
+    cps = {c["sample_id"]: c["checkpoint_chars"] for c in planning.read_rows(run_dir, "checkpoints", index)}
     out = {}
-    for s in read_rows(run_dir, "generate", index):
+    for s in planning.read_rows(run_dir, "generate", index):
         v = verdicts[s["sample_id"]]
         s["status"] = v["status"]
         s["extracted_from"] = v.get("extracted_from")
@@ -104,7 +96,7 @@ def load_trajectories(run_dir: str, index: int) -> dict[str, dict[str, Any]]:
 def _round_work(run_dir: str, index: int, round_index: int, cfg: ResampleConfig, trajectories: dict) -> list:
     history: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in range(1, round_index):
-        for a in read_rows(run_dir, round_dir(r), index, ["source_sample_id", "checkpoint_index", "status"]):
+        for a in planning.read_rows(run_dir, round_dir(r), index, ["source_sample_id", "checkpoint_index", "status"]):
             history[(a["source_sample_id"], a["checkpoint_index"])].append(a)
     work = []
     for t in trajectories.values():
@@ -116,7 +108,7 @@ def _round_work(run_dir: str, index: int, round_index: int, cfg: ResampleConfig,
 
 
 @task(name="resample_round", task_run_name="resample-round-{round_index}-shard-{index}",
-      cache_key_fn=content_cache_key, persist_result=True, **RETRY)  # fmt: skip
+      cache_key_fn=content_cache_key, persist_result=True, **planning.RETRY)  # fmt: skip
 def resample_shard(
     run_dir: str,
     index: int,
@@ -129,7 +121,7 @@ def resample_shard(
 ) -> dict[str, Any]:
     """One resampling round over one shard: continue unsatisfied slots, verify, write the attempts."""
     stage = round_dir(round_index)
-    if shard_exists(run_dir, stage, index):
+    if planning.shard_exists(run_dir, stage, index):
         return {"generate_s": 0.0, "verify_s": 0.0}
     trajectories = load_trajectories(run_dir, index)
     work = _round_work(run_dir, index, round_index, resample, trajectories)
@@ -143,7 +135,7 @@ def resample_shard(
             out["generate_s"] = time.perf_counter() - t0
         failed = [slot.source_sample_id for (slot, _), res in zip(work, results, strict=True) if res.error]
         errors = [r.error for r in results if r.error]
-        out.update(check_requests(f"resample round {round_index}", index, failed, errors, failure_budget))
+        out.update(planning.check_requests(f"resample round {round_index}", index, failed, errors, failure_budget))
         items, owners = [], []
         for k, ((slot, _), res) in enumerate(zip(work, results, strict=True)):
             gold = trajectories[slot.source_sample_id]["gold_answer"]
@@ -171,23 +163,23 @@ def _prompt_token_counts(results: list) -> dict[str, int]:
 
 
 @task(name="build_pairs", task_run_name="pairs-shard-{index}", cache_key_fn=content_cache_key, persist_result=True,
-      **RETRY)  # fmt: skip
+      **planning.RETRY)  # fmt: skip
 def pairs_shard(
     run_dir: str, index: int, stage_key: str, rounds: int, resample: ResampleConfig, backend: BackendConfig
 ) -> dict[str, Any]:
     """r2w / w2r pairs of one shard from all rounds' attempts."""
-    if shard_exists(run_dir, PAIRS_STAGE, index):
+    if planning.shard_exists(run_dir, PAIRS_STAGE, index):
         return {}
     trajectories = load_trajectories(run_dir, index)
-    attempts = [a for r in range(1, rounds + 1) for a in read_rows(run_dir, round_dir(r), index)]
+    attempts = [a for r in range(1, rounds + 1) for a in planning.read_rows(run_dir, round_dir(r), index)]
     with backend_session(backend) as b:
         pairs, dropped = build_pairs(trajectories, attempts, resample, b.count_tokens, model=b.model_id)
     write_shard(Path(run_dir) / PAIRS_STAGE, index, make_table(pairs, PAIRS))
     return {"dropped": dropped}
 
 
-@task(name="finalize_resample", **RETRY)
-def finalize_resample(plan: StagePlan, round_stats: list[dict[str, Any]]) -> dict:
+@task(name="finalize_resample", **planning.RETRY)
+def finalize_resample(plan: planning.StagePlan, round_stats: list[dict[str, Any]]) -> dict:
     """The resample stage's manifest and stats: every round's outcomes, pairs by type, yield per 1k tokens."""
     rounds = [{"round": i, **s} for i, s in enumerate(round_stats, 1)]
     generated = sum(r["tokens"] for r in rounds)
@@ -204,5 +196,5 @@ def finalize_resample(plan: StagePlan, round_stats: list[dict[str, Any]]) -> dic
         stats[name] = round(sum(r.get(name, 0) for r in rounds), 3)
     write_manifest(plan.directory, config_hash=plan.key, stats=stats, inputs=plan.inputs)
     update_stats(plan.run_dir, STAGE, stats)
-    publish_table(plan.run_dir, STAGE, {k: v for k, v in stats.items() if k != "rounds"})
+    planning.publish_table(plan.run_dir, STAGE, {k: v for k, v in stats.items() if k != "rounds"})
     return stats
