@@ -66,24 +66,12 @@ def make_pairs(n: int, seed: int) -> list[dict]:
 
 
 def make_model(tokenizer_dir: Path, out: Path) -> None:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
+
+    from ckptdpo.models import save_random_llama
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    save_random_llama(tok, out, hidden_size=128, intermediate_size=256, max_positions=1024)
     tok.save_pretrained(out)
 
 

@@ -191,9 +191,7 @@ def check_model_dir(path: str | Path, field: str) -> None:
     try:
         AutoConfig.from_pretrained(path)
     except Exception as e:  # transformers raises OSError, ValueError or JSONDecodeError for a broken config
-        raise UserError(
-            f"{path / 'config.json'}: cannot load the model config ({_first_line(e)}); fix it."
-        ) from None
+        raise UserError(f"{path / 'config.json'}: cannot load the model config ({_first_line(e)}); fix it.") from None
     try:
         AutoTokenizer.from_pretrained(path)
     except Exception as e:
@@ -203,3 +201,30 @@ def check_model_dir(path: str | Path, field: str) -> None:
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:200]
+
+
+def save_random_llama(
+    tokenizer, out: Path, *, hidden_size: int, intermediate_size: int, max_positions: int, layers: int = 2,
+    heads: int = 4, kv_heads: int = 2, seed: int = 0, **config,
+) -> Path:  # fmt: skip
+    """A randomly initialised Llama of the given shape with `tokenizer`'s vocabulary, saved with it to `out`: the
+    tiny models of the training tests and benchmarks (seeded, so two calls give the same weights)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **config,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out

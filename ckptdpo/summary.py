@@ -39,6 +39,8 @@ def summarize_verify(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         "num_samples": len(rows),
         "by_status": dict(by_status),
+        # How each label was read (box, final statement, none): how sure the verdicts are.
+        "by_extracted_from": dict(Counter(r.get("extracted_from") or "unknown" for r in rows)),
         "accuracy": round(by_status["correct"] / len(rows), 4) if rows else None,
         "problems_all_correct": sum(all(v) for v in per_problem.values()),
         "problems_none_correct": sum(not any(v) for v in per_problem.values()),

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from ckptdpo.errors import UserError
 from ckptdpo.shards import atomic_write_bytes
+from commands.zombies import HEARTBEAT_S, crash_dead_runs, ensure_zombie_automation
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = Path("deployments") / "prefect.yaml"
@@ -42,9 +43,6 @@ STOP_TIMEOUT_S = 20.0
 # in-memory storage a server restart forgets the lease of a running flow run, its slot is never released and every
 # later run of the deployment waits for it forever.
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
-HEARTBEAT_S = 30  # flow runs send a heartbeat this often (Prefect's minimum)
-ZOMBIE_AFTER_S = 4 * HEARTBEAT_S  # no heartbeat for this long: the run's process is gone, mark it crashed
-ZOMBIE_AUTOMATION = "ckptdpo: crash zombie flow runs"
 
 
 @dataclass(frozen=True)
@@ -285,6 +283,7 @@ def restart_processes(s: ServerSettings, roles: list[str], base: dict[str, str] 
         _spawn(s, state, rec["role"], rec["argv"], env)
         if rec["role"] == "server":
             _wait_healthy(s, state["processes"][-1])
+    crash_dead_runs(s.api_url, state.get("pools", []))  # runs whose process died with the old ones
 
 
 def _wait_healthy(s: ServerSettings, server: dict[str, Any]) -> None:
@@ -319,38 +318,6 @@ def _create_pool(pool: str, env: dict[str, str], s: ServerSettings) -> None:
     _run_cli(_prefect("work-pool", "create", pool, "--type", "process"), env, s, "pools", ok_if="already exists")
 
 
-def zombie_automation() -> dict[str, Any]:
-    """Prefect's zombie detection: a running flow run whose heartbeats stopped (its worker or machine died) is marked
-    crashed, which frees its concurrency slot and lets the UI's Retry resume it from its shards."""
-    terminal = ("Completed", "Failed", "Cancelled", "Crashed")
-    return {
-        "name": ZOMBIE_AUTOMATION,
-        "description": f"No flow-run heartbeat for {ZOMBIE_AFTER_S} s: the flow run's process is gone.",
-        "enabled": True,
-        "trigger": {
-            "type": "event",
-            "posture": "Proactive",
-            "after": ["prefect.flow-run.heartbeat"],
-            "expect": ["prefect.flow-run.heartbeat", *(f"prefect.flow-run.{t}" for t in terminal)],
-            "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
-            "for_each": ["prefect.resource.id"],
-            "within": ZOMBIE_AFTER_S,
-            "threshold": 1,
-        },
-        "actions": [
-            {"type": "change-flow-run-state", "state": "CRASHED", "message": "No heartbeat: its process is gone."}
-        ],
-    }
-
-
-def ensure_zombie_automation(api_url: str) -> None:
-    """Create the zombie automation unless a server started earlier on this database has it already."""
-    body = {"automations": {"name": {"any_": [ZOMBIE_AUTOMATION]}}}
-    if httpx.post(f"{api_url}/automations/filter", json=body, timeout=30).raise_for_status().json():
-        return
-    httpx.post(f"{api_url}/automations/", json=zombie_automation(), timeout=30).raise_for_status()
-
-
 def server_down(s: ServerSettings) -> int:
     state = read_state(s)
     stopped = _stop(state.get("processes", []))
@@ -377,4 +344,8 @@ def server_status(s: ServerSettings) -> int:
     for r in records:
         table.add_row(r["role"], str(r["pid"]), "running" if _alive(r) else "[red]stopped[/]", r["log"])
     Console().print(table)
+    if healthy:
+        dead = crash_dead_runs(state["api_url"], state.get("pools", []))
+        if dead:
+            Console().print(f"marked {len(dead)} flow run(s) crashed whose process is gone: {', '.join(dead)}")
     return 0 if healthy and all(_alive(r) for r in records) else 1

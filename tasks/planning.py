@@ -136,7 +136,7 @@ def check_failures(stage: str, shard_results: list[dict[str, Any]], budget: int)
 
 _SUMMARIES = {
     "generate": (summary.summarize_generate, ["problem_id", "completion_tokens", "finish_reason"]),
-    "verify": (summary.summarize_verify, ["problem_id", "status"]),
+    "verify": (summary.summarize_verify, ["problem_id", "status", "extracted_from"]),
     "checkpoints": (
         summary.summarize_checkpoints,
         ["is_correct", "num_paragraphs", "num_checkpoints", "completion_tokens"],

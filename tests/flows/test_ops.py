@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from ckptdpo.shards import read_manifest, read_stage
+from tests.conftest import write_fake_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = "<|user|>\n{message}\n<|assistant|>\n"
@@ -60,19 +61,11 @@ def write_problems(path: Path, questions) -> Path:
 
 def write_recipe(tmp: Path, **sections) -> Path:
     """A fake-backend recipe over `problems.jsonl` next to it; every problem is its own shard."""
-    recipe = {
-        "name": "ops",
-        "stages": ["generate", "verify", "checkpoints", "resample"],
-        "problems": {"source": "file", "path": "problems.jsonl"},
-        "backend": {"kind": "fake", "model": "fake", "script": str(tmp / "script.yaml")},
-        "generate": {"num_samples": 2, "max_tokens": 100, "shard_size": 1},
+    defaults = {
         "verify": {"timeout_s": 5, "workers": 1},
         "resample": {"max_rounds": 2, "max_attempts": 2, "max_tokens": 100},
-        **sections,
     }
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return write_fake_recipe(tmp, None, None, name="ops", **{**defaults, **sections})
 
 
 def hashes(root: Path) -> dict[str, str]:
@@ -91,7 +84,16 @@ def test_prefect_yaml_deployments_match_the_flows():
 
     raw = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
     model = PrefectYamlModel.model_validate(raw)  # `prefect deploy` only warns and skips on an invalid file
-    assert model.pull == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $CKPTDPO_REPO }}"}}]
+    # The checkout is read from the worker's CKPTDPO_REPO when a run starts: nothing of the deploying machine's.
+    shell, chdir = model.pull
+    step = shell["prefect.deployments.steps.run_shell_script"]
+    assert "$CKPTDPO_REPO" not in json.dumps(model.deployments and raw["deployments"])
+    assert "{{ $" not in json.dumps(model.pull) and "${CKPTDPO_REPO:?" in step["script"]
+    assert chdir == {
+        "prefect.deployments.steps.set_working_directory": {"directory": f"{{{{ {step['id']}.stdout }}}}"}
+    }
+    # Every deployment states its schedules (an empty list for unscheduled ones): `prefect deploy --all` asks nothing.
+    assert all("schedules" in d for d in raw["deployments"])
     by_name = {d.name: d for d in model.deployments}
     assert len(by_name) == len(model.deployments), "deployment names must be unique (`prefect deploy --name`)"
     flow_names = {}
@@ -127,9 +129,29 @@ def test_task_runner_choice(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "prefect_ray" else real(n, *a))
     with pytest.raises(UserError, match=r"prefect-ray is not installed.*ckptdpo\[ray\]"):
         make_task_runner(TaskRunnerConfig(kind="ray", address="ray://head:10001"))
+    monkeypatch.undo()
     if real("prefect_dask"):
         runner = make_task_runner(TaskRunnerConfig(kind="dask", address="tcp://scheduler:8786"))
         assert type(runner).__name__ == "DaskTaskRunner" and runner.address == "tcp://scheduler:8786"
+
+
+def test_cluster_runner_is_refused_with_an_in_process_model(tmp_path: Path):
+    from ckptdpo.configs import Recipe
+    from ckptdpo.errors import UserError
+    from flows.runners import check_task_runner
+
+    for runner in ("dask", "ray"):
+        for kind in ("hf", "vllm"):
+            recipe = Recipe.model_validate({"backend": {"kind": kind, "model": "m"}, "task_runner": {"kind": runner}})
+            with pytest.raises(UserError, match=r"backend\.kind is .*use `backend\.kind: openai` with served models"):
+                check_task_runner(recipe)
+        served = {"kind": "openai", "model": "m", "base_urls": ["http://h:8000/v1"]}
+        check_task_runner(Recipe.model_validate({"backend": served, "task_runner": {"kind": runner}}))
+        # An in-process judge is refused too; the default judge is the (served) policy backend.
+        judge = {"dto": {"judge": {"backend": {"kind": "hf", "model": "j"}}}, "stages": ["generate", "dto"]}
+        with pytest.raises(UserError, match=r"dto\.judge\.backend\.kind is 'hf'"):
+            check_task_runner(Recipe.model_validate({"backend": served, "task_runner": {"kind": runner}, **judge}))
+    check_task_runner(Recipe.model_validate({"backend": {"kind": "hf", "model": "m"}}))  # threads: fine
 
 
 def test_server_settings_from_the_environment(tmp_path: Path):
@@ -233,6 +255,34 @@ def test_dask_cluster_runs_the_shard_tasks(prefect_harness, tmp_path: Path):
     ]  # fmt: skip
     # The shard tasks of all four stages ran on the cluster's workers, not in the flow's process.
     assert len(stream.data) >= 4 * 2 and ran_on and ran_on <= workers
+
+
+@pytest.mark.slow
+def test_ray_cluster_runs_the_shard_tasks_and_gives_the_thread_runners_pairs(prefect_harness, tmp_path: Path):
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("prefect_ray")
+    from flows.pipeline import pipeline_flow
+
+    write_script(tmp_path / "script.yaml", QUESTIONS[:2])
+    recipe = write_recipe(tmp_path)
+    write_problems(tmp_path / "problems.jsonl", QUESTIONS[:2])
+    pipeline_flow(str(recipe), str(tmp_path / "thread"))
+    # A local Ray cluster (its own raylet, object store and worker processes); the runner joins it ("auto").
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, namespace="prefect")
+    try:
+        pipeline_flow(str(recipe), str(tmp_path / "ray"), {"task_runner": {"kind": "ray", "address": "auto"}})
+        events = ray.timeline()
+    finally:
+        ray.shutdown()
+
+    def pairs(run: str) -> list[tuple]:
+        rows = read_stage(tmp_path / run / "pairs").to_pylist()
+        return sorted((p["pair_id"], p["prompt"], p["chosen"], p["rejected"]) for p in rows)
+
+    assert pairs("ray") == pairs("thread") and len(pairs("ray")) == 4
+    # The shard tasks of the four stages ran as Ray tasks in Ray's worker processes, not in this one.
+    ran = [e for e in events if e.get("cat", "").startswith("task::") and e.get("ph") == "X"]
+    assert len(ran) >= 4 * 2 and {e["pid"] for e in ran} - {os.getpid()}, ran[:3]
 
 
 # --- a real server: `ckptdpo server up`, deployments, workers, the UI, `ckptdpo server down` -------------------------

@@ -94,6 +94,7 @@ def test_exact_pairs_from_scripted_trajectories(prefect_harness, recipe: Path, t
 
     stats = read_stats(run_dir)
     assert stats["verify"]["by_status"] == {"correct": 2, "incorrect": 2}
+    assert stats["verify"]["by_extracted_from"] == {"box": 4}
     rounds = stats["resample"]["rounds"]
     # Round 1: A (r2w), B and D (w2r), one draw each; rounds 2-3 retry only D, whose continuations stay wrong.
     assert [r["attempts"] for r in rounds] == [3, 1, 1]

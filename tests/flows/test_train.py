@@ -103,25 +103,10 @@ def tiny_tokenizer(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(tiny_tokenizer) -> dict[str, Path]:
     """A tiny random Llama next to the tokenizer, and one pair stage."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from ckptdpo.models import save_random_llama
 
     model_dir, tokenizer = tiny_tokenizer["dir"], tiny_tokenizer["tokenizer"]
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    LlamaForCausalLM(config).save_pretrained(model_dir)
+    save_random_llama(tokenizer, model_dir, hidden_size=32, intermediate_size=64, max_positions=256, bos_token_id=None)
     run_dir = model_dir.parent / "run"
     write_shard(run_dir / "pairs", 0, make_table(_rows(), PAIRS))
     write_manifest(run_dir / "pairs", config_hash="test-pairs")
