@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.eval import write_report
-from tasks.report import publish_report
+from tasks.report import publish_report, write_report
 
 
 @flow(name="report", flow_run_name="report {run_dir}")

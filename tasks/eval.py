@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_table_artifact
 
 from ckptdpo import evaluate
 from ckptdpo.backends.base import GenerationRequest
@@ -279,27 +278,3 @@ def _code_version() -> str:
     from ckptdpo import __version__
 
     return __version__
-
-
-# --- the report ------------------------------------------------------------------------------------------------------
-
-
-@task(name="write_report", retries=1, retry_delay_seconds=5)
-def write_report(run_dir: str) -> str:
-    """Write `<run_dir>/report/index.html` and publish a link and the headline metrics as artifacts."""
-    from ckptdpo.report import build_report, headline_markdown
-
-    path = build_report(Path(run_dir))
-    slug = re.sub(r"[^a-z0-9-]+", "-", Path(run_dir).name.lower()).strip("-") or "run"
-    create_link_artifact(
-        link=path.resolve().as_uri(),
-        link_text=f"report of {run_dir}",
-        key=f"report-{slug}"[:64],
-        description="ckptdpo run report (self-contained HTML)",
-    )
-    create_markdown_artifact(
-        markdown=headline_markdown(Path(run_dir)),
-        key=f"report-summary-{slug}"[:64],
-        description="ckptdpo run: headline numbers",
-    )
-    return str(path)

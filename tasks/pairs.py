@@ -57,23 +57,26 @@ def collect_pairs(run_dir: str, sources: list[str]) -> dict[str, Any]:
     return stats
 
 
+def _stage_rows(stage: Path, columns: list[str]) -> list[dict[str, Any]]:
+    """Rows of a finished stage's listed shards; none for a stage that listed none (a run that made no pairs)."""
+    return [r for p in listed_shards(stage) for r in read_shard(p, columns).to_pylist()]
+
+
 def pair_quality(run_dir: str, sources: list[str]) -> dict[str, Any]:
     """How each pair's labels were read (box or final statement, from the verdicts of both sides' sources), the
     chosen/rejected length ratios and the share of candidates each filter dropped, per pair type."""
     run = Path(run_dir)
     labels = {
-        r["sample_id"]: r["extracted_from"]
-        for r in read_stage(run / "verify", ["sample_id", "extracted_from"]).to_pylist()
+        r["sample_id"]: r["extracted_from"] for r in _stage_rows(run / "verify", ["sample_id", "extracted_from"])
     }
     for rounds in sorted(run.glob("resample/round-*")):
         if read_manifest(rounds) is not None:
             labels.update(
-                (r["attempt_id"], r["extracted_from"])
-                for r in read_stage(rounds, ["attempt_id", "extracted_from"]).to_pylist()
+                (r["attempt_id"], r["extracted_from"]) for r in _stage_rows(rounds, ["attempt_id", "extracted_from"])
             )
     columns = ["pair_type", "chosen_tokens", "rejected_tokens", "source_sample_id", "attempt_id"]
     rows = []
-    for p in read_stage(run / "pairs", columns).to_pylist():
+    for p in _stage_rows(run / "pairs", columns):
         source, attempt = labels.get(p["source_sample_id"]), labels.get(p["attempt_id"])
         if p["pair_type"] == "r2w":
             p["chosen_extracted_from"], p["rejected_extracted_from"] = source, attempt

@@ -39,3 +39,11 @@ def publish_report(run_dir: str, report_path: str) -> str:
     markdown = report_markdown(Path(run_dir), Path(report_path).read_text())
     create_markdown_artifact(markdown=markdown, key=key, description=f"ckptdpo report of {run_dir}")
     return key
+
+
+@task(name="write_report", retries=1, retry_delay_seconds=5)
+def write_report(run_dir: str) -> str:
+    """Write `<run_dir>/report/index.html` (self-contained HTML); returns its path."""
+    from ckptdpo.report import build_report
+
+    return str(build_report(Path(run_dir)))
