@@ -50,7 +50,7 @@ def ensure_zombie_automation(api_url: str) -> None:
     httpx.post(f"{api_url}/automations/", json=zombie_automation(), timeout=30).raise_for_status()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -68,7 +68,7 @@ def crash_dead_runs(api_url: str, pools: list[str]) -> list[str]:
     crashed = []
     for run in runs:
         pid = str(run.get("infrastructure_pid") or "").rsplit(":", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             state = {"type": "CRASHED", "name": "Crashed", "message": DEAD_MESSAGE}
             r = httpx.post(f"{api_url}/flow_runs/{run['id']}/set_state", json={"state": state}, timeout=30)
             if r.is_success and r.json().get("status") == "ACCEPT":

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from ckptdpo.shards import read_manifest, read_stage
+from commands.zombies import pid_alive
 from tests.conftest import write_fake_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -344,14 +345,6 @@ class Server:
         raise AssertionError(f"flow run {run_id} did not finish in {timeout} s; see {self.root}/home/server/logs")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
@@ -361,10 +354,7 @@ def server(tmp_path_factory):
         assert r.returncode == 0, r.stdout + r.stderr
         yield srv
     finally:
-        ckptdpo(srv.env, "server", "down", timeout=120)
-        for p in srv.processes:  # a failed `down` must not leave processes behind
-            if _pid_alive(p["pid"]):
-                os.killpg(p["pid"], signal.SIGKILL)
+        stop_server(srv)
 
 
 @pytest.mark.slow
@@ -466,14 +456,22 @@ def test_server_status_up_again_and_down_stops_only_what_it_started(server: Serv
     assert r.returncode == 2 and f"port {server.port}" in r.stderr and not (tmp_path / "other" / "server").exists()
 
     ours = [p["pid"] for p in server.processes]
-    assert len(ours) == 3 and all(_pid_alive(pid) for pid in ours)
+    assert len(ours) == 3 and all(pid_alive(pid) for pid in ours)
     bystander = subprocess.Popen(["sleep", "120"], start_new_session=True)
     try:
         r = ckptdpo(server.env, "server", "down", timeout=120)
         assert r.returncode == 0 and "server" in r.stdout
-        assert not any(_pid_alive(pid) for pid in ours)
+        assert not any(pid_alive(pid) for pid in ours)
         assert bystander.poll() is None, "server down stopped a process it did not start"
         assert ckptdpo(server.env, "server", "status").returncode == 1
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def stop_server(srv) -> None:
+    """`ckptdpo server down`, then SIGKILL for anything it left: a failed `down` must not leave processes behind."""
+    ckptdpo(srv.env, "server", "down", timeout=120)
+    for p in srv.processes:
+        if pid_alive(p["pid"]):
+            os.killpg(p["pid"], signal.SIGKILL)

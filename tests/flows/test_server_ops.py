@@ -25,7 +25,8 @@ import yaml
 
 from ckptdpo.backends.fake import FakeBackend
 from ckptdpo.shards import read_manifest, read_stage
-from tests.flows.test_ops import QUESTIONS, REPO, Server, _pid_alive, ckptdpo, write_problems
+from commands.zombies import pid_alive
+from tests.flows.test_ops import QUESTIONS, REPO, Server, ckptdpo, stop_server, write_problems
 from tests.flows.test_refresh_endpoint import fake_script, openai_recipe
 from tests.openai_server import OpenAIServer
 
@@ -141,10 +142,7 @@ def stack(tmp_path_factory):
             assert r.returncode == 0, r.stdout + r.stderr
             yield srv
         finally:
-            ckptdpo(srv.env, "server", "down", timeout=120)
-            for p in srv.processes:  # a failed `down` must not leave processes behind
-                if _pid_alive(p["pid"]):
-                    os.killpg(p["pid"], signal.SIGKILL)
+            stop_server(srv)
 
 
 def test_server_up_sets_durable_leases_zombie_detection_and_deploys_without_prompts(stack: Stack):
@@ -211,7 +209,7 @@ def test_cancel_mid_generation_stops_the_run_within_30_s_and_the_next_run_resume
     stack.wait_for_shard(run_dir)
     stack.api("POST", f"/flow_runs/{run_id}/set_state", json={"state": {"type": "CANCELLING"}})
     t0 = time.monotonic()
-    while _pid_alive(pid):
+    while pid_alive(pid):
         assert time.monotonic() - t0 < 30, "the cancelled flow run's process is still running after 30 s"
         time.sleep(0.2)
     assert stack.wait_state(run_id, TERMINAL, timeout=60)["state"]["type"] == "CANCELLED"
