@@ -172,15 +172,24 @@ class Interval:
     null: float = 0.0
 
     @property
-    def significant(self) -> bool:
-        """Whether the interval excludes the no-change value."""
-        return not self.low <= self.null <= self.high
+    def defined(self) -> bool:
+        """False when the estimate or a bound is undefined (eta of a model that never answers right, say)."""
+        return all(math.isfinite(x) for x in (self.estimate, self.low, self.high))
 
-    def to_dict(self) -> dict[str, float | bool]:
+    @property
+    def significant(self) -> bool:
+        """Whether the interval is defined and excludes the no-change value."""
+        return self.defined and not self.low <= self.null <= self.high
+
+    def to_dict(self) -> dict[str, float | bool | None]:
+        # None, not NaN: stats.json stays valid JSON, and an undefined figure is never called a change.
+        def num(x: float) -> float | None:
+            return round(x, 6) if math.isfinite(x) else None
+
         return {
-            "estimate": round(self.estimate, 6),
-            "low": round(self.low, 6),
-            "high": round(self.high, 6),
+            "estimate": num(self.estimate),
+            "low": num(self.low),
+            "high": num(self.high),
             "null": self.null,
             "significant": self.significant,
         }

@@ -307,3 +307,15 @@ def test_paired_bootstrap_rejects_unpaired_inputs():
     with pytest.raises(ValueError):
         paired_bootstrap(np.zeros((3, 1)), np.zeros((4, 1)), lambda x, y: y.mean(-1))
     assert paired_eval_intervals({}, {})["num_problems"] == 0
+
+
+def test_an_undefined_interval_is_null_in_json_and_never_significant():
+    import json
+    import math
+
+    from ckptdpo.metrics import Interval
+
+    iv = Interval(math.nan, math.nan, math.nan, null=1.0).to_dict()
+    assert iv["estimate"] is None and iv["low"] is None and iv["significant"] is False
+    json.dumps(iv, allow_nan=False)  # valid JSON: no NaN
+    assert Interval(0.5, 0.1, 0.9).to_dict()["significant"] is True
