@@ -43,25 +43,9 @@ def make_pairs(n: int, seed: int) -> list[dict]:
         prompt = f"<|im_start|>user\nProblem {i}: {_text(rng, 20)}<|im_end|>\n<|im_start|>assistant\n"
         lengths = [int(math.exp(rng.uniform(math.log(16), math.log(256)))) for _ in range(2)]
         chosen, rejected = (f"{_text(rng, k)} \\boxed{{{i}}}" for k in lengths)
-        rows.append(
-            {
-                "pair_id": content_id("bench", i),
-                "pair_type": "r2w",
-                "problem_id": f"p{i}",
-                "prompt": prompt,
-                "chosen": chosen,
-                "rejected": rejected,
-                "gold_answer": str(i),
-                "source_sample_id": f"s{i}",
-                "checkpoint_index": 0,
-                "prompt_tokens": 0,
-                "chosen_tokens": 0,
-                "rejected_tokens": 0,
-                "round": 1,
-                "attempt_id": f"a{i}",
-                "model": "bench",
-            }
-        )
+        # Only what training reads is set; the lineage columns stay empty.
+        pair = dict.fromkeys(PAIRS.names) | {"pair_id": content_id("bench", i), "pair_type": "r2w"}
+        rows.append(pair | {"problem_id": f"p{i}", "prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
 
 

@@ -174,6 +174,16 @@ def local_revision(path: Path) -> str:
     return "sha256:" + h.hexdigest()[:16]
 
 
+def model_revision(configured: str | None, ref: str, hub_commit: str | None = None) -> str:
+    """The revision a backend reports: the recipe's, else the content fingerprint of a local checkpoint (the one the
+    tasks key their caches by), else the hub commit or the hub id."""
+    if configured:
+        return configured
+    if Path(ref).is_dir():
+        return local_revision(Path(ref))
+    return hub_commit or f"hub:{ref}"
+
+
 def check_model_dir(path: str | Path, field: str) -> None:
     """Load a local model's config and tokenizer (no weights): an empty or damaged checkpoint is one sentence now,
     not a traceback after minutes of retries. Hub ids (not local directories) are left to the loader."""

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
-from ckptdpo import summary
+from ckptdpo import shards, summary
 from ckptdpo.configs import BackendConfig, DTOConfig, FailureBudgetConfig, Recipe, VerifyConfig
 from ckptdpo.dto import (
     DTOItem,
@@ -30,16 +30,6 @@ from ckptdpo.dto import (
 )
 from ckptdpo.errors import UserError
 from ckptdpo.schemas import DTO_RESULTS, PAIRS, make_table
-from ckptdpo.shards import (
-    list_shards,
-    listed_shards,
-    read_manifest,
-    read_shard,
-    shard_path,
-    update_stats,
-    write_manifest,
-    write_shard,
-)
 from ckptdpo.verify import verify_batch
 from tasks.backends import backend_session, model_fingerprint
 from tasks.common import content_cache_key
@@ -66,7 +56,7 @@ class JudgeUnparsed(UserError):
 
 
 def _read(run_dir: str, stage: str, index: int, columns: list[str] | None = None) -> list[dict[str, Any]]:
-    return read_shard(shard_path(Path(run_dir) / stage, index), columns=columns).to_pylist()
+    return shards.read_shard(shards.shard_path(Path(run_dir) / stage, index), columns=columns).to_pylist()
 
 
 def judge_backend(recipe: Recipe) -> BackendConfig:
@@ -148,7 +138,7 @@ def _row_result(row: dict[str, Any]) -> DTOResult:
 
 def read_shard_stats(run_dir: str, index: int) -> dict[str, Any]:
     """The stats `dto_shard` stored in an optimized shard's metadata (so a resumed run still has them)."""
-    metadata = pq.read_schema(shard_path(Path(run_dir) / OPTIMIZED, index)).metadata or {}
+    metadata = pq.read_schema(shards.shard_path(Path(run_dir) / OPTIMIZED, index)).metadata or {}
     return json.loads(metadata[STATS_METADATA])
 
 
@@ -207,7 +197,7 @@ def dto_shard(
         rows.append(_result_row(result, kind, len(positions)))
     table = make_table(rows, DTO_RESULTS)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), STATS_METADATA: json.dumps(stats)})
-    write_shard(Path(run_dir) / OPTIMIZED, index, table)
+    shards.write_shard(Path(run_dir) / OPTIMIZED, index, table)
     return stats
 
 
@@ -234,7 +224,7 @@ def dto_pairs(
     started = time.time() if started is None else started
     cfg, bcfg = dto, backend
     stage = Path(run_dir) / "dto"
-    num_shards = len(listed_shards(Path(run_dir) / "generate"))
+    num_shards = len(shards.listed_shards(Path(run_dir) / "generate"))
     missing = [i for i in range(num_shards) if not shard_exists(run_dir, OPTIMIZED, i)]
     if missing:
         raise RuntimeError(f"{stage / 'optimized'}: shards {missing} are missing; run the dto shards first")
@@ -263,21 +253,21 @@ def dto_pairs(
     pairs_s = time.perf_counter() - t0
     written = 0
     for start in range(0, max(len(pairs), 1), PAIRS_PER_SHARD):
-        write_shard(stage, written, make_table(pairs[start : start + PAIRS_PER_SHARD], PAIRS))
+        shards.write_shard(stage, written, make_table(pairs[start : start + PAIRS_PER_SHARD], PAIRS))
         written += 1
-    for p in list_shards(stage)[written:]:
+    for p in shards.list_shards(stage)[written:]:
         p.unlink()  # a rerun under the same key with fewer pairs must not leave an old shard behind
 
     shard_stats = [read_shard_stats(run_dir, i) for i in range(num_shards)]
     stats: dict[str, Any] = merge_dto_stats(shard_stats, num_pairs=len(pairs))
     stats["optimize_s"] = round(stats.get("optimize_s", 0.0), 3)
     stats["by_status"] = dict(sorted(by_status.items()))
-    generated = (read_manifest(Path(run_dir) / "generate") or {}).get("stats", {}).get("generated_tokens", 0)
+    generated = (shards.read_manifest(Path(run_dir) / "generate") or {}).get("stats", {}).get("generated_tokens", 0)
     stats["pairs"] = summary.summarize_pairs(pairs, generated)
     stats["pairs_s"] = round(pairs_s, 3)
     stats["wall_s"] = round(time.time() - started, 3)
-    write_manifest(stage, config_hash=stage_key, stats=stats, inputs=inputs)
-    update_stats(run_dir, "dto", stats)
+    shards.write_manifest(stage, config_hash=stage_key, stats=stats, inputs=inputs)
+    shards.update_stats(run_dir, "dto", stats)
     publish_table(run_dir, "dto", stats)
     get_run_logger().info(
         "dto: %d trajectories, tokens %d -> %d (truncated) -> %d (pruned), %d pairs",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from ckptdpo.configs import INSTRUCTION
 
@@ -131,6 +131,22 @@ def problem_messages(problem: str, few_shot: Sequence[tuple[str, str]] = ()) -> 
 def templated_problem(tokenizer, problem: str, few_shot: Sequence[tuple[str, str]] = ()) -> str:
     """The chat prompt of one problem (after its worked examples: `problem_messages`), templated by the tokenizer."""
     return templated_prompts(tokenizer, [problem_messages(problem, few_shot)])[0]
+
+
+class LocalTokenizerChat:
+    """`chat_prompt` and `chat` for a backend that holds its model's tokenizer as `self.tokenizer` (hf, vllm)."""
+
+    tokenizer: Any
+
+    def chat_prompt(self, problem: str, few_shot: Sequence[tuple[str, str]] = ()) -> str:
+        """The model's chat template around the problem and the instruction, ending where the assistant speaks."""
+        return templated_problem(self.tokenizer, problem, few_shot)
+
+    def chat(
+        self, conversations: Sequence[Sequence[dict[str, str]]], *, max_tokens: int, temperature: float = 0.0
+    ) -> list[str]:
+        """Reply text per conversation (`local_chat`: an empty reply where one cannot be generated)."""
+        return local_chat(self, self.tokenizer, conversations, max_tokens, temperature)
 
 
 def local_chat(backend, tokenizer, conversations: Sequence[Sequence[dict[str, str]]], max_tokens: int,

@@ -31,9 +31,8 @@ from ckptdpo.backends.base import (
     BackendStats,
     GenerationRequest,
     GenerationResult,
+    LocalTokenizerChat,
     Sample,
-    local_chat,
-    templated_problem,
 )
 from ckptdpo.backends.decode import (
     Detokenizer,
@@ -50,10 +49,7 @@ from ckptdpo.backends.loopguard import LoopGuard
 from ckptdpo.backends.sampling import SamplingParams, left_pad_positions, sample_seed
 from ckptdpo.configs import BackendConfig
 from ckptdpo.errors import UserError
-from ckptdpo.models import (
-    local_revision,  # noqa: F401  (one fingerprint for every backend)
-    resolve_model,
-)
+from ckptdpo.models import local_revision, model_revision, resolve_model
 
 __all__ = ["HFBackend", "SamplingParams", "local_revision", "plan_batches", "sample_seed"]
 
@@ -68,7 +64,7 @@ class _RequestError(Exception):
         self.prompt_tokens = prompt_tokens
 
 
-class HFBackend:
+class HFBackend(LocalTokenizerChat):
     """transformers causal LM, loaded once; see the module docstring for batching, sharing and seeds."""
 
     def __init__(self, cfg: BackendConfig, home: Path, *, offline: bool = False) -> None:
@@ -99,12 +95,7 @@ class HFBackend:
             self.model = self.model.float()
         self.model.to(self.device).eval()
         self.model_id = cfg.model
-        if cfg.revision:
-            self.revision = cfg.revision
-        elif Path(ref).is_dir():
-            self.revision = local_revision(Path(ref))
-        else:
-            self.revision = getattr(self.model.config, "_commit_hash", None) or f"hub:{ref}"
+        self.revision = model_revision(cfg.revision, ref, getattr(self.model.config, "_commit_hash", None))
         self.stats = BackendStats()
         self.max_len = cfg.max_model_len or getattr(self.model.config, "max_position_embeddings", None) or 4096
         eos = self.model.generation_config.eos_token_id
@@ -278,16 +269,6 @@ class HFBackend:
             rows = logprobs[i, keep - 1 - len(c) : keep - 1]
             result.append(float(rows.gather(1, targets[:, None]).sum()))
         return result
-
-    def chat_prompt(self, problem: str, few_shot: Sequence[tuple[str, str]] = ()) -> str:
-        """The model's chat template around the problem and the instruction, ending where the assistant speaks."""
-        return templated_problem(self.tokenizer, problem, few_shot)
-
-    def chat(
-        self, conversations: Sequence[Sequence[dict[str, str]]], *, max_tokens: int, temperature: float = 0.0
-    ) -> list[str]:
-        """Reply text per conversation (`local_chat`: an empty reply where one cannot be generated)."""
-        return local_chat(self, self.tokenizer, conversations, max_tokens, temperature)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Token counts under this model's tokenizer (no special tokens added)."""

@@ -13,6 +13,7 @@ is wasted. Two incremental checks, each cheap per generated token:
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Iterable
 
@@ -138,3 +139,24 @@ def find_loop(text: str, token_ids: Iterable[int] = (), *, min_repeats: int = 4,
     guard = LoopGuard(min_repeats=min_repeats, ngram=ngram)
     guard.feed(token_ids, text)
     return guard.reason
+
+
+_WORD = re.compile(r"\s*\S+|\s+")  # a word with the whitespace before it
+
+
+def loop_cut(text: str, *, min_repeats: int, ngram: int) -> int | None:
+    """Where a finished text is proven to loop, as a character offset to cut at, or None.
+
+    Runs the LoopGuard over the text with words standing in for tokens (the server's token ids are
+    not at hand), so the cut falls on a word boundary; a paragraph loop is cut at the break before the paragraph
+    that completed the proof.
+    """
+    guard = LoopGuard(min_repeats=min_repeats, ngram=ngram)
+    vocab: dict[str, int] = {}
+    for m in _WORD.finditer(text):
+        word = m.group().lstrip()
+        if guard.update(vocab.setdefault(word, len(vocab)) if word else None, m.group()):
+            if guard.reason == "paragraph":
+                return text.rfind(PARAGRAPH_BREAK, 0, m.end())
+            return m.end()
+    return None

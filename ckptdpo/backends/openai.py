@@ -42,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -58,7 +57,7 @@ from ckptdpo.backends.base import (
     Sample,
     problem_messages,
 )
-from ckptdpo.backends.loopguard import PARAGRAPH_BREAK, LoopGuard
+from ckptdpo.backends.loopguard import loop_cut
 from ckptdpo.backends.openai_http import (
     NAMES_N,
     Endpoint,
@@ -82,7 +81,6 @@ __all__ = ["OpenAIBackend", "OpenAIError", "ServerCapabilityError", "draw_seed",
 log = logging.getLogger(__name__)
 
 CHATML_TEMPLATE = "<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n"
-_CHUNK = re.compile(r"\s*\S+|\s+")  # a word with the whitespace before it
 _FINISH = {"stop": "stop", "length": "length", "repetition": "loop", "loop": "loop"}
 
 
@@ -377,21 +375,3 @@ def _local_tokenizer(model: str) -> Any | None:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: backend.model is a directory without a loadable tokenizer ({e}).") from None
-
-
-def loop_cut(text: str, *, min_repeats: int, ngram: int) -> int | None:
-    """Where a finished text is proven to loop, as a character offset to cut at, or None.
-
-    Runs ckptdpo.backends.loopguard over the text with words standing in for tokens (the server's token ids are
-    not at hand), so the cut falls on a word boundary; a paragraph loop is cut at the break before the paragraph
-    that completed the proof.
-    """
-    guard = LoopGuard(min_repeats=min_repeats, ngram=ngram)
-    vocab: dict[str, int] = {}
-    for m in _CHUNK.finditer(text):
-        word = m.group().lstrip()
-        if guard.update(vocab.setdefault(word, len(vocab)) if word else None, m.group()):
-            if guard.reason == "paragraph":
-                return text.rfind(PARAGRAPH_BREAK, 0, m.end())
-            return m.end()
-    return None

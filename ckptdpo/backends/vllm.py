@@ -39,21 +39,20 @@ from ckptdpo.backends.base import (
     FinishReason,
     GenerationRequest,
     GenerationResult,
+    LocalTokenizerChat,
     Sample,
-    local_chat,
-    templated_problem,
 )
-from ckptdpo.backends.openai import loop_cut
+from ckptdpo.backends.loopguard import loop_cut
 from ckptdpo.configs import BackendConfig
 from ckptdpo.errors import UserError
-from ckptdpo.models import resolve_model
+from ckptdpo.models import model_revision, resolve_model
 
 log = logging.getLogger(__name__)
 
 _FINISH = {"stop": "stop", "length": "length", "repetition": "loop", "abort": "error", "error": "error"}
 
 
-class VLLMBackend:
+class VLLMBackend(LocalTokenizerChat):
     """vllm.LLM behind the backend protocol."""
 
     def __init__(self, cfg: BackendConfig, home: Path, *, offline: bool = False) -> None:
@@ -84,14 +83,7 @@ class VLLMBackend:
         self.tokenizer = self.llm.get_tokenizer()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
         self.model_id = cfg.model
-        if cfg.revision:
-            self.revision = cfg.revision
-        elif Path(ref).is_dir():
-            from ckptdpo.backends.hf import local_revision  # the same fingerprint as the hf backend
-
-            self.revision = local_revision(Path(ref))
-        else:
-            self.revision = f"hub:{ref}"
+        self.revision = model_revision(cfg.revision, ref)
         self.stats = BackendStats()
         self._repetition = None
         if cfg.loop_guard:
@@ -169,15 +161,6 @@ class VLLMBackend:
             # prompt_logprobs[j] holds position j's actual token (always included, whatever the top-k asked).
             scores[i] = sum(out.prompt_logprobs[j][ids[j]].logprob for j in range(len(p), len(ids)))
         return scores
-
-    def chat_prompt(self, problem: str, few_shot: Sequence[tuple[str, str]] = ()) -> str:
-        return templated_problem(self.tokenizer, problem, few_shot)
-
-    def chat(
-        self, conversations: Sequence[Sequence[dict[str, str]]], *, max_tokens: int, temperature: float = 0.0
-    ) -> list[str]:
-        """Reply text per conversation (`local_chat`: an empty reply where one cannot be generated)."""
-        return local_chat(self, self.tokenizer, conversations, max_tokens, temperature)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return [len(self._encode(t)) for t in texts]

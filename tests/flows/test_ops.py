@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -348,13 +349,8 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
-    srv = Server(root)
-    r = ckptdpo(srv.env, "server", "up")
-    try:
-        assert r.returncode == 0, r.stdout + r.stderr
+    with server_up(Server(root)) as srv:
         yield srv
-    finally:
-        stop_server(srv)
 
 
 @pytest.mark.slow
@@ -467,6 +463,17 @@ def test_server_status_up_again_and_down_stops_only_what_it_started(server: Serv
     finally:
         bystander.kill()
         bystander.wait()
+
+
+@contextmanager
+def server_up(srv):
+    """`ckptdpo server up` for the block; everything stopped afterwards, whatever happened."""
+    r = ckptdpo(srv.env, "server", "up")
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        yield srv
+    finally:
+        stop_server(srv)
 
 
 def stop_server(srv) -> None:

@@ -26,7 +26,7 @@ import yaml
 from ckptdpo.backends.fake import FakeBackend
 from ckptdpo.shards import read_manifest, read_stage
 from commands.zombies import pid_alive
-from tests.flows.test_ops import QUESTIONS, REPO, Server, ckptdpo, stop_server, write_problems
+from tests.flows.test_ops import QUESTIONS, REPO, Server, server_up, write_problems
 from tests.flows.test_refresh_endpoint import fake_script, openai_recipe
 from tests.openai_server import OpenAIServer
 
@@ -137,12 +137,8 @@ def stack(tmp_path_factory):
         raw = yaml.safe_load(srv.recipe.read_text())
         raw["backend"]["max_concurrency"] = 1
         srv.recipe.write_text(yaml.safe_dump(raw))
-        r = ckptdpo(srv.env, "server", "up")
-        try:
-            assert r.returncode == 0, r.stdout + r.stderr
+        with server_up(srv):
             yield srv
-        finally:
-            stop_server(srv)
 
 
 def test_server_up_sets_durable_leases_zombie_detection_and_deploys_without_prompts(stack: Stack):
@@ -199,14 +195,21 @@ def _reference(stack: Stack) -> list[tuple]:
     return stack.reference
 
 
-def test_cancel_mid_generation_stops_the_run_within_30_s_and_the_next_run_resumes(stack: Stack):
+def start_slow_run(stack: Stack, deployment: str, name: str):
+    """(reference pairs, deployment, run dir, flow run id, its process id) of a run slowed to 2 s per request, once its
+    first shard is written: a run caught mid-generation."""
     reference = _reference(stack)
-    dep = stack.deployment("manual", schedules=[])
-    run_dir = stack.root / "cancelled"
+    dep = stack.deployment(deployment, schedules=[])
+    run_dir = stack.root / name
     stack.endpoint.delay_s = 2.0
     run_id = stack.start(dep, run_dir)
     pid = stack.flow_run_pid(run_id)
     stack.wait_for_shard(run_dir)
+    return reference, dep, run_dir, run_id, pid
+
+
+def test_cancel_mid_generation_stops_the_run_within_30_s_and_the_next_run_resumes(stack: Stack):
+    reference, dep, run_dir, run_id, pid = start_slow_run(stack, "manual", "cancelled")
     stack.api("POST", f"/flow_runs/{run_id}/set_state", json={"state": {"type": "CANCELLING"}})
     t0 = time.monotonic()
     while pid_alive(pid):
@@ -228,13 +231,7 @@ def test_cancel_mid_generation_stops_the_run_within_30_s_and_the_next_run_resume
 
 
 def test_kill_9_of_the_flow_run_then_retry_resumes_and_gives_the_same_pairs(stack: Stack):
-    reference = _reference(stack)
-    dep = stack.deployment("crashing", schedules=[])
-    run_dir = stack.root / "killed"
-    stack.endpoint.delay_s = 2.0
-    run_id = stack.start(dep, run_dir)
-    pid = stack.flow_run_pid(run_id)
-    stack.wait_for_shard(run_dir)
+    reference, dep, run_dir, run_id, pid = start_slow_run(stack, "crashing", "killed")
     os.kill(pid, signal.SIGKILL)
     crashed = stack.wait_state(run_id, TERMINAL, timeout=90)
     assert crashed["state"]["type"] == "CRASHED", crashed["state"]

@@ -42,6 +42,13 @@ def _prompt(a: int, b: int) -> str:
     return f"<|im_start|>user\nWhat is {a}+{b}?<|im_end|>\n<|im_start|>assistant\nLet me add the numbers.\n\n"
 
 
+def tiny_train_config(**fields) -> TrainConfig:
+    """The training settings the tiny-model tests share (both pair types, 2 pairs a step, no eval split)."""
+    base = dict(pair_types=["r2w", "w2r"], per_device_train_batch_size=2, learning_rate=1e-3, max_length=MAX_LENGTH,
+                eval_fraction=0.0)  # fmt: skip
+    return TrainConfig(**{**base, **fields})
+
+
 def _pair(i: int, prompt: str, chosen: str, rejected: str, pair_type: str, problem_id: str) -> dict:
     return {
         "pair_id": content_id("pair", i, prompt, chosen, rejected),
@@ -241,17 +248,7 @@ def _launch(cmd: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_zero2_dpo_on_two_cpu_ranks_resumes_after_a_kill(tiny, tmp_path):
     out = tmp_path / "train"
-    cfg = TrainConfig(
-        pair_types=["r2w", "w2r"],
-        num_processes=2,
-        zero_stage=2,
-        max_steps=4,
-        save_steps=2,
-        per_device_train_batch_size=2,
-        learning_rate=1e-3,
-        max_length=MAX_LENGTH,
-        eval_fraction=0.0,
-    )
+    cfg = tiny_train_config(num_processes=2, zero_stage=2, max_steps=4, save_steps=2)
     job = TrainJob(train=cfg, pairs_dirs=[str(tiny["pairs"])], model=str(tiny["model"]), output_dir=str(out))
     job_path = write_job(job.model_copy(update={"fail_after_step": 2}), tmp_path / "job.yaml")
     cmd = build_launch_command(job_path, cfg)

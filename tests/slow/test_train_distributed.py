@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ckptdpo.configs import TrainConfig
 from ckptdpo.train import TrainJob, build_launch_command, build_merge_command, write_job
 from tests.flows import test_train
-from tests.flows.test_train import MAX_LENGTH, ROOT, _assert_all_changed, _weights
+from tests.flows.test_train import ROOT, _assert_all_changed, _weights, tiny_train_config
 
 pytestmark = pytest.mark.slow
 # The tiny random Llama, its tokenizer and a pair stage, built once per module (fixtures of the train tests).
@@ -24,9 +23,7 @@ def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def _job(tiny, out: Path, **train) -> TrainJob:
-    base = dict(pair_types=["r2w", "w2r"], max_steps=2, save_steps=2, per_device_train_batch_size=2,
-                learning_rate=1e-3, max_length=MAX_LENGTH, eval_fraction=0.0)  # fmt: skip
-    cfg = TrainConfig(**{**base, **train})
+    cfg = tiny_train_config(**{"max_steps": 2, "save_steps": 2, **train})
     return TrainJob(train=cfg, pairs_dirs=[str(tiny["pairs"])], model=str(tiny["model"]), output_dir=str(out))
 
 

@@ -10,27 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from ckptdpo.configs import TrainConfig
 from ckptdpo.train import FAULT_EXIT_CODE, TrainJob, build_launch_command, latest_checkpoint, write_job
 from tests.flows import test_train
-from tests.flows.test_train import MAX_LENGTH, ROOT
+from tests.flows.test_train import ROOT
 
 pytestmark = pytest.mark.slow
 # The tiny random Llama, its tokenizer and a pair stage, built once per module (fixtures of the train tests).
 tiny_tokenizer = test_train.tiny_tokenizer
 tiny = test_train.tiny
 
-CFG = TrainConfig(
-    pair_types=["r2w", "w2r"],
-    # 12 training pairs, 2 per step: an epoch is 6 steps, so the last step (5) is not at an epoch's end.
-    max_steps=5,
-    save_steps=2,
-    save_total_limit=1,
-    per_device_train_batch_size=2,
-    learning_rate=1e-3,
-    max_length=MAX_LENGTH,
-    eval_fraction=0.0,
-)
+# 12 training pairs, 2 per step: an epoch is 6 steps, so the last step (5) is not at an epoch's end.
+CFG = test_train.tiny_train_config(max_steps=5, save_steps=2, save_total_limit=1)
 
 
 def _train(tiny, out: Path, **faults) -> subprocess.CompletedProcess:
