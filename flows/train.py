@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 
 from ckptdpo.errors import UserError
 from ckptdpo.models import resolve_model
-from ckptdpo.shards import stage_fingerprint
+from ckptdpo.shards import read_manifest, stage_fingerprint
 from tasks.common import load_recipe, stage_dir
 from tasks.environment import ckptdpo_home, hub_offline
 from tasks.rundir import holds_run_dir
@@ -41,5 +41,10 @@ def train_flow(recipe_path: str, run_dir: str, overrides: dict[str, Any] | None 
             update={"accelerate_config": resolve_accelerate_config(train.accelerate_config, recipe_path)}
         )
     pairs_dirs = [str(stage_dir(run_dir, s)) for s in PAIR_STAGES]
+    if not any((read_manifest(d) or {}).get("num_rows") for d in pairs_dirs):
+        raise UserError(
+            f"{run_dir}/pairs: this run made no preference pairs, so there is nothing to train on; generate more "
+            "problems or samples, or raise generate.max_tokens / resample.max_tokens so answers get finished."
+        )
     fingerprints = {s: stage_fingerprint(d) for s, d in zip(PAIR_STAGES, pairs_dirs, strict=True)}
     return train_model(run_dir, train, model, pairs_dirs, fingerprints)

@@ -72,7 +72,8 @@ def plan_dto(run_dir: str, recipe: Recipe) -> StagePlan:
         run_dir,
         "dto",
         fingerprints(run_dir, "problems", "generate", "verify", "checkpoints"),
-        cfg.model_dump(mode="json", exclude=None if cfg.prune else {"judge"}),
+        # The judge's endpoint (a port, say) is where it runs, not what it is: the judge enters as backend_key below.
+        cfg.model_dump(mode="json", exclude={"judge": {"backend"}} if cfg.prune else {"judge"}),
         recipe.checkpoints.markers,
         verify_key(recipe.verify) if cfg.probe == "sample" else None,
         backend_key(backend),

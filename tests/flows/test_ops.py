@@ -383,7 +383,7 @@ def test_server_deploys_everything_and_runs_the_pipeline_deployment_from_the_cli
     assert run["deployment_id"] == deployments["pipeline"]["id"] and run["work_pool_name"] == "gpu"
     pairs = read_stage(run_dir / "pairs").to_pylist()
     assert len(pairs) == 6 and {p["problem_id"] for p in pairs} == {"q0", "q1", "q2"}
-    server.pipeline_run_id = run_id
+    server.pipeline_run_id, server.pipeline_run_dir = run_id, str(run_dir)
 
 
 @pytest.mark.slow
@@ -393,10 +393,12 @@ def test_ui_shows_deployments_schedule_and_the_finished_run_with_artifacts(serve
     run_id = getattr(server, "pipeline_run_id", None)
     if run_id is None:
         pytest.skip("needs the pipeline run of the previous test")
-    # The pipeline's stage subflows carry the artifacts: find the resample subflow of this run through the API.
-    artifact = server.api(
-        "POST", "/artifacts/filter", json={"artifacts": {"key": {"any_": ["resample-pairs-summary"]}}}
-    )
+    from tasks.planning import artifact_key
+
+    # The pipeline's stage subflows carry the artifacts, keyed per run directory: find this run's resample subflow.
+    pairs_key = artifact_key(server.pipeline_run_dir, "resample/pairs-summary")
+    resample_key = artifact_key(server.pipeline_run_dir, "resample-summary")
+    artifact = server.api("POST", "/artifacts/filter", json={"artifacts": {"key": {"any_": [pairs_key]}}})
     resample_run = server.api("GET", f"/flow_runs/{artifact[0]['flow_run_id']}")
     parent_task = server.api("GET", f"/task_runs/{resample_run['parent_task_run_id']}")
     assert parent_task["flow_run_id"] == run_id
@@ -419,7 +421,7 @@ def test_ui_shows_deployments_schedule_and_the_finished_run_with_artifacts(serve
                 page.get_by_text(wait_for).first.wait_for()
                 if name == "resample":
                     page.get_by_text("Artifacts", exact=True).first.click()
-                    page.get_by_text("resample-pairs-summary").first.wait_for()
+                    page.get_by_text(pairs_key).first.wait_for()
                 page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
                 pages[name] = page.inner_text("body")
         finally:
@@ -438,7 +440,7 @@ def test_ui_shows_deployments_schedule_and_the_finished_run_with_artifacts(serve
         assert name in pages["deployments"]
     assert "At 03:00 AM every day" in pages["deployments"]
     assert "Completed" in pages["run"] and "pipeline" in pages["run"] and "Subflow Runs" in pages["run"]
-    assert "resample-pairs-summary" in pages["resample"] and "resample-summary" in pages["resample"]
+    assert pairs_key in pages["resample"] and resample_key in pages["resample"]
     assert all((tmp_path / f"{n}.png").stat().st_size > 10_000 for n in pages)
 
 

@@ -69,10 +69,11 @@ def test_greedy_text_and_counts_match_the_hf_backend(backend: OpenAIBackend, hf_
 def test_the_dto_judge_chats_through_the_server(backend: OpenAIBackend) -> None:
     from ckptdpo.judge import judge_segments
 
-    segments = ["2 + 3 = 5.", "Wait, the weather is nice today."]
+    segments = ["We add 2 and 3.", "2 + 3 = 5.", "Wait, the weather is nice today."]
     cfg = JudgeConfig(max_tokens=3, reply_format="yes_no")  # the demo's judge settings
     keeps, stats = judge_segments(backend, "What is 2+3?", segments, cfg)
-    assert len(keeps) == 2 and all(isinstance(k, bool) for k in keeps)
+    assert len(keeps) == 3 and keeps[0] and all(isinstance(k, bool) for k in keeps)
+    # The first segment is never judged (it sets the problem up); the other two are, and every reply parses.
     assert stats["segments_judged"] == 2 and stats["judge_parse_failures"] == 0, stats
     (reply,) = backend.chat([[{"role": "user", "content": "Say hi."}]], max_tokens=6)
     assert reply.strip()
