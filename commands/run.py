@@ -106,10 +106,11 @@ def _run_locked(recipe: Recipe, recipe_path: Path, run_dir: Path, overrides: dic
     from flows.pipeline import pipeline_flow
 
     with run_dir_lock(run_dir), stop_on_signals():
-        return _run_pipeline(recipe, recipe_path, run_dir, overrides, wanted, pipeline_flow)
+        return _run_with_progress(recipe, recipe_path, run_dir, overrides, wanted, pipeline_flow)
 
 
-def _run_pipeline(recipe, recipe_path, run_dir, overrides, wanted, pipeline_flow) -> dict:
+def _run_with_progress(recipe, recipe_path, run_dir, overrides, wanted, pipeline_flow) -> dict:
+    """The pipeline flow with rich progress bars per stage, then the summary table."""
     (run_dir / RECIPE_COPY).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     t0 = time.time()
     with Progress(

@@ -157,8 +157,8 @@ def resample_shard(
 
 def _prompt_token_counts(results: list) -> dict[str, int]:
     """Prompt tokens the continuations asked for and the ones the backend actually computed (prefix reuse)."""
-    requested = sum(getattr(r, "prompt_tokens_requested", 0) or 0 for r in results)
-    computed = sum(getattr(r, "prompt_tokens_computed", 0) or 0 for r in results)
+    requested = sum(r.prompt_tokens_requested for r in results)
+    computed = sum(r.prompt_tokens_computed for r in results)
     return {"prompt_tokens_requested": requested, "prompt_tokens_computed": computed} if requested else {}
 
 
