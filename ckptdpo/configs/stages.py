@@ -11,7 +11,6 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from ckptdpo.configs.backend import BackendConfig
 from ckptdpo.configs.base import _Config
 
-STAGES = ("generate", "verify", "checkpoints", "resample", "dto", "train", "eval")
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -396,3 +395,22 @@ class TaskRunnerConfig(_Config):
         default_factory=lambda: [5.0, 30.0], description="delay before each retry of a shard task (last one repeats)"
     )
     task_timeout_s: float | None = Field(None, gt=0, description="wall-clock limit of one shard task; none: no limit")
+
+
+class StageSections(_Config):
+    """One recipe section per pipeline stage, in pipeline order.
+
+    The stage names a recipe's `stages` may list, and the order the pipeline runs them in, are these fields: adding a
+    stage is adding its config class above and its field here (the stage registry in tasks/ finds its spec by name).
+    """
+
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    resample: ResampleConfig = Field(default_factory=ResampleConfig)
+    dto: DTOConfig = Field(default_factory=DTOConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+STAGES = tuple(StageSections.model_fields)
