@@ -209,7 +209,9 @@ def finalize_stage(
     for output in plan.outputs:
         write_manifest(Path(plan.run_dir) / output, config_hash=plan.key, inputs=plan.inputs)
     write_manifest(plan.directory, config_hash=plan.key, stats=stats, inputs=plan.inputs, failed=failed)
+    # A step's table artifact (a resampling round, say) shows in the UI next to its stage's.
     if section is None:
+        publish_table(plan.run_dir, plan.stage, stats)
         return stats
     shown = (published or dict)(stats)
     update_stats(plan.run_dir, section, shown)
