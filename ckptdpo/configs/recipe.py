@@ -19,7 +19,7 @@ class Recipe(_Config):
     """A whole pipeline: problem source, policy backend and one config per stage."""
 
     name: str = "recipe"
-    stages: list[Literal["generate", "verify", "checkpoints", "resample", "dto", "train", "eval"]] = Field(
+    stages: list[Literal["generate", "verify", "checkpoints", "resample", "dto", "train", "grpo", "eval"]] = Field(
         default_factory=lambda: ["generate", "verify", "checkpoints", "resample"]
     )
     problems: st.ProblemsConfig = Field(default_factory=st.ProblemsConfig)
@@ -30,6 +30,7 @@ class Recipe(_Config):
     resample: st.ResampleConfig = Field(default_factory=st.ResampleConfig)
     dto: st.DTOConfig = Field(default_factory=st.DTOConfig)
     train: st.TrainConfig = Field(default_factory=st.TrainConfig)
+    grpo: st.GRPOConfig = Field(default_factory=st.GRPOConfig)
     eval: st.EvalConfig = Field(default_factory=st.EvalConfig)
     refresh: st.RefreshConfig = Field(default_factory=st.RefreshConfig)
     task_runner: st.TaskRunnerConfig = Field(default_factory=st.TaskRunnerConfig)

@@ -11,7 +11,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from ckptdpo.configs.backend import BackendConfig
 from ckptdpo.configs.base import _Config
 
-STAGES = ("generate", "verify", "checkpoints", "resample", "dto", "train", "eval")
+STAGES = ("generate", "verify", "checkpoints", "resample", "dto", "train", "grpo", "eval")
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -281,8 +281,9 @@ class EvalConfig(_Config):
         default_factory=dict, description="name -> problem source; empty: held-out demo problems (demo recipes)"
     )
     models: list[str] = Field(
-        default_factory=lambda: ["base", "trained"],
-        description="'base', 'trained', a path or 'name=path'; the first is the reference for eta and AES",
+        default_factory=lambda: ["base", "trained", "grpo"],
+        description="'base', 'trained' (the DPO model), 'grpo' (the cost-matched GRPO baseline), a path or "
+        "'name=path'; the first is the reference for eta and AES",
     )
     backends: dict[str, BackendConfig] = Field(
         default_factory=dict, description="model name -> its whole backend config, when not the recipe's backend"
@@ -347,7 +348,7 @@ def eval_model_name(entry: str) -> str:
     """The name of an `eval.models` entry: 'base', 'trained', the part before '=', or the path's last component."""
     if "=" in entry:
         return entry.split("=", 1)[0].strip()
-    if entry in ("base", "trained"):
+    if entry in ("base", "trained", "grpo"):
         return entry
     return Path(entry.rstrip("/")).name or entry
 
@@ -396,3 +397,110 @@ class TaskRunnerConfig(_Config):
         default_factory=lambda: [5.0, 30.0], description="delay before each retry of a shard task (last one repeats)"
     )
     task_timeout_s: float | None = Field(None, gt=0, description="wall-clock limit of one shard task; none: no limit")
+
+
+# --- the cost-matched GRPO baseline ---------------------------------------------------------------------------------
+
+
+class GRPOConfig(_Config):
+    """GRPO (TRL GRPOTrainer) from the same base model on the run's own problems, rewarded by the run's verifier and
+    stopped when it has generated as many completion tokens as the factory did to make its pairs.
+
+    The algorithm's defaults are open-r1's GRPO recipe for DeepSeek-R1-Distill-Qwen-1.5B
+    (huggingface/open-r1, recipes/DeepSeek-R1-Distill-Qwen-1.5B/grpo/config_demo.yaml): learning rate 1e-6, a cosine
+    schedule down to 10% after 10% warm-up, 1,024-token completions, 16 prompts x 16 accumulation steps per device,
+    seed 42; TRL 1.16's defaults for what the recipe leaves (loss dapo, beta 0, epsilon 0.2, temperature 1). The
+    recipe samples 7 completions per prompt because it trains on 7 GPUs (16 x 16 x 7 is divisible by 7); 8 here keeps
+    the generation batch divisible on any number of processes. bf16 and gradient checkpointing are the GPU recipe's
+    choice (off by default, like `train`).
+    """
+
+    generation_budget: Literal["match"] | int | None = Field(
+        "match",
+        description="stop when GRPO has generated this many completion tokens; 'match': what the factory generated "
+        "(generate + resample + values + DTO probes, from stats.json); none: steps or epochs decide",
+    )
+    num_generations: int = Field(8, ge=2, description="completions per prompt (the group); TRL's num_generations")
+    max_completion_length: int = Field(1024, ge=1, description="max new tokens per completion; a cut one gets 0")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the completions")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of the completions")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = Field(
+        "dapo", description="TRL's loss_type (how token losses are aggregated)"
+    )
+    beta: float = Field(0.0, ge=0, description="KL coefficient; 0 loads no reference model (DeepSeek-R1: 0.001)")
+    epsilon: float = Field(0.2, gt=0, description="clipping range of the policy ratio")
+    epsilon_high: float | None = Field(None, gt=0, description="upper clip bound (DAPO's clip-higher); none: epsilon")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="advantages divided by the group's std (group), the batch's (batch) or not (none)"
+    )
+    mask_truncated_completions: bool = Field(
+        False, description="leave completions cut at max_completion_length out of the loss (DAPO)"
+    )
+    num_iterations: int = Field(1, ge=1, description="optimization passes over each generation batch (mu)")
+    learning_rate: float = Field(1e-6, gt=0)
+    lr_scheduler_type: Literal["cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine_with_min_lr",
+        description="learning-rate schedule; with a generation budget it runs over the budget's tokens, not steps",
+    )
+    min_lr_rate: float = Field(0.1, ge=0, le=1, description="cosine_with_min_lr: final rate / peak rate")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of the schedule (budget or steps) in warm-up")
+    max_steps: int = Field(-1, description="-1: the budget decides (else num_train_epochs); > 0: at most this many")
+    num_train_epochs: float = Field(1.0, gt=0, description="passes over the problems when there is no budget")
+    per_device_train_batch_size: int = Field(16, ge=1, description="completions per device and micro-batch")
+    gradient_accumulation_steps: int = Field(16, ge=1)
+    seed: int = Field(42)
+    lora: bool = Field(False, description="train a LoRA adapter (merged into the saved model) instead of all weights")
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: list[str] | Literal["all-linear"] = Field("all-linear")
+    gradient_checkpointing: bool = Field(False)
+    bf16: bool = Field(False)
+    use_vllm: bool = Field(False, description="generate with vLLM (GPU); off: transformers' generate in the trainer")
+    vllm_mode: Literal["server", "colocate"] = Field(
+        "server", description="server: a `trl vllm-serve` process on its own GPUs; colocate: vLLM in the trainer"
+    )
+    vllm_server_base_url: str | None = Field(None, description="server mode: its URL; none: host and port")
+    vllm_server_host: str = Field("0.0.0.0", description="server mode: host of `trl vllm-serve`")
+    vllm_server_port: int = Field(8000, ge=1, le=65535, description="server mode: port of `trl vllm-serve`")
+    vllm_server_timeout: float = Field(240.0, gt=0, description="server mode: seconds to wait for the server")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="colocate mode: vLLM's share of the GPU")
+    accelerate_config: str | None = Field(None, description="accelerate config file (GPUs); none: python/torchrun")
+    num_processes: int = Field(1, ge=1, description="training processes per machine")
+    num_machines: int = Field(1, ge=1, description="machines taking part; each runs the job with its rank")
+    machine_rank: int = Field(0, ge=0, description="this machine's rank, 0 .. num_machines-1")
+    main_process_ip: str | None = Field(None, description="address of machine 0, reachable from every machine")
+    main_process_port: int = Field(29500, ge=1, le=65535, description="rendezvous port on machine 0")
+    zero_stage: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage when not launched by accelerate")
+    save_steps: int = Field(50, ge=1, description="a checkpoint every this many steps (a retry resumes from it)")
+    save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept in the output directory")
+    logging_steps: int = Field(1, ge=1)
+
+    @field_validator("generation_budget", mode="before")
+    @classmethod
+    def _budget(cls, v: Any) -> Any:
+        if v is None or v == "match" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("must be 'match', a number of tokens >= 1, or null (no budget)")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        return _vllm_temperature(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GRPOConfig:
+        batch = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        batch *= self.num_processes * self.num_machines
+        if batch % self.num_generations:
+            raise ValueError(
+                f"the generation batch (grpo.per_device_train_batch_size x gradient_accumulation_steps x processes = "
+                f"{batch}) must be a multiple of grpo.num_generations ({self.num_generations}): it holds whole groups"
+            )
+        if self.accelerate_config and self.zero_stage:
+            raise ValueError("grpo.zero_stage must be 0 when grpo.accelerate_config is set (it carries DeepSpeed)")
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"grpo.machine_rank {self.machine_rank} must be below grpo.num_machines")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("grpo.num_machines > 1 needs grpo.main_process_ip (the address of machine 0)")
+        return self

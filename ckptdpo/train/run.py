@@ -117,11 +117,12 @@ def train(trainer: Any, resume: Path | None) -> float:
 
 def save(trainer: Any, job: TrainJob, args: Any) -> Path:
     """Save the trained weights (the LoRA adapter, merged later in one process) and the tokenizer."""
-    out = Path(job.output_dir)
-    if job.train.lora:
-        target = out / ADAPTER_DIR
-    else:
-        target = out / MODEL_DIR
+    return save_weights(trainer, Path(job.output_dir), lora=job.train.lora, args=args)
+
+
+def save_weights(trainer: Any, out: Path, *, lora: bool, args: Any) -> Path:
+    """`out/model` (or `out/adapter` for LoRA) from the trainer; every rank calls it, rank 0 writes."""
+    target = out / (ADAPTER_DIR if lora else MODEL_DIR)
     # Collective under ZeRO-3 (gathers the 16-bit weights), so every rank calls it; rank 0 writes.
     trainer.save_model(str(target))
     if args.should_save and not any(target.glob("*.safetensors")):
