@@ -164,22 +164,9 @@ def _seed(*parts: Any) -> int:
     return zlib.crc32(content_id(*parts).encode()) & 0x7FFFFFFF
 
 
-def estimate_probabilities(
-    backend: Any,
-    prompts: Sequence[str],
-    golds: Sequence[str],
-    keys: Sequence[tuple[str, Any]],
-    cfg: DTOConfig,
-    verify_fn: VerifyFn,
-) -> tuple[list[float], list[bool]]:
-    """P(gold) after each probe prompt, with ONE backend call (score or generate) for all; returns (p, failed).
-
-    A probe whose request failed (an error result, a NaN score) gets probability 0 and `failed` True.
-
-    `keys` are (sample_id, position) per probe: they seed the sampled probes (reruns draw the same samples) and
-    route them by sample_id (a multi-endpoint backend sends a trajectory's probes where its prefix is cached).
-    """
-    probs, failed, _ = probe_estimates(backend, prompts, golds, keys, cfg, verify_fn)
+def estimate_probabilities(*args: Any, **kwargs: Any) -> tuple[list[float], list[bool]]:
+    """(p, failed) of `probe_estimates` (same arguments), without the generated token counts."""
+    probs, failed, _ = probe_estimates(*args, **kwargs)
     return probs, failed
 
 
@@ -191,8 +178,16 @@ def probe_estimates(
     cfg: DTOConfig,
     verify_fn: VerifyFn,
 ) -> tuple[list[float], list[bool], list[int]]:
-    """`estimate_probabilities` plus, per probe, the completion tokens its sampled continuations generated (what the
-    factory spent on probing, for the GRPO baseline's budget); a likelihood probe scores and generates none."""
+    """P(gold) after each probe prompt, with ONE backend call (score or generate) for all; returns (p, failed,
+    generated tokens).
+
+    A probe whose request failed (an error result, a NaN score) gets probability 0 and `failed` True. The generated
+    tokens are, per probe, what its sampled continuations generated (what the factory spent on probing, which the
+    GRPO baseline's budget matches); a likelihood probe scores and generates none.
+
+    `keys` are (sample_id, position) per probe: they seed the sampled probes (reruns draw the same samples) and
+    route them by sample_id (a multi-endpoint backend sends a trajectory's probes where its prefix is cached).
+    """
     if not prompts:
         return [], [], []
     if cfg.probe == "likelihood":

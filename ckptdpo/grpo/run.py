@@ -19,24 +19,26 @@ from ckptdpo.grpo.data import prompt_rows, read_problems
 from ckptdpo.grpo.job import GRPOJob, load_grpo_job
 from ckptdpo.grpo.reward import VerifierReward
 from ckptdpo.grpo.trainer import GRPOProgress, build_progress_callback, grpo_trainer_class
-from ckptdpo.train.arguments import build_peft_config, training_dtype
+from ckptdpo.train.arguments import build_peft_config, shared_training_kwargs, training_dtype
 from ckptdpo.train.job import MODEL_DIR, SUMMARY
-from ckptdpo.train.launch import build_launch_command, build_merge_command, deepspeed_config
+from ckptdpo.train.launch import build_launch_command, build_merge_command
 from ckptdpo.train.progress import checkpoint_step, read_trainer_state
 from ckptdpo.train.run import (
     _skip_deepspeed_shm_comm,
     _start_deepspeed_comm,
     _zero_stage,
     load_tokenizer,
-    merge_adapter,
     prepare_resume,
+    run_entry,
     save_weights,
     train,
 )
+from ckptdpo.train.run import make_parser as make_job_parser
 from ckptdpo.train.trainer import fail_after_save
 
 log = logging.getLogger(__name__)
 MODULE = "ckptdpo.grpo"
+MODULE_PROG = f"python -m {MODULE}"
 
 
 def build_grpo_launch_command(job_path: str | Path, cfg: GRPOConfig, *, python: str = sys.executable) -> list[str]:
@@ -55,58 +57,23 @@ def generation_cycle(cfg: GRPOConfig) -> int:
     return cfg.num_iterations
 
 
+# GRPOConfig fields that TRL's GRPOConfig has under the same name and meaning, passed through as they are.
+PASSED_THROUGH = (
+    "num_generations", "max_completion_length", "temperature", "top_p", "loss_type", "beta", "epsilon",
+    "epsilon_high", "scale_rewards", "mask_truncated_completions", "num_iterations", "use_vllm", "vllm_mode",
+    "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
+    "vllm_gpu_memory_utilization",
+)  # fmt: skip
+
+
 def build_grpo_kwargs(job: GRPOJob, *, use_cpu: bool, world_size: int) -> dict[str, Any]:
     """Keyword arguments of TRL's GRPOConfig for this run (pure, so what the trainer gets can be checked)."""
     cfg, budget = job.grpo, job.generation_budget
-    deepspeed = bool(cfg.zero_stage)
-    completions = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
-    max_steps = cfg.max_steps
-    if budget is not None and max_steps <= 0:
-        max_steps = step_bound(budget, completions, generation_cycle(cfg))
-    kwargs = dict(
-        output_dir=job.output_dir,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=max_steps,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        seed=cfg.seed,
-        bf16=cfg.bf16,
-        fp16=False,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=use_cpu,
-        ddp_backend="gloo" if use_cpu and deepspeed else None,
-        deepspeed=deepspeed_config(cfg.zero_stage) if deepspeed else None,
-        model_init_kwargs={"dtype": training_dtype(cfg, deepspeed=deepspeed), "device_map": None},
-        # GRPO
-        num_generations=cfg.num_generations,
-        max_completion_length=cfg.max_completion_length,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        loss_type=cfg.loss_type,
-        beta=cfg.beta,
-        epsilon=cfg.epsilon,
-        epsilon_high=cfg.epsilon_high,
-        scale_rewards=cfg.scale_rewards,
-        mask_truncated_completions=cfg.mask_truncated_completions,
-        num_iterations=cfg.num_iterations,
-        log_completions=False,
-        # generation
-        use_vllm=cfg.use_vllm,
-        vllm_mode=cfg.vllm_mode,
-        vllm_server_base_url=cfg.vllm_server_base_url,
-        vllm_server_host=cfg.vllm_server_host,
-        vllm_server_port=cfg.vllm_server_port,
-        vllm_server_timeout=cfg.vllm_server_timeout,
-        vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-    )
+    kwargs = shared_training_kwargs(cfg, job.output_dir, use_cpu=use_cpu)
+    kwargs.update(cfg.model_dump(include=set(PASSED_THROUGH)), log_completions=False)
+    if budget is not None and cfg.max_steps <= 0:
+        completions = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
+        kwargs["max_steps"] = step_bound(budget, completions, generation_cycle(cfg))
     if budget is None:  # a schedule over steps; with a budget the trainer runs it over the budget's tokens
         kwargs.update(lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_ratio)
         if cfg.lr_scheduler_type == "cosine_with_min_lr":
@@ -284,23 +251,8 @@ def run_grpo_job(job: GRPOJob, *, started: float) -> dict[str, Any] | None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ckptdpo.grpo", description="GRPO baseline on a run's problems (TRL).")
-    p.add_argument("--config", required=True, help="GRPO job YAML (a GRPOJob)")
-    p.add_argument("--merge", action="store_true", help="after a LoRA run: merge the adapter into model/ (1 process)")
-    return p
+    return make_job_parser(MODULE_PROG, "GRPO baseline on a run's problems (TRL).", "GRPO job YAML (a GRPOJob)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    started = time.monotonic()
-    args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[pid %(process)d] %(levelname)s %(name)s: %(message)s")
-    try:
-        job = load_grpo_job(args.config)
-        if args.merge:
-            merge_adapter(job)
-        else:
-            run_grpo_job(job, started=started)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_entry(argv, make_parser(), load_grpo_job, run_grpo_job)

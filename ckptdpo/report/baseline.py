@@ -12,7 +12,18 @@ from typing import Any
 
 from ckptdpo.grpo.budget import factory_token_sources
 from ckptdpo.report.data import eval_section, load_grpo_summary, load_train_summary, pair_intervals
-from ckptdpo.report.draw import MODEL_COLORS, NOT_RUN, caption, figure, format_number, img, note, padded, signed
+from ckptdpo.report.draw import (
+    MODEL_COLORS,
+    NOT_RUN,
+    caption,
+    figure,
+    format_number,
+    img,
+    interval_text,
+    note,
+    padded,
+    signed,
+)
 from ckptdpo.report.evaluation import _table
 from ckptdpo.shards import read_stats
 
@@ -111,19 +122,12 @@ def cost_matched_rows(section: Section, costs: Mapping[str, Mapping[str, Any]]) 
 
 
 def _iv(iv: Mapping[str, Any] | None, digits: int = 3) -> str:
-    if not iv or iv.get("low") is None:
-        return "-"
-    if iv.get("null", 0) == 0:
-        text = f"{signed(iv['estimate'], digits)} [{signed(iv['low'], digits)}, {signed(iv['high'], digits)}]"
-    else:
-        text = f"{format_number(iv['estimate'], digits)} [{format_number(iv['low'], digits)}, "
-        text += f"{format_number(iv['high'], digits)}]"
-    return text + (" *" if iv.get("significant") else "")
+    return interval_text(dict(iv), digits) if iv else "-"
 
 
 def comparison_rows(section: Section, pairs: PairIntervals) -> tuple[list[str], list[list[str]]]:
     """One row per (benchmark, comparison): the paired differences b - a with their 95% intervals (`*`:
-    significant) for pass@1, pass@k and mean tokens, the efficiency ratio eta of b against a, and the verdict."""
+    verdict) for pass@1, pass@k and mean tokens, the efficiency ratio eta of b against a, and the verdict."""
     header = ["benchmark", "comparison", "problems", "Δ pass@1", "Δ pass@k", "Δ mean tokens", "eta (b vs a)",
               "verdict on pass@1"]  # fmt: skip
     rows = []
@@ -234,7 +238,7 @@ def section_cost_matched(run_dir: Path, stats: Mapping[str, Any] | None = None) 
 
 TABLE_NOTE = (
     "Δ: b minus a over the problems both models were evaluated on, [low, high] its 95% paired bootstrap interval "
-    "(2,000 resamples; * excludes no change); eta (b vs a) = (pass@1_b/pass@1_a) x (tokens_a/tokens_b), no change "
+    "(2,000 resamples); eta (b vs a) = (pass@1_b/pass@1_a) x (tokens_a/tokens_b), no change "
     "= 1. eta and AES in the first table are against the eval reference. Generated tokens: what was generated to "
     "train the model (DPO: the factory's generation, resampling, values and DTO probes; GRPO: its own completions)."
 )

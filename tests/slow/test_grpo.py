@@ -17,7 +17,7 @@ import pytest
 
 from ckptdpo.backends.base import problem_messages
 from ckptdpo.configs import GRPOConfig, VerifyConfig
-from ckptdpo.grpo import GRPOJob, build_grpo_launch_command
+from ckptdpo.grpo import GRPOJob, build_grpo_launch_command, build_grpo_merge_command
 from ckptdpo.schemas import PROBLEMS, make_table
 from ckptdpo.shards import write_manifest, write_shard
 from ckptdpo.train import FAULT_EXIT_CODE, latest_checkpoint, write_job
@@ -89,14 +89,14 @@ def tiny_chat(tiny_tokenizer, tmp_path_factory) -> dict[str, Path]:
     return {"model": model_dir, "run_dir": run_dir}
 
 
-def _grpo(tiny_chat, out: Path, **faults) -> subprocess.CompletedProcess:
+def _grpo(tiny_chat, out: Path, cfg: GRPOConfig = CFG, merge: bool = False, **faults) -> subprocess.CompletedProcess:
     job = GRPOJob(
-        grpo=CFG, problems_dir=str(tiny_chat["run_dir"] / "problems"), model=str(tiny_chat["model"]),
+        grpo=cfg, problems_dir=str(tiny_chat["run_dir"] / "problems"), model=str(tiny_chat["model"]),
         output_dir=str(out), generation_budget=BUDGET,
         verify=VerifyConfig(timeout_s=20.0, workers=1, answer_format="boxed"), **faults,
     )  # fmt: skip
     path = write_job(job, out.parent / f"job-{out.name}.yaml")
-    cmd = build_grpo_launch_command(path, CFG)
+    cmd = build_grpo_merge_command(path) if merge else build_grpo_launch_command(path, cfg)
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
@@ -140,3 +140,18 @@ def test_grpo_killed_after_its_first_checkpoint_resumes_from_it(tiny_chat, tmp_p
     (before,) = step_one
     assert {k: s["steps"][0][k] for k in before} == before
     _assert_within_budget(s)
+
+
+def test_grpo_with_lora_merges_its_adapter_into_the_model(tiny_chat, tmp_path):
+    out = tmp_path / "grpo"
+    cfg = CFG.model_copy(update={"lora": True, "lora_r": 4, "lora_alpha": 8})
+    done = _grpo(tiny_chat, out, cfg)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert any((out / "adapter").glob("*.safetensors")) and _summary(out)["merged"] is False
+    merged = _grpo(tiny_chat, out, cfg, merge=True)
+    assert merged.returncode == 0, merged.stderr[-4000:]
+    s = _summary(out)
+    assert s["merged"] is True and s["lora"] is True
+    _assert_within_budget(s)
+    before, after = _weights(tiny_chat["model"]), _weights(out / "model")
+    assert set(before) == set(after) and any(not (before[k] == after[k]).all() for k in before)
