@@ -155,3 +155,15 @@ def test_grpo_with_lora_merges_its_adapter_into_the_model(tiny_chat, tmp_path):
     _assert_within_budget(s)
     before, after = _weights(tiny_chat["model"]), _weights(out / "model")
     assert set(before) == set(after) and any(not (before[k] == after[k]).all() for k in before)
+
+
+def test_grpo_on_two_cpu_ranks_counts_and_stops_together(tiny_chat, tmp_path):
+    """torchrun with 2 ranks over gloo: the counts are summed over ranks, and both ranks stop at the same step."""
+    out = tmp_path / "grpo"
+    cfg = CFG.model_copy(update={"num_processes": 2, "per_device_train_batch_size": 4})
+    done = _grpo(tiny_chat, out, cfg)
+    assert done.returncode == 0, done.stderr[-4000:]
+    s = _summary(out)
+    assert s["world_size"] == 2 and s["completions_per_step"] == 8
+    assert all(step["completions"] == 8 for step in s["steps"])
+    _assert_within_budget(s)
