@@ -19,7 +19,7 @@ class Recipe(_Config):
     """A whole pipeline: problem source, policy backend and one config per stage."""
 
     name: str = "recipe"
-    stages: list[Literal["generate", "verify", "checkpoints", "resample", "dto", "train", "eval"]] = Field(
+    stages: list[Literal["generate", "verify", "checkpoints", "values", "resample", "dto", "train", "eval"]] = Field(
         default_factory=lambda: ["generate", "verify", "checkpoints", "resample"]
     )
     problems: st.ProblemsConfig = Field(default_factory=st.ProblemsConfig)
@@ -28,6 +28,7 @@ class Recipe(_Config):
     verify: st.VerifyConfig = Field(default_factory=st.VerifyConfig)
     checkpoints: st.CheckpointConfig = Field(default_factory=st.CheckpointConfig)
     resample: st.ResampleConfig = Field(default_factory=st.ResampleConfig)
+    values: st.ValuesConfig = Field(default_factory=st.ValuesConfig)
     dto: st.DTOConfig = Field(default_factory=st.DTOConfig)
     train: st.TrainConfig = Field(default_factory=st.TrainConfig)
     eval: st.EvalConfig = Field(default_factory=st.EvalConfig)

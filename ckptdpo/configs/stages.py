@@ -11,7 +11,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from ckptdpo.configs.backend import BackendConfig
 from ckptdpo.configs.base import _Config
 
-STAGES = ("generate", "verify", "checkpoints", "resample", "dto", "train", "eval")
+STAGES = ("generate", "verify", "checkpoints", "values", "resample", "dto", "train", "eval")
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -141,7 +141,11 @@ class CheckpointConfig(_Config):
 class ResampleConfig(_Config):
     """Resampling from checkpoints into r2w / w2r pairs."""
 
-    policy: Literal["seed", "uniform", "all", "decile", "front"] = Field("seed", description="checkpoint schedule")
+    policy: Literal["seed", "uniform", "all", "decile", "front", "value"] = Field(
+        "seed",
+        description="checkpoint schedule; value: where the values stage's estimates say (the critical region, the "
+        "widest intervals), the seed schedule for a trajectory without values",
+    )
     r2w: bool = Field(True, description="build Right-to-Wrong pairs from correct trajectories")
     w2r: bool = Field(True, description="build Wrong-to-Right pairs from wrong trajectories")
     max_rounds: int = Field(3, ge=1, description="resampling rounds")
@@ -396,3 +400,48 @@ class TaskRunnerConfig(_Config):
         default_factory=lambda: [5.0, 30.0], description="delay before each retry of a shard task (last one repeats)"
     )
     task_timeout_s: float | None = Field(None, gt=0, description="wall-clock limit of one shard task; none: no limit")
+
+
+class ValuesConfig(_Config):
+    """Checkpoint values: the share of continuations from a checkpoint that verify, and the first checkpoint below
+    a threshold (the step holding the first error), found by bisection or by probing every checkpoint."""
+
+    rollouts: int = Field(8, ge=1, description="continuations per probed checkpoint (one request, vLLM's n)")
+    search: Literal["binary", "exhaustive"] = Field(
+        "binary",
+        description="binary: bisect for the first checkpoint below threshold (about log2(n) + 1 probes, values "
+        "taken as non-increasing); exhaustive: probe every checkpoint",
+    )
+    threshold: float = Field(0.5, gt=0, le=1, description="a checkpoint whose value is below this is bad")
+    trajectories: Literal["incorrect", "correct", "all"] = Field(
+        "all",
+        description="which trajectories to probe: incorrect (verdict incorrect or no_answer), correct, or both; "
+        "timeout and error verdicts never",
+    )
+    max_rollouts_per_trajectory: int | None = Field(
+        None, ge=1, description="stop a trajectory's search once its next probe would pass this; none: no cap"
+    )
+    max_tokens: int = Field(32768, ge=1, description="max new tokens per continuation; one cut there never verifies")
+    temperature: float = Field(0.6, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    seed: int = Field(3, description="base seed; each probe's seed derives from it, the sample and the checkpoint")
+    critical_pairs: bool = Field(True, description="build `critical` pairs at each wrong trajectory's first error")
+    max_pair_tokens: int | None = Field(None, ge=1, description="drop critical pairs whose prompt+longer side exceed")
+    max_length_ratio: float | None = Field(
+        None, gt=1, description="drop critical pairs with a chosen/rejected token ratio over this"
+    )
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float, info: ValidationInfo) -> float:
+        return _vllm_temperature(v, info.data.get("rollouts"), "rollouts")
+
+    @model_validator(mode="after")
+    def _cap_fits_a_probe(self) -> ValuesConfig:
+        cap = self.max_rollouts_per_trajectory
+        if cap is not None and cap < self.rollouts:
+            raise ValueError(
+                f"values.max_rollouts_per_trajectory {cap} is below values.rollouts {self.rollouts}, so no checkpoint "
+                "could be probed; raise it or lower rollouts"
+            )
+        return self
