@@ -85,8 +85,8 @@ def build_critical_pairs(
         cut = 0 if good == 0 else t["checkpoint_chars"][good - 1]
         plans.append((t, good, t["completion"][:cut], t["completion"][cut:], cands))
 
-    verdicts = verify_fn([(t["gold_answer"], rejected, t.get("finish_reason")) for t, _, _, rejected, _ in plans])
-    verdicts = list(verdicts) if plans else []
+    items = [(t["gold_answer"], rejected, t.get("finish_reason")) for t, _, _, rejected, _ in plans]
+    verdicts = list(verify_fn(items)) if items else []
     if len(verdicts) != len(plans):
         raise RuntimeError(f"verify_fn returned {len(verdicts)} verdicts for {len(plans)} items")
     kept = []

@@ -57,7 +57,8 @@ def summarize_values(
 def values_headline(stats: Mapping[str, Any]) -> str:
     """One line for the CLI: trajectories, rollouts against exhaustive, critical points found, pairs."""
     searches = "/".join(stats.get("search") or {}) or "-"
-    share = stats.get("rollouts_share_of_exhaustive")
+    # An exhaustive search is its own yardstick: the share says something only when something else ran.
+    share = None if searches == "exhaustive" else stats.get("rollouts_share_of_exhaustive")
     probed = stats.get("probed_share")
     return (
         f"{stats.get('trajectories', 0)} trajectories ({searches}), {stats.get('rollouts_used', 0):,} rollouts"

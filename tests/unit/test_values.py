@@ -16,7 +16,7 @@ from ckptdpo.backends.fake import FakeBackend, count_words
 from ckptdpo.checkpoints import locate_checkpoints, schedule_resample_points, schedule_value_points
 from ckptdpo.configs import ConfigError, Recipe, ResampleConfig, ValuesConfig
 from ckptdpo.metrics import wilson_interval
-from ckptdpo.resample import plan_slots
+from ckptdpo.resample import pair_drop_reason, plan_slots
 from ckptdpo.schemas import PAIRS, PRM_STEPS, VALUE_TRAJECTORIES, VALUES, make_table
 from ckptdpo.values import (
     compare_schedules,
@@ -58,8 +58,9 @@ def plant(sid: str, rates: list[float], *, status: str = "incorrect", backend_te
     n = len(rates)
     paragraphs = [_paragraph(sid, i) for i in range(n + 1)]
     answer = GOLD if status == "correct" else WRONG
-    completion = "\n\n".join(paragraphs) + f"\n\nWait, so the answer is \\boxed{{{answer}}}."
-    chars = [c.char for c in locate_checkpoints(completion)][:n]
+    completion = "\n\n".join(paragraphs) + f"\n\nSo the answer is \\boxed{{{answer}}}."
+    chars = [c.char for c in locate_checkpoints(completion)]
+    assert len(chars) == n  # what the checkpoints stage finds in it
     rules = []
     for i, rate in enumerate(rates):
         k = round(rate * rollouts)
@@ -323,6 +324,26 @@ def test_pairs_only_from_incorrect_verdicts_and_filters_from_the_config():
     assert run([wrong], critical_pairs=False).pairs == []
 
 
+def test_pair_filters_shared_with_resample():
+    assert pair_drop_reason(10, 5, 8, None, None) is None
+    assert pair_drop_reason(10, 5, 8, 17, None) == "over_max_pair_tokens"  # 10 + 8 > 17
+    assert pair_drop_reason(10, 5, 8, 18, None) is None
+    assert pair_drop_reason(0, 2, 9, None, 4.0) == "over_max_length_ratio"
+    assert pair_drop_reason(0, 0, 4, None, 4.0) is None  # the shorter side counts as at least 1 token
+
+
+def test_nothing_to_probe_makes_no_backend_or_verifier_call():
+    def refuse(*_):
+        raise AssertionError("called")
+
+    class Backend:
+        generate = count_tokens = staticmethod(refuse)
+
+    res = estimate_values([], ValuesConfig(), Backend(), refuse)
+    assert (res.values, res.trajectories, res.pairs, res.prm, res.failed) == ([], [], [], [], [])
+    assert res.stats["rounds"] == 0
+
+
 # --- step labels ---------------------------------------------------------------------------------------------------
 
 
@@ -435,7 +456,8 @@ def test_rows_fit_their_schemas_and_the_summary_counts_them():
     assert stats["critical_pairs"] == 2 and stats["search"] == {"binary": 3}
     json.dumps(stats)
     line = values_headline(stats)
-    assert "3 trajectories (binary)" in line and "2 critical points" in line and f"{probed / 92:.0%} of exhaustive" in line
+    assert "3 trajectories (binary)" in line and "2 critical points" in line
+    assert f"{probed / 92:.0%} of exhaustive" in line
     assert "\n" not in line
     assert values_headline({}).startswith("0 trajectories")
 
