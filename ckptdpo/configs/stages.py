@@ -11,7 +11,6 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from ckptdpo.configs.backend import BackendConfig
 from ckptdpo.configs.base import _Config
 
-STAGES = ("generate", "verify", "checkpoints", "values", "resample", "dto", "train", "eval")
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -445,3 +444,23 @@ class ValuesConfig(_Config):
                 "could be probed; raise it or lower rollouts"
             )
         return self
+
+
+class StageSections(_Config):
+    """One recipe section per pipeline stage, in pipeline order.
+
+    The stage names a recipe's `stages` may list, and the order the pipeline runs them in, are these fields: adding a
+    stage is adding its config class above and its field here (the stage registry in tasks/ finds its spec by name).
+    """
+
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    values: ValuesConfig = Field(default_factory=ValuesConfig)
+    resample: ResampleConfig = Field(default_factory=ResampleConfig)
+    dto: DTOConfig = Field(default_factory=DTOConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+STAGES = tuple(StageSections.model_fields)

@@ -47,6 +47,7 @@ from ckptdpo.schemas import (
 from ckptdpo.shards import atomic_write_bytes, update_stats, write_manifest, write_shard
 from commands.cli import main
 from commands.report import compare_table
+from tasks.registry import report_sections
 
 SECTIONS = [
     "overview",
@@ -301,7 +302,7 @@ def sections_of(page: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory) -> Path:
     run_dir = make_run(tmp_path_factory.mktemp("report") / "run")
-    build_report(run_dir)
+    build_report(run_dir, report_sections())
     return run_dir
 
 
@@ -470,7 +471,7 @@ def test_pair_quality_section(tmp_path: Path):
 def test_missing_stages_show_not_run_notes(tmp_path: Path):
     run_dir = tmp_path / "empty"
     run_dir.mkdir()
-    page = render_report(run_dir)
+    page = render_report(run_dir, report_sections())
     assert "<img" not in page and "could not be drawn" not in page
     assert page.count("not run") == len(PLOTTED) + 1  # every plot section, and the metrics table
 
@@ -480,7 +481,7 @@ def test_missing_stages_show_not_run_notes(tmp_path: Path):
     for stage in ("checkpoints", "pairs", "resample", "dto", "train", "eval", "stats.json"):
         target = part / stage
         shutil.rmtree(target) if target.is_dir() else target.unlink()
-    sections = sections_of(render_report(part))
+    sections = sections_of(render_report(part, report_sections()))
     assert "<img" in sections["lengths"] and "48 trajectories" in sections["lengths"]
     assert all("not run" in sections[a] for a in PLOTTED[1:])
 
