@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from ckptdpo.configs import STAGES
 from tasks.stage import Stage, columns_of
@@ -152,5 +153,26 @@ def deployment_entries() -> str:
     return "\n".join(out)
 
 
+BEGIN = "  # --- stage deployments: written by `python -m tasks.registry --write` from the stage registry ---\n"
+END = "  # --- end of stage deployments ---\n"
+
+
+def write_deployments(path: Path) -> bool:
+    """Rewrite the stage deployments between the markers of a deployments file; returns whether it changed."""
+    text = path.read_text()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    new = head + BEGIN + deployment_entries() + "\n" + END + tail
+    if new != text:
+        path.write_text(new)
+    return new != text
+
+
 if __name__ == "__main__":
-    print(deployment_entries())
+    import sys
+
+    if sys.argv[1:] == ["--write"]:
+        target = Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml"
+        print(f"{target}: {'rewritten' if write_deployments(target) else 'already up to date'}")
+    else:
+        print(deployment_entries())
