@@ -87,7 +87,7 @@ ATTEMPTS = pa.schema(
 PAIRS = pa.schema(
     [
         ("pair_id", pa.string()),
-        ("pair_type", pa.string()),  # r2w | w2r | dto
+        ("pair_type", pa.string()),  # r2w | w2r | critical | dto
         ("problem_id", pa.string()),
         ("prompt", pa.string()),
         ("chosen", pa.string()),

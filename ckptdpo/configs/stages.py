@@ -226,7 +226,7 @@ class TrainConfig(_Config):
 
     loss: Literal["dpo", "simpo"] = Field("dpo", description="dpo: TRL DPOTrainer; simpo: CPOTrainer simpo")
     loss_type: str = Field("sigmoid", description="DPOTrainer loss_type (sigmoid, ipo, hinge, ...); loss=dpo only")
-    pair_types: list[Literal["r2w", "w2r", "dto"]] = Field(default_factory=lambda: ["r2w", "w2r"])
+    pair_types: list[Literal["r2w", "w2r", "critical", "dto"]] = Field(default_factory=lambda: ["r2w", "w2r"])
     beta: float = Field(0.1, gt=0)
     gamma_beta_ratio: float = Field(0.5, ge=0, description="SimPO gamma/beta; TRL gets simpo_gamma=ratio*beta")
     learning_rate: float = Field(5e-7, gt=0)
