@@ -9,7 +9,7 @@ again by the next refresh.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,8 @@ from ckptdpo.configs import Recipe
 from ckptdpo.shards import atomic_write_bytes, content_id
 
 STATE = "state.json"
-# Settings of the recipe that decide which pairs come out (not how fast): a change starts a new lineage.
-LINEAGE_SECTIONS = ("generate", "verify", "checkpoints", "resample", "dto")
+# Settings of the recipe that decide which pairs come out (not how fast): a change starts a new lineage. The
+# sections are the stages the stage registry marks as deciding the pairs; these fields of them do not.
 _NOT_LINEAGE = {"generate": {"shard_size"}, "verify": {"workers"}, "resample": {"shard_size"}}
 # A verdict that says the sample was never really checked: its problem is tried again.
 UNVERIFIED = frozenset({"error"})
@@ -29,9 +29,12 @@ def version_name(now: datetime) -> str:
     return now.astimezone(timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
-def lineage_key(recipe: Recipe, model: str, backend: dict[str, Any], wanted: list[str]) -> str:
-    """The model fingerprint, the backend settings that change outputs and every pair-deciding recipe setting."""
-    parts = {s: getattr(recipe, s).model_dump(mode="json", exclude=_NOT_LINEAGE.get(s)) for s in LINEAGE_SECTIONS}
+def lineage_key(
+    recipe: Recipe, model: str, backend: dict[str, Any], wanted: list[str], sections: Sequence[str]
+) -> str:
+    """The model fingerprint, the backend settings that change outputs and every pair-deciding recipe setting
+    (`sections`: the recipe sections that decide which pairs come out)."""
+    parts = {s: getattr(recipe, s).model_dump(mode="json", exclude=_NOT_LINEAGE.get(s)) for s in sections}
     return content_id("lineage", model, backend, parts, sorted(wanted))
 
 

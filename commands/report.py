@@ -19,7 +19,9 @@ from ckptdpo.report import (
 
 
 def report_command(args: argparse.Namespace) -> int:
-    path = build_report(Path(args.run_dir))
+    from tasks.registry import report_sections
+
+    path = build_report(Path(args.run_dir), report_sections())
     print(path)
     return 0
 

@@ -17,39 +17,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ckptdpo.configs import STAGES, BackendConfig, Recipe, parse_override
+from ckptdpo.configs import STAGES, Recipe, parse_override
 from ckptdpo.errors import UserError
-from ckptdpo.models import check_model_dir, resolve_model
-from ckptdpo.problems import load_problems
 from ckptdpo.shards import MANIFEST, check_shards_present, read_manifest, read_stats
 from flows import progress
-from tasks.environment import hub_offline
+from tasks import registry
+from tasks.backends import check_backend
 from tasks.rundir import run_dir_lock
+from tasks.stage import RunContext
 from tasks.stopping import stop_on_signals
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO / "recipes" / "demo.yaml"
 RECIPE_COPY = "recipe.yaml"
-
-
-# What each stage reads, so `--stages` that skips a stage whose output is missing fails before anything is written.
-STAGE_INPUTS = {
-    "verify": ("generate",),
-    "checkpoints": ("generate", "verify"),
-    "resample": ("generate", "verify", "checkpoints"),
-    "dto": ("generate", "verify", "checkpoints"),
-}
-
-
-def check_backend(cfg: BackendConfig, where: str, home: Path) -> None:
-    """Load what the backend will need (model config and tokenizer, a fake script), not just check a path."""
-    if cfg.kind in ("hf", "vllm"):
-        path = resolve_model(cfg.model, home, offline=hub_offline())
-        check_model_dir(path, f"{where}.model")
-    elif cfg.kind == "fake":
-        from ckptdpo.backends.fake import FakeBackend
-
-        FakeBackend.from_config(cfg)  # parses the script: a malformed one is one sentence, now
 
 
 def check_run_dir_files(run_dir: Path) -> None:
@@ -62,56 +42,69 @@ def check_run_dir_files(run_dir: Path) -> None:
 
 def check_stage_inputs(run_dir: Path, wanted: list[str]) -> None:
     """Each stage's inputs are run too, or are finished in `run_dir` with their shards present (a cheap size check;
-    the stage that wrote them rewrites damaged ones when it runs)."""
-    for stage in wanted:
-        for needed in STAGE_INPUTS.get(stage, ()):
-            if needed in wanted:
+    the stage that wrote them rewrites damaged ones when it runs). The inputs are the registry's declarations."""
+    running = [s.name for s in registry.stages_to_run(wanted)]
+    for spec in registry.stages_to_run(wanted):
+        if spec.implicit:
+            continue  # it reads what the stages before it made, whichever of them ran
+        for directory in spec.reads:
+            producer = registry.producer_of(directory)
+            if producer in running or any(ch in directory for ch in "*?["):
                 continue
-            if read_manifest(run_dir / needed) is None:
+            if read_manifest(run_dir / directory) is None:
+                makers = _named_producers(producer)
                 raise UserError(
-                    f"--stages {','.join(wanted)}: stage {stage} reads {needed}, which {run_dir} does not have; "
-                    f"add it (--stages {needed},{','.join(wanted)}) or run the whole recipe."
+                    f"--stages {','.join(wanted)}: stage {spec.name} reads {directory}, which {run_dir} does not "
+                    f"have; add {' or '.join(makers)} (--stages {makers[0]},{','.join(wanted)}) or run the whole "
+                    "recipe."
                 )
-            check_shards_present(run_dir / needed, f"add {needed} to --stages to rewrite it")
+            check_shards_present(run_dir / directory, f"add {producer} to --stages to rewrite it")
 
 
-def preflight(recipe: Recipe, recipe_path: Path, run_dir: Path, home: Path, stages: list[str]) -> None:
+def _named_producers(producer: str | None) -> list[str]:
+    """The recipe stages that make a directory: its producer, or for an implicit one the stages it gathers from."""
+    spec = registry.registry().get(producer or "")
+    if spec is None or not spec.implicit:
+        return [producer or "?"]
+    return [registry.producer_of(d) or d for d in spec.reads]
+
+
+def preflight(ctx: RunContext, stages: list[str]) -> None:
     """Fail fast, with one sentence and before anything is written, on what would fail minutes into a run."""
+    run_dir = Path(ctx.run_dir)
     check_run_dir_files(run_dir)
     check_stage_inputs(run_dir, stages)
-    check_backend(recipe.backend, "backend", home)
-    if recipe.dto.judge.backend is not None and "dto" in stages and recipe.dto.prune:
-        check_backend(recipe.dto.judge.backend, "dto.judge.backend", home)
-    if "generate" in stages:
-        load_problems(recipe.problems, base_dir=recipe_path.resolve().parent, offline=hub_offline())
+    check_backend(ctx.recipe.backend, "backend", ctx.model_path)
+    for spec in registry.stages_to_run(stages):
+        if spec.preflight is not None:
+            spec.preflight(ctx)
     from flows.runners import check_task_runner
 
-    check_task_runner(recipe)  # a cluster runner with an in-process model, or a missing package: before any write
+    check_task_runner(ctx.recipe)  # a cluster runner with an in-process model, or a missing package: before any write
 
 
-def run_recipe(
-    recipe_path: Path, run_dir: Path, overrides: dict[str, Any], stages: list[str] | None, home: Path
-) -> dict:
-    recipe = Recipe.from_yaml(recipe_path, overrides)
+def run_recipe(recipe: Recipe, recipe_path: Path, run_dir: Path, stages: list[str] | None) -> dict:
+    """Run a recipe that was loaded (and validated) once, by the caller."""
     wanted = stages or list(recipe.stages)
-    unknown = [s for s in wanted if s not in STAGES]
-    if unknown:
-        raise UserError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}.")
+    try:
+        from ckptdpo.configs.recipe import check_stage_names
+
+        check_stage_names(wanted, "--stages")
+    except ValueError as e:
+        raise UserError(f"{e}.") from None
+    ctx = RunContext(recipe=recipe, run_dir=str(run_dir), base_dir=str(recipe_path.resolve().parent))
     with run_dir_lock(run_dir, create=False):
-        preflight(recipe, recipe_path, run_dir, home, wanted)
-        return _run_locked(recipe, recipe_path, run_dir, overrides, wanted)
+        preflight(ctx, wanted)
+    with run_dir_lock(run_dir), stop_on_signals():
+        return _run_with_progress(ctx, wanted)
 
 
-def _run_locked(recipe: Recipe, recipe_path: Path, run_dir: Path, overrides: dict[str, Any], wanted: list[str]):
+def _run_with_progress(ctx: RunContext, wanted: list[str]) -> dict:
+    """The pipeline flow with rich progress bars per stage, then the summary table."""
     from flows.pipeline import pipeline_flow
 
-    with run_dir_lock(run_dir), stop_on_signals():
-        return _run_with_progress(recipe, recipe_path, run_dir, overrides, wanted, pipeline_flow)
-
-
-def _run_with_progress(recipe, recipe_path, run_dir, overrides, wanted, pipeline_flow) -> dict:
-    """The pipeline flow with rich progress bars per stage, then the summary table."""
-    (run_dir / RECIPE_COPY).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    run_dir = Path(ctx.run_dir)
+    (run_dir / RECIPE_COPY).write_text(yaml.safe_dump(ctx.recipe.model_dump(mode="json"), sort_keys=False))
     t0 = time.time()
     with Progress(
         TextColumn("{task.description:<20}"),
@@ -130,7 +123,7 @@ def _run_with_progress(recipe, recipe_path, run_dir, overrides, wanted, pipeline
 
         unsubscribe = progress.subscribe(show)
         try:
-            result = pipeline_flow(str(recipe_path.resolve()), str(run_dir.resolve()), overrides, wanted)
+            result = pipeline_flow(run_dir=str(run_dir.resolve()), stages_to_run=wanted, ctx=ctx)
         finally:
             unsubscribe()
     print_summary(run_dir, time.time() - t0)
@@ -147,25 +140,28 @@ def run_command(args: argparse.Namespace, home: Path) -> int:
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
         if not stages:
             raise UserError(f"--stages {args.stages!r} names no stage; list stages like generate,verify.")
-    run_recipe(Path(args.recipe), Path(args.run_dir), _overrides(args), stages, home)
+    recipe = Recipe.from_yaml(args.recipe, _overrides(args))
+    run_recipe(recipe, Path(args.recipe), Path(args.run_dir), stages)
     return 0
 
 
 def demo_command(args: argparse.Namespace, home: Path) -> int:
     """The demo recipe; its DTO judge is the demo model behind a real `transformers serve` process on loopback
     (started here, stopped at the end), reached through the openai backend the way production reaches vLLM."""
-    overrides = _overrides(args)
-    recipe = Recipe.from_yaml(DEMO_RECIPE, overrides)
+    recipe = Recipe.from_yaml(DEMO_RECIPE, _overrides(args))
     served_judge = "dto" in recipe.stages and recipe.dto.prune and recipe.dto.judge.backend is None
     if not served_judge or recipe.backend.kind != "hf":
-        run_recipe(DEMO_RECIPE, Path(args.run_dir), overrides, None, home)
+        run_recipe(recipe, DEMO_RECIPE, Path(args.run_dir), None)
         return 0
     from commands.localserver import transformers_server
+    from tasks.backends import resolve_local_model
 
-    model = resolve_model(recipe.backend.model, home, offline=hub_offline())
-    with transformers_server(model, home / "logs" / "demo-judge-server.log") as url:
+    model = resolve_local_model(recipe.backend.model)
+    with transformers_server(Path(model), home / "logs" / "demo-judge-server.log") as url:
         judge = {"kind": "openai", "model": str(model), "base_urls": [url], "max_concurrency": 1}
-        run_recipe(DEMO_RECIPE, Path(args.run_dir), {**overrides, "dto.judge.backend": judge}, None, home)
+        dump = recipe.model_dump(mode="json")
+        dump["dto"]["judge"]["backend"] = judge
+        run_recipe(Recipe.from_dict(dump, source=str(DEMO_RECIPE)), DEMO_RECIPE, Path(args.run_dir), None)
     return 0
 
 
@@ -184,27 +180,12 @@ def print_summary(run_dir: Path, wall_s: float) -> None:
 
 
 def _headline(stage: str, s: dict[str, Any]) -> str:
+    """A stage's one line (its declaration's headline); sections that are no stage's show their plain figures."""
+    spec = registry.registry().get(stage)
+    if spec is not None:
+        return spec.headline(s)
     if stage == "problems":
         return f"{s.get('num_problems')} problems ({s.get('num_invalid', 0)} invalid skipped)"
-    if stage == "generate":
-        return f"{s.get('num_samples')} samples, {s.get('completion_tokens')} tokens, finish {s.get('finish_reasons')}"
-    if stage == "verify":
-        return f"accuracy {s.get('accuracy')}, {s.get('by_status')}"
-    if stage == "checkpoints":
-        by = s.get("by_correctness", {})
-        return ", ".join(f"{k}: {v['checkpoints']['mean']} ckpt/traj" for k, v in by.items() if v.get("count"))
-    if stage == "resample":
-        p = s.get("pairs", {})
-        per_1k = p.get("pairs_per_1k_generated_tokens")
-        return f"{len(s.get('rounds', []))} rounds, pairs {p.get('by_type')}, {per_1k} per 1k generated tokens"
-    if stage == "eval":
-        return "; ".join(
-            f"{bench}/{model}: pass@1 {m.get('pass_at_1')}, {m.get('mean_tokens')} tokens"
-            for bench, models in s.items()
-            if isinstance(models, dict)
-            for model, m in models.items()
-            if isinstance(m, dict) and "pass_at_1" in m
-        )
     keys = [k for k, v in s.items() if not isinstance(v, (dict, list))][:6]
     return ", ".join(f"{k}={s[k]}" for k in keys)
 
@@ -218,16 +199,18 @@ def status_command(args: argparse.Namespace) -> int:
     table = Table(title=f"status of {run_dir}")
     for col in ("stage", "state", "rows", "shards", "wall_s"):
         table.add_column(col)
-    for stage in ["problems", *wanted, "pairs"]:
-        d = run_dir / stage
-        m = read_manifest(d)
-        if m:
-            table.add_row(stage, "done", str(m["num_rows"]), str(m["num_shards"]), str(m["stats"].get("wall_s", "")))
-        elif d.exists():
-            partial = len(list(d.rglob("part-*.parquet")))
-            table.add_row(stage, "[yellow]partial[/]", "", f"{partial} written", "")
-        else:
-            table.add_row(stage, "[dim]to do[/]", "", "", "")
+    for spec in registry.stages_to_run(wanted):
+        for directory in spec.directories:
+            d = run_dir / directory
+            m = read_manifest(d)
+            if m:
+                wall = str(m["stats"].get("wall_s", ""))
+                table.add_row(directory, "done", str(m["num_rows"]), str(m["num_shards"]), wall)
+            elif d.exists():
+                partial = len(list(d.rglob("part-*.parquet")))
+                table.add_row(directory, "[yellow]partial[/]", "", f"{partial} written", "")
+            else:
+                table.add_row(directory, "[dim]to do[/]", "", "", "")
     Console().print(table)
     stats = read_stats(run_dir)
     if stats:

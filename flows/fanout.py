@@ -1,25 +1,21 @@
-"""Fan-out of one stage's shards: one task run per shard still to write, a bounded window, a progress artifact."""
+"""Running a stage's steps: one task run per shard still to write in a bounded window, or one job task."""
 
 from __future__ import annotations
 
-import inspect
+import functools
 from typing import Any
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from ckptdpo.configs import TaskRunnerConfig
+from ckptdpo.shards import read_manifest
 from flows import progress
-from tasks.planning import StagePlan, finalize_stage, shard_exists
+from tasks.planning import StagePlan, finalize_stage, shards_written
+from tasks.stage import JobStep, ShardStep
 
 
 def fan_out(
-    plan: StagePlan,
-    task,
-    refresh_stage: str,
-    *,
-    in_flight: int = 2,
-    runner: TaskRunnerConfig | None = None,
-    **params: Any,
+    plan: StagePlan, task, *, in_flight: int = 2, runner: TaskRunnerConfig | None = None, **params: Any
 ) -> list[dict[str, Any]]:
     """One task run per shard still to write, at most `in_flight` at a time, with a progress artifact.
 
@@ -38,7 +34,7 @@ def fan_out(
             options["timeout_seconds"] = runner.task_timeout_s
 
     def submit(i: int):
-        refresh = not shard_exists(plan.run_dir, refresh_stage, i)
+        refresh = not shards_written(plan, i)
         return task.with_options(refresh_cache=refresh, **options).submit(plan.run_dir, i, plan.key, **params)
 
     pending = [submit(i) for i in plan.indices[:in_flight]]
@@ -52,13 +48,21 @@ def fan_out(
     return results
 
 
-def run_stage(
-    plan: StagePlan, task, *, runner: TaskRunnerConfig, failure_budget: int = 0, **params: Any
-) -> dict[str, Any]:
-    """The sequence every sharded stage follows: skip when done, else fan out its shards, then finalize it."""
-    if plan.done:
-        return {"stage": plan.stage, "skipped": True}
-    if "failure_budget" in inspect.signature(task.fn).parameters:
-        params["failure_budget"] = failure_budget  # a shard tolerates its failed rows only within the stage's budget
-    results = fan_out(plan, task, plan.stage, in_flight=runner.max_in_flight, runner=runner, **params)
-    return finalize_stage(plan, results, failure_budget=failure_budget)
+def run_step(step: ShardStep | JobStep, runner: TaskRunnerConfig) -> Any:
+    """Run one step of a stage; its outcome goes back to the stage's `steps` generator.
+
+    A shard step with its own summary is finalized here (its directory's manifest) and returns its stats; one on the
+    stage's own directory returns its shard results, which the stage's finalize checks and adds up.
+    """
+    if isinstance(step, JobStep):
+        return step.task(**step.params)
+    plan = step.plan
+    if plan.done and not step.always_summarize:
+        return (read_manifest(plan.directory) or {}).get("stats", {}) if step.summarize else []
+    results = [] if plan.done else fan_out(
+        plan, step.task, in_flight=runner.max_in_flight, runner=runner, failure_budget=step.failure_budget,
+        **step.params,
+    )  # fmt: skip
+    if step.summarize is None:
+        return results
+    return finalize_stage(plan, results, functools.partial(step.summarize, plan), failure_budget=step.failure_budget)

@@ -1,4 +1,4 @@
-"""The pipeline flow: the stages a recipe enables, in order. Flows order and fan out; tasks do the work."""
+"""The pipeline flow: the stages a recipe enables, in registry order. Flows order and fan out; tasks do the work."""
 
 from __future__ import annotations
 
@@ -7,65 +7,54 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.checkpoints import checkpoint_flow
-from flows.dto import dto_flow
-from flows.eval import eval_flow
-from flows.generate import generate_flow
+from ckptdpo.configs import Recipe
 from flows.report import report_step
-from flows.resample import resample_flow
-from flows.runners import check_task_runner, with_task_runner
-from flows.train import train_flow
-from flows.verify import verify_flow
+from flows.runners import with_task_runner
+from flows.stage import run_context, stage_flow
+from tasks import registry
 from tasks.backends import close_backends
-from tasks.common import load_recipe
-from tasks.pairs import collect_pairs
-from tasks.rundir import holds_run_dir
+from tasks.rundir import run_dir_lock
+from tasks.stage import RunContext
 from tasks.stopping import stop_on_signals
-
-DATA_STAGES = ("generate", "verify", "checkpoints", "resample")
-_DATA_FLOWS = {
-    "generate": generate_flow,
-    "verify": verify_flow,
-    "checkpoints": checkpoint_flow,
-    "resample": resample_flow,
-}
-__all__ = ["DATA_STAGES", "checkpoint_flow", "generate_flow", "pipeline_flow", "resample_flow", "verify_flow"]
 
 
 @flow(name="pipeline", flow_run_name="pipeline {run_dir}", timeout_seconds=14 * 24 * 3600)
-@holds_run_dir
 def pipeline_flow(
-    recipe_path: str, run_dir: str, overrides: dict[str, Any] | None = None, stages_to_run: list[str] | None = None
+    recipe_path: str | None = None,
+    run_dir: str = "runs/prefect",
+    overrides: dict[str, Any] | None = None,
+    stages_to_run: list[str] | None = None,
+    ctx: RunContext | None = None,
 ) -> dict:
-    """The stages the recipe enables (or `stages_to_run`), in order; pairs are collected at the end."""
-    recipe = load_recipe(recipe_path, overrides)
-    check_task_runner(recipe)  # a UI or scheduled run gets the CLI's refusal, before any stage runs
+    """The stages the recipe enables (or `stages_to_run`), in pipeline order, then the report.
+
+    A deployment passes a recipe path (loaded and validated once, here); the CLI and the refresh pass the run's
+    context with the recipe they validated.
+    """
+    ctx = run_context(run_dir, recipe_path, overrides, ctx)
+    recipe = ctx.recipe
     wanted = stages_to_run or recipe.stages
-    log = get_run_logger()
-    log.info("pipeline %s: stages %s, run dir %s, config hash %s", recipe.name, wanted, run_dir, recipe.config_hash())
+    get_run_logger().info(
+        "pipeline %s: stages %s, run dir %s, config hash %s", recipe.name, wanted, run_dir, recipe.config_hash()
+    )
+    with run_dir_lock(run_dir), stop_on_signals():
+        return _run_stages(ctx, wanted)
+
+
+def _run_stages(ctx: RunContext, wanted: list[str]) -> dict:
     results: dict[str, Any] = {}
-    with stop_on_signals():
-        return _run_stages(recipe, recipe_path, run_dir, overrides, wanted, results)
-
-
-def _run_stages(recipe, recipe_path: str, run_dir: str, overrides, wanted: list[str], results: dict) -> dict:
     try:
-        for name in DATA_STAGES:
-            if name in wanted:
-                results[name] = with_task_runner(_DATA_FLOWS[name], recipe.task_runner)(
-                    recipe_path, run_dir, overrides
-                )
-        if "dto" in wanted:
-            results["dto"] = with_task_runner(dto_flow, recipe.task_runner)(recipe_path, run_dir, overrides)
-        pair_sources = [s for s, on in (("resample/pairs", "resample" in wanted), ("dto", "dto" in wanted)) if on]
-        if pair_sources:
-            results["pairs"] = collect_pairs(run_dir, pair_sources)
-        if "train" in wanted:
-            results["train"] = train_flow(recipe_path, run_dir, overrides)
-        if "eval" in wanted:
-            results["eval"] = eval_flow(recipe_path, run_dir, overrides)
-        if Path(run_dir, "stats.json").exists():
-            report_step(run_dir)
+        for spec in registry.stages_to_run(wanted):
+            results[spec.name] = with_task_runner(stage_flow, ctx.recipe.task_runner).with_options(name=spec.name)(
+                spec.name, ctx.run_dir, ctx=ctx
+            )
+        if Path(ctx.run_dir, "stats.json").exists():
+            report_step(ctx.run_dir)
     finally:
         close_backends()
     return results
+
+
+def recipe_context(recipe: Recipe, recipe_path: str | Path, run_dir: str | Path) -> RunContext:
+    """The context of a run whose recipe the caller loaded (and validated) itself."""
+    return RunContext(recipe=recipe, run_dir=str(run_dir), base_dir=str(Path(recipe_path).resolve().parent))

@@ -32,12 +32,13 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from ckptdpo.configs import Recipe
+from ckptdpo.configs import ProblemsConfig, Recipe
 from ckptdpo.errors import UserError
 from ckptdpo.lineage import fresh_state, lineage_key, read_state, record_processed, version_name, write_state
-from flows.pipeline import DATA_STAGES, pipeline_flow
-from tasks.backends import model_fingerprint
-from tasks.common import load_recipe
+from flows.pipeline import pipeline_flow
+from flows.runners import check_task_runner
+from flows.stage import stage_flow
+from tasks import registry
 from tasks.planning import backend_key
 from tasks.refresh import (
     LATEST,
@@ -48,18 +49,20 @@ from tasks.refresh import (
     refresh_lock,
     select_new_problems,
 )
-
-PAIR_STAGES = ("resample", "dto")
+from tasks.stage import RunContext
 
 
 @flow(name="refresh", flow_run_name="refresh {data_dir}", timeout_seconds=7 * 24 * 3600)
 def refresh_flow(recipe_path: str, data_dir: str, overrides: dict[str, Any] | None = None) -> dict:
     """Process what is new since the last refresh into a new version of the pair dataset; train past a threshold."""
     recipe_path = str(Path(recipe_path).resolve())
-    recipe = load_recipe(recipe_path, overrides)
-    wanted = [s for s in recipe.stages if s in (*DATA_STAGES, "dto")]
-    if not set(PAIR_STAGES) & set(wanted):
-        raise UserError(f"{recipe_path}: stages has neither resample nor dto, so a refresh makes no pairs; add one.")
+    recipe = Recipe.from_yaml(recipe_path, overrides)
+    check_task_runner(recipe)
+    data_stages = [s.name for s in registry.data_stages()]
+    wanted = [s for s in recipe.stages if s in data_stages]
+    makers = [s.name for s in registry.registry().values() if s.pairs]
+    if not set(makers) & set(wanted):
+        raise UserError(f"{recipe_path}: stages has none of {', '.join(makers)}, so a refresh makes no pairs; add one")
     data = Path(data_dir).resolve()
     with refresh_lock(data):
         meta = _refresh_locked(recipe, recipe_path, data, overrides, wanted)
@@ -75,7 +78,10 @@ def _refresh_locked(
 ) -> dict[str, Any]:
     log = get_run_logger()
     state = read_state(data)
-    lineage = lineage_key(recipe, model_fingerprint(recipe.backend), backend_key(recipe.backend), wanted)
+    base = RunContext(recipe=recipe, run_dir=str(data), base_dir=str(Path(recipe_path).parent))
+    lineage = lineage_key(
+        recipe, base.fingerprint(recipe.backend), backend_key(recipe.backend), wanted, registry.lineage_sections()
+    )
     if state.get("lineage") != lineage:
         if state:
             log.info("model or pair settings changed: a new lineage, every problem is processed again")
@@ -97,10 +103,10 @@ def _refresh_locked(
     state["pending"] = version
     write_state(data, state)
 
-    # The pipeline sees only the new problems: the user's own problem overrides are already in the file.
-    run_overrides = {k: v for k, v in (overrides or {}).items() if not k.startswith("problems")}
-    run_overrides["problems"] = {"source": "file", "path": scan["path"]}
-    pipeline_flow(recipe_path, str(run_dir), run_overrides, wanted)
+    # The pipeline sees only the new problems: the user's own problem settings are already in the file.
+    new = recipe.model_copy(update={"problems": ProblemsConfig(source="file", path=scan["path"])})
+    ctx = base.model_copy(update={"recipe": new, "run_dir": str(run_dir)})
+    pipeline_flow(run_dir=str(run_dir), stages_to_run=wanted, ctx=ctx)
     return _publish(recipe, recipe_path, data, overrides, state, version, run_dir, scan, lineage)
 
 
@@ -156,17 +162,16 @@ def _maybe_train(
     link = train_dir / "pairs"
     if not link.is_symlink():
         os.symlink(Path("..", "..", "versions", version, "pairs"), link)
-    params = {"recipe_path": recipe_path, "run_dir": str(train_dir), "overrides": overrides}
     if cfg.train_deployment:
         from prefect.deployments import run_deployment
 
         # Fire and forget: training runs on the deployment's (GPU) pool, not inside this refresh.
+        params = {"stage": "train", "recipe_path": recipe_path, "run_dir": str(train_dir), "overrides": overrides}
         run = run_deployment(cfg.train_deployment, parameters=params, timeout=0)
         result = {"deployment": cfg.train_deployment, "flow_run_id": str(run.id), "run_dir": str(train_dir)}
     else:
-        from flows.train import train_flow
-
-        result = {"run_dir": str(train_dir), "summary": train_flow(**params)}
+        ctx = RunContext(recipe=recipe, run_dir=str(train_dir), base_dir=str(Path(recipe_path).parent))
+        result = {"run_dir": str(train_dir), "summary": stage_flow("train", run_dir=str(train_dir), ctx=ctx)}
     state.update(pairs_since_training=0, last_training=version)
     return result
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 from ckptdpo.backends import Backend, make_backend
 from ckptdpo.configs import BackendConfig
-from ckptdpo.models import local_revision, resolve_model
+from ckptdpo.models import check_model_dir, local_revision, resolve_model
 from tasks.environment import ckptdpo_home, hub_offline
 
 _BACKENDS: dict[str, Backend] = {}
@@ -43,15 +44,30 @@ def close_backends() -> None:
         _BACKENDS.clear()
 
 
-def model_fingerprint(cfg: BackendConfig) -> str:
+def resolve_local_model(model: str) -> str:
+    return str(resolve_model(model, ckptdpo_home(), offline=hub_offline()))
+
+
+def model_fingerprint(cfg: BackendConfig, resolve: Callable[[str], str] | None = None) -> str:
     """Revision of the model for cache keys, without loading it: the configured revision, else the same content
     fingerprint the backends report (`local_revision`: config, tokenizer, sampled weight bytes) for a local
-    checkpoint, else the served model's name, else the fake backend's script."""
+    checkpoint, else the served model's name, else the fake backend's script. `resolve`: model reference -> local
+    path (a run's context resolves each model once)."""
     if cfg.revision:
         return cfg.revision
     if cfg.kind == "fake":
         return hashlib.sha256(Path(cfg.script).read_bytes()).hexdigest()[:16] if cfg.script else "fake"
     if cfg.kind == "openai":
         return cfg.model
-    path = Path(resolve_model(cfg.model, ckptdpo_home(), offline=hub_offline()))
+    path = Path((resolve or resolve_local_model)(cfg.model))
     return local_revision(path) if path.is_dir() else cfg.model
+
+
+def check_backend(cfg: BackendConfig, where: str, resolve: Callable[[str], str] | None = None) -> None:
+    """Load what the backend will need (model config and tokenizer, a fake script), not just check a path."""
+    if cfg.kind in ("hf", "vllm"):
+        check_model_dir(Path((resolve or resolve_local_model)(cfg.model)), f"{where}.model")
+    elif cfg.kind == "fake":
+        from ckptdpo.backends.fake import FakeBackend
+
+        FakeBackend.from_config(cfg)  # parses the script: a malformed one is one sentence, now

@@ -2,34 +2,72 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 
+from ckptdpo import summary
 from ckptdpo.checkpoints import checkpoint_rows
-from ckptdpo.configs import CheckpointConfig, Recipe
+from ckptdpo.configs import CheckpointConfig
+from ckptdpo.report import ReportSection, sections
 from ckptdpo.schemas import CHECKPOINTS, make_table
 from ckptdpo.shards import write_shard
 from tasks.common import content_cache_key
-from tasks.planning import RETRY, StagePlan, fingerprints, plan_stage, read_rows, shard_exists
+from tasks.planning import RETRY, StagePlan, fingerprints, plan_stage, read_rows, read_stage_rows, shard_exists
+from tasks.stage import RunContext, ShardStep, Stage, Steps
 
-STAGE = "checkpoints"
-
-
-def plan_checkpoints(run_dir: str, recipe: Recipe) -> StagePlan:
-    inputs = fingerprints(run_dir, "generate", "verify")
-    return plan_stage(run_dir, STAGE, inputs, recipe.checkpoints.model_dump(mode="json"), shards_of="generate")
+NAME = "checkpoints"
+_SAMPLE_COLUMNS = ["sample_id", "problem_id", "completion", "completion_tokens"]
+_SUMMARY_COLUMNS = ["is_correct", "num_paragraphs", "num_checkpoints", "completion_tokens"]
 
 
 @task(name="locate_checkpoints", task_run_name="checkpoints-shard-{index}", cache_key_fn=content_cache_key,
       persist_result=True, **RETRY)  # fmt: skip
-def checkpoint_shard(run_dir: str, index: int, stage_key: str, checkpoints: CheckpointConfig) -> dict[str, float]:
-    if shard_exists(run_dir, STAGE, index):
+def checkpoint_shard(
+    run_dir: str, index: int, stage_key: str, checkpoints: CheckpointConfig, failure_budget: int = 0
+) -> dict[str, float]:
+    if shard_exists(run_dir, NAME, index):
         return {}
-    samples = read_rows(run_dir, "generate", index, ["sample_id", "problem_id", "completion", "completion_tokens"])
+    samples = read_rows(run_dir, "generate", index, _SAMPLE_COLUMNS)
     verdicts = {
         v["sample_id"]: v["is_correct"] for v in read_rows(run_dir, "verify", index, ["sample_id", "is_correct"])
     }
     rows = checkpoint_rows(samples, verdicts, checkpoints.markers)
-    write_shard(Path(run_dir) / STAGE, index, make_table(rows, CHECKPOINTS))
+    write_shard(Path(run_dir) / NAME, index, make_table(rows, CHECKPOINTS))
     return {}
+
+
+class Checkpoints(Stage):
+    """Trajectories + verdicts -> checkpoints per trajectory."""
+
+    name = NAME
+    reads = {"generate": _SAMPLE_COLUMNS, "verify": ["sample_id", "is_correct"]}
+    writes = {NAME: CHECKPOINTS}
+    pool = "cpu"
+    lineage = True
+    report = (
+        ReportSection(
+            "lengths", "Trajectory lengths: correct vs incorrect", lambda r: sections.section_lengths(r.traj())
+        ),
+        ReportSection("checkpoints", "Checkpoints per trajectory", lambda r: sections.section_checkpoints(r.traj())),
+    )
+
+    def plan(self, ctx: RunContext) -> StagePlan:
+        inputs = fingerprints(ctx.run_dir, "generate", "verify")
+        config = ctx.recipe.checkpoints.model_dump(mode="json")
+        return plan_stage(ctx.run_dir, NAME, inputs, config, shards_of="generate")
+
+    def steps(self, ctx: RunContext, plan: StagePlan) -> Steps:
+        yield ShardStep(plan, checkpoint_shard, {"checkpoints": ctx.recipe.checkpoints})
+
+    def summarize(self, ctx: RunContext, plan: StagePlan, outcomes: list[Any]) -> dict[str, Any]:
+        return summary.summarize_checkpoints(read_stage_rows(ctx.run_dir, NAME, _SUMMARY_COLUMNS, plan.indices))
+
+    def headline(self, s: Mapping[str, Any]) -> str:
+        by = s.get("by_correctness", {})
+        return ", ".join(f"{k}: {v['checkpoints']['mean']} ckpt/traj" for k, v in by.items() if v.get("count"))
+
+
+STAGE = Checkpoints()

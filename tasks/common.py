@@ -10,15 +10,10 @@ from typing import Any
 from prefect.context import TaskRunContext
 from pydantic import BaseModel
 
-from ckptdpo.configs import Recipe
-
 # Task parameters that identify *where* work happens but not *what* it computes are still part of the key:
 # a cache hit must mean "this exact output already exists in this run directory".
-_IGNORED_PARAMS = frozenset({"progress"})
-
-
-def load_recipe(recipe_path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
-    return Recipe.from_yaml(recipe_path, overrides=overrides)
+# The failure budget decides whether failed rows fail the shard, not what a written shard holds.
+_IGNORED_PARAMS = frozenset({"progress", "failure_budget"})
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:

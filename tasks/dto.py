@@ -1,9 +1,10 @@
 """Prefect tasks of the DTO stage: optimize the correct trajectories of each shard, then build SimPO pairs.
 
 Layout under `<run_dir>/dto`: `optimized/part-XXXXX.parquet` (DTO_RESULTS, one shard per generate shard, the
-shard's `optimize_trajectories` stats in its Parquet metadata) and `part-XXXXX.parquet` (PAIRS) with the stage's
-`_manifest.json`. The pair shards sit directly in `dto/` because the pairs stage and the stage fingerprint read
-every `part-*.parquet` there; the diagnostics live one level down so they are never mistaken for pairs.
+shard's `optimize_trajectories` stats in its Parquet metadata, with its own manifest) and `part-XXXXX.parquet`
+(PAIRS) with the stage's `_manifest.json`. The pair shards sit directly in `dto/` because the pairs stage and the
+stage fingerprint read every shard the manifest lists there; the diagnostics live one level down so they are never
+mistaken for pairs.
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Mapping
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
 from ckptdpo import shards, summary
-from ckptdpo.configs import BackendConfig, DTOConfig, FailureBudgetConfig, Recipe, VerifyConfig
+from ckptdpo.configs import BackendConfig, DTOConfig, Recipe, VerifyConfig
 from ckptdpo.dto import (
     DTOItem,
     DTOResult,
@@ -29,24 +32,19 @@ from ckptdpo.dto import (
     optimize_trajectories,
 )
 from ckptdpo.errors import UserError
+from ckptdpo.report import ReportSection, sections
 from ckptdpo.schemas import DTO_RESULTS, PAIRS, make_table
 from ckptdpo.verify import verify_batch
-from tasks.backends import backend_session, model_fingerprint
+from tasks.backends import backend_session, check_backend
 from tasks.common import content_cache_key
-from tasks.planning import (
-    RETRY,
-    StageFailed,
-    StagePlan,
-    backend_key,
-    fingerprints,
-    plan_stage,
-    publish_table,
-    shard_exists,
-)
+from tasks.planning import RETRY, StageFailed, StagePlan, backend_key, fingerprints, plan_stage, shard_exists
 from tasks.resample import load_trajectories
+from tasks.stage import JobStep, RunContext, ShardStep, Stage, Steps
 from tasks.verify import verify_key, verify_kwargs
 
+NAME = "dto"
 OPTIMIZED = "dto/optimized"
+INPUTS = ("problems", "generate", "verify", "checkpoints")
 STATS_METADATA = b"ckptdpo.dto_stats"
 PAIRS_PER_SHARD = 10_000
 
@@ -63,36 +61,38 @@ def judge_backend(recipe: Recipe) -> BackendConfig:
     return recipe.dto.judge.backend or recipe.backend
 
 
-def plan_dto(run_dir: str, recipe: Recipe) -> StagePlan:
-    """Keyed by the markers (they decide the candidate positions), the verifier settings when sampled probes are
-    verified, the policy and, when pruning is on, the judge."""
+def _key_parts(ctx: RunContext) -> list[Any]:
+    """The markers (they decide the candidate positions), the verifier settings when sampled probes are verified,
+    the policy and, when pruning is on, the judge."""
+    recipe = ctx.recipe
     cfg, backend = recipe.dto, recipe.backend
     judge = judge_backend(recipe)
-    return plan_stage(
-        run_dir,
-        "dto",
-        fingerprints(run_dir, "problems", "generate", "verify", "checkpoints"),
+    return [
         # The judge's endpoint (a port, say) is where it runs, not what it is: the judge enters as backend_key below.
         cfg.model_dump(mode="json", exclude={"judge": {"backend"}} if cfg.prune else {"judge"}),
         recipe.checkpoints.markers,
         verify_key(recipe.verify) if cfg.probe == "sample" else None,
         backend_key(backend),
-        model_fingerprint(backend),
-        [backend_key(judge), model_fingerprint(judge)] if cfg.prune else None,
-        shards_of="generate",
-    )
+        ctx.fingerprint(backend),
+        [backend_key(judge), ctx.fingerprint(judge)] if cfg.prune else None,
+    ]
 
 
-def check_dto_failures(index: int, stats: dict[str, Any], budget: FailureBudgetConfig) -> None:
+def plan_optimized(ctx: RunContext) -> StagePlan:
+    inputs = fingerprints(ctx.run_dir, *INPUTS)
+    return plan_stage(ctx.run_dir, OPTIMIZED, inputs, *_key_parts(ctx), shards_of="generate")
+
+
+def check_dto_failures(index: int, stats: dict[str, Any], probe_budget: int, judge_unparsed_share: float) -> None:
     """Failed probes past the budget fail the shard (retried); a judge that answers nonsense fails the stage."""
-    if stats.get("probe_errors", 0) > budget.dto:
-        raise StageFailed(f"dto shard {index}: {stats['probe_errors']} exit probe(s) failed (budget {budget.dto})")
+    if stats.get("probe_errors", 0) > probe_budget:
+        raise StageFailed(f"dto shard {index}: {stats['probe_errors']} exit probe(s) failed (budget {probe_budget})")
     failures = stats.get("judge_parse_failures", 0)
     asked = stats.get("segments_judged", 0)  # every segment the judge was asked about, parsed or not
-    if asked and failures / asked > budget.judge_unparsed_share:
+    if asked and failures / asked > judge_unparsed_share:
         raise JudgeUnparsed(
             f"dto shard {index}: the judge's replies could not be parsed for {failures} of {asked} segments (over "
-            f"failure_budget.judge_unparsed_share {budget.judge_unparsed_share}); check dto.judge.backend's model "
+            f"failure_budget.judge_unparsed_share {judge_unparsed_share}); check dto.judge.backend's model "
             "and chat template, or raise that share."
         )
 
@@ -154,7 +154,8 @@ def dto_shard(
     judge: BackendConfig,
     markers: list[str],
     verify: VerifyConfig,
-    failure_budget: FailureBudgetConfig,
+    judge_unparsed_share: float,
+    failure_budget: int = 0,
 ) -> dict[str, Any]:
     """Exit probing, truncation, judge pruning and re-verification of the correct trajectories of one shard."""
     if shard_exists(run_dir, OPTIMIZED, index):
@@ -191,7 +192,7 @@ def dto_shard(
                 results, stats = optimize_trajectories(policy, judge, items, cfg, verify_fn, markers=markers)
                 elapsed = time.perf_counter() - t0
     stats = {**stats, "optimize_s": round(elapsed, 3)}
-    check_dto_failures(index, stats, failure_budget)
+    check_dto_failures(index, stats, failure_budget, judge_unparsed_share)
     rows = []
     for item, result in zip(items, results, strict=True):
         kind, positions = candidate_positions(item.completion, markers, cfg.min_checkpoints)
@@ -210,36 +211,18 @@ def _originals(run_dir: str, index: int) -> list[dict[str, Any]]:
 
 
 @task(name="build_dto_pairs", **RETRY)
-def dto_pairs(
-    run_dir: str,
-    stage_key: str,
-    dto: DTOConfig,
-    backend: BackendConfig,
-    inputs: dict[str, str] | None = None,
-    started: float | None = None,
-) -> dict[str, Any]:
-    """DTO pairs from all optimized shards; writes the pair shards, the stage manifest and the `dto` stats section.
-
-    Not cached by Prefect: it is the step that writes the manifest, and a cache hit would skip writing it.
-    """
-    started = time.time() if started is None else started
+def dto_pairs(run_dir: str, dto: DTOConfig, backend: BackendConfig) -> dict[str, Any]:
+    """DTO pairs from all optimized shards, written as the stage's pair shards (its manifest comes after)."""
     cfg, bcfg = dto, backend
-    stage = Path(run_dir) / "dto"
-    num_shards = len(shards.listed_shards(Path(run_dir) / "generate"))
-    missing = [i for i in range(num_shards) if not shard_exists(run_dir, OPTIMIZED, i)]
-    if missing:
-        raise RuntimeError(f"{stage / 'optimized'}: shards {missing} are missing; run the dto shards first")
+    stage = Path(run_dir) / NAME
     t0 = time.perf_counter()
     pairs: list[dict[str, Any]] = []
-    by_status: dict[str, int] = {}
     # Shard by shard: all samples of a problem live in its one generate shard, so every problem sees all of its
     # optimized and original trajectories while only one shard is in memory.
     with ExitStack() as stack:
         b = None  # opened on first use: a stage without any optimized text loads no model just to count tokens
-        for i in range(num_shards):
-            optimized = [_row_result(r) for r in _read(run_dir, OPTIMIZED, i)]
-            for r in optimized:
-                by_status[r.status] = by_status.get(r.status, 0) + 1
+        for i, path in enumerate(shards.listed_shards(Path(run_dir) / OPTIMIZED)):
+            optimized = [_row_result(r) for r in shards.read_shard(path).to_pylist()]
             if not any(r.text is not None for r in optimized):
                 continue
             if b is None:
@@ -251,31 +234,96 @@ def dto_pairs(
                     problems, optimized, originals, b.count_tokens, rejected=cfg.rejected, model=b.model_id
                 )
             )
-    pairs_s = time.perf_counter() - t0
     written = 0
     for start in range(0, max(len(pairs), 1), PAIRS_PER_SHARD):
         shards.write_shard(stage, written, make_table(pairs[start : start + PAIRS_PER_SHARD], PAIRS))
         written += 1
     for p in shards.list_shards(stage)[written:]:
         p.unlink()  # a rerun under the same key with fewer pairs must not leave an old shard behind
+    return {"num_pairs": len(pairs), "pairs_s": round(time.perf_counter() - t0, 3)}
 
-    shard_stats = [read_shard_stats(run_dir, i) for i in range(num_shards)]
-    stats: dict[str, Any] = merge_dto_stats(shard_stats, num_pairs=len(pairs))
-    stats["optimize_s"] = round(stats.get("optimize_s", 0.0), 3)
-    stats["by_status"] = dict(sorted(by_status.items()))
-    generated = (shards.read_manifest(Path(run_dir) / "generate") or {}).get("stats", {}).get("generated_tokens", 0)
-    stats["pairs"] = summary.summarize_pairs(pairs, generated)
-    stats["pairs_s"] = round(pairs_s, 3)
-    stats["wall_s"] = round(time.time() - started, 3)
-    shards.write_manifest(stage, config_hash=stage_key, stats=stats, inputs=inputs)
-    shards.update_stats(run_dir, "dto", stats)
-    publish_table(run_dir, "dto", stats)
-    get_run_logger().info(
-        "dto: %d trajectories, tokens %d -> %d (truncated) -> %d (pruned), %d pairs",
-        stats["num_trajectories"],
-        stats["tokens_before"],
-        stats["tokens_after_truncation"],
-        stats["tokens_after_pruning"],
-        stats["num_pairs"],
+
+def summarize_optimized(plan: StagePlan) -> dict[str, Any]:
+    return {}
+
+
+class DTO(Stage):
+    """Exit probing, truncation and judge pruning -> DTO pairs."""
+
+    name = NAME
+    reads = {
+        "problems": ["problem_id", "problem", "answer"],
+        "generate": ["sample_id", "problem_id", "prompt", "completion", "model"],
+        "verify": ["sample_id", "status"],
+        "checkpoints": ["sample_id", "checkpoint_chars"],
+    }
+    writes = {NAME: PAIRS, OPTIMIZED: DTO_RESULTS}
+    pairs = NAME
+    lineage = True
+    report = (
+        ReportSection(
+            "dto", "DTO token reductions", lambda r: sections.section_dto(r.dto_pairs(), r.dto_figures(), r.stats)
+        ),
     )
-    return stats
+
+    def plan(self, ctx: RunContext) -> StagePlan:
+        return plan_stage(ctx.run_dir, NAME, fingerprints(ctx.run_dir, *INPUTS), *_key_parts(ctx), shards_of=None)
+
+    def steps(self, ctx: RunContext, plan: StagePlan) -> Steps:
+        """Optimize the correct trajectories shard by shard, then build the SimPO pairs from all shards once."""
+        recipe = ctx.recipe
+        params = {
+            "dto": recipe.dto,
+            "backend": recipe.backend,
+            "judge": judge_backend(recipe),
+            "markers": recipe.checkpoints.markers,
+            "verify": recipe.verify,
+            "judge_unparsed_share": recipe.failure_budget.judge_unparsed_share,
+        }
+        budget = recipe.failure_budget.dto
+        yield ShardStep(plan_optimized(ctx), dto_shard, params, budget, summarize=summarize_optimized)
+        yield JobStep(dto_pairs, {"run_dir": ctx.run_dir, "dto": recipe.dto, "backend": recipe.backend})
+
+    def summarize(self, ctx: RunContext, plan: StagePlan, outcomes: list[Any]) -> dict[str, Any]:
+        """Exit, truncation and pruning figures over all shards, statuses, and the pairs per 1k generated tokens."""
+        run_dir = ctx.run_dir
+        _, built = outcomes
+        optimized = shards.listed_shards(Path(run_dir) / OPTIMIZED)
+        by_status: dict[str, int] = {}
+        for path in optimized:
+            for status in shards.read_shard(path, ["status"]).column("status").to_pylist():
+                by_status[status] = by_status.get(status, 0) + 1
+        shard_stats = [read_shard_stats(run_dir, i) for i in range(len(optimized))]
+        stats: dict[str, Any] = merge_dto_stats(shard_stats, num_pairs=built["num_pairs"])
+        stats["optimize_s"] = round(stats.get("optimize_s", 0.0), 3)
+        stats["by_status"] = dict(sorted(by_status.items()))
+        generated = (
+            (shards.read_manifest(Path(run_dir) / "generate") or {}).get("stats", {}).get("generated_tokens", 0)
+        )
+        written = [shards.read_shard(p) for p in shards.list_shards(Path(run_dir) / NAME)]  # its manifest is next
+        stats["pairs"] = summary.summarize_pairs(pa.concat_tables(written), generated)
+        stats["pairs_s"] = built["pairs_s"]
+        get_run_logger().info(
+            "dto: %d trajectories, tokens %d -> %d (truncated) -> %d (pruned), %d pairs",
+            stats["num_trajectories"],
+            stats["tokens_before"],
+            stats["tokens_after_truncation"],
+            stats["tokens_after_pruning"],
+            stats["num_pairs"],
+        )
+        return stats
+
+    def headline(self, s: Mapping[str, Any]) -> str:
+        return (
+            f"{s.get('num_trajectories')} trajectories, tokens {s.get('tokens_before')} -> "
+            f"{s.get('tokens_after_pruning')}, {s.get('num_pairs')} pairs"
+        )
+
+    def preflight(self, ctx: RunContext) -> None:
+        """A separate judge backend loads (its model and tokenizer, or its script), before anything is written."""
+        judge = ctx.recipe.dto.judge.backend
+        if judge is not None and ctx.recipe.dto.prune:
+            check_backend(judge, "dto.judge.backend", ctx.model_path)
+
+
+STAGE = DTO()

@@ -2,44 +2,42 @@
 
 Layout: `<run_dir>/eval/<benchmark>/_problems/` (the benchmark's problems, sharded), `<run_dir>/eval/<benchmark>/
 <model>/part-*.parquet` (EVAL_SAMPLES, one shard per problem shard) with a manifest holding that pair's metrics, and
-`<run_dir>/eval/results.parquet` (EVAL_RESULTS) with `eval/_manifest.json` written last. Each (benchmark, model)
-directory is a stage keyed by content like the factory's stages, so a rerun only evaluates what changed.
+`<run_dir>/eval/part-00000.parquet` (EVAL_RESULTS: one row per benchmark and model) with `eval/_manifest.json`
+written last. Each (benchmark, model) directory is a step keyed by content like the factory's stages, so a rerun only
+evaluates what changed; the stage itself is re-aggregated on every run (cheap), since which models it holds follows
+from the run (a retrained model is a new step).
 """
 
 from __future__ import annotations
 
-import io
-import json
+import functools
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from ckptdpo import evaluate
+from ckptdpo import evaluate, sandbox
 from ckptdpo.backends.base import GenerationRequest
-from ckptdpo.configs import BackendConfig, EvalConfig, ProblemsConfig, Recipe, VerifyConfig
+from ckptdpo.configs import BackendConfig, EvalConfig, ProblemsConfig, VerifyConfig
 from ckptdpo.evaluate import ModelSpec
-from ckptdpo.report import eval_intervals
+from ckptdpo.report import ReportSection, benchmark_kinds, eval_intervals, evaluation, skipped_notes
 from ckptdpo.resample import stable_seed
-from ckptdpo.schemas import EVAL_PROBLEMS, EVAL_RESULTS, EVAL_SAMPLES, SCHEMA_VERSION, make_table
+from ckptdpo.schemas import EVAL_PROBLEMS, EVAL_RESULTS, EVAL_SAMPLES, make_table
 from ckptdpo.shards import (
     MANIFEST,
-    atomic_write_bytes,
-    file_sha256,
     listed_shards,
     prepare_stage,
     read_manifest,
     read_shard,
     shard_path,
-    update_stats,
     write_manifest,
     write_shard,
 )
 from ckptdpo.sources import load_eval_problems
-from tasks.backends import backend_session, model_fingerprint
+from tasks.backends import backend_session, close_backends
 from tasks.common import content_cache_key, content_key
 from tasks.environment import hub_offline
 from tasks.planning import (
@@ -47,14 +45,14 @@ from tasks.planning import (
     StagePlan,
     artifact_key,
     backend_key,
-    check_failures,
     check_requests,
     fingerprints,
     plan_stage,
     shard_exists,
 )
+from tasks.stage import JobStep, RunContext, ShardStep, Stage, Steps
 
-RESULTS_FILE = "results.parquet"
+NAME = "eval"
 
 
 def problems_stage(benchmark: str) -> str:
@@ -90,9 +88,10 @@ def load_benchmark(
     return read_manifest(stage)["stats"]
 
 
-def plan_eval(run_dir: str, recipe: Recipe, model: ModelSpec, bench: str, kind: str) -> StagePlan:
+def plan_eval(ctx: RunContext, model: ModelSpec, bench: str, kind: str) -> StagePlan:
     """One (benchmark, model): keyed by the benchmark's problems, the sampling settings (and the sandbox limits for
     code), the backend and the model's content fingerprint (the same one for a base and a freshly trained model)."""
+    recipe = ctx.recipe
     cfg = recipe.eval
     sampling = cfg.model_dump(mode="json", include={"num_samples", "temperature", "top_p", "max_tokens", "seed"})
     if kind == "math" and recipe.generate.few_shot:
@@ -101,14 +100,25 @@ def plan_eval(run_dir: str, recipe: Recipe, model: ModelSpec, bench: str, kind: 
         limits = {"code_wall_s", "code_cpu_s", "code_memory_mb", "code_max_processes"}
         sampling = {**sampling, **cfg.model_dump(mode="json", include=limits)}
     return plan_stage(
-        run_dir,
+        ctx.run_dir,
         samples_stage(bench, model.name),
-        fingerprints(run_dir, problems_stage(bench)),
+        fingerprints(ctx.run_dir, problems_stage(bench)),
         sampling,
         backend_key(model.backend),
-        model_fingerprint(model.backend),
+        ctx.fingerprint(model.backend),
         shards_of=problems_stage(bench),
     )
+
+
+def benchmarks_of(ctx: RunContext) -> dict[str, ProblemsConfig]:
+    """The recipe's benchmarks (held-out demo problems for a demo recipe without any)."""
+    return evaluate.resolve_benchmarks(ctx.recipe.eval, ctx.recipe.problems, source="recipe")
+
+
+def check_eval(ctx: RunContext) -> None:
+    """Benchmarks are named, and a machine that cannot sandbox model-written code says so before any model loads."""
+    if any(b.kind == "code" for b in benchmarks_of(ctx).values()):
+        sandbox.require_isolation(ctx.recipe.eval.allow_unsandboxed)
 
 
 @task(name="evaluate_samples", task_run_name="eval-{benchmark}-{model_name}-shard-{index}",
@@ -170,41 +180,21 @@ def evaluate_shard(
     return {"generate_s": generate_s, "verify_s": verify_s, "failed_requests": len(failed), **outcome}
 
 
-@task(name="aggregate_eval", **RETRY)
-def finalize_eval_model(
-    plan: StagePlan, shard_results: list[dict[str, Any]], eval: EvalConfig, failure_budget: int = 0
-) -> dict[str, Any]:
-    """One (benchmark, model)'s metrics, streamed shard by shard; its manifest is written last.
-
-    A stage already done is re-aggregated only when the k list changed (its shards do not depend on k).
-    """
-    cfg = eval
-    failed = [] if plan.done else check_failures(plan.stage, shard_results, failure_budget)
-    old = (read_manifest(plan.directory) or {}).get("stats", {}) if plan.done else {}
-    if plan.done and old.get("k") == cfg.k:
-        return old
+def summarize_eval_model(cfg: EvalConfig, plan: StagePlan) -> dict[str, Any]:
+    """One (benchmark, model)'s metrics, streamed shard by shard (they do not depend on k, the metrics do)."""
     stats = evaluate.aggregate_shards(evaluate.iter_eval_shards(plan.directory), cfg.num_samples, cfg.k)
-    stats["k"] = cfg.k
-    for name in ("generate_s", "verify_s", "failed_requests", "wall_s"):
-        stats[name] = old.get(name, 0) if plan.done else round(sum(r.get(name, 0) for r in shard_results), 3)
-    if not plan.done:
-        stats["wall_s"] = round(time.time() - plan.started, 3)
-    if plan.done:
-        failed = (read_manifest(plan.directory) or {}).get("failed", [])
-    write_manifest(plan.directory, config_hash=plan.key, stats=stats, inputs=plan.inputs, failed=failed)
-    return stats
+    return {**stats, "k": cfg.k}
 
 
-@task(name="finalize_eval", **RETRY)
-def finalize_eval(
+@task(name="write_eval_results", **RETRY)
+def write_eval_results(
     run_dir: str,
     benchmarks: dict[str, dict[str, Any]],
     models: list[str],
     skipped: dict[str, str],
     eval: EvalConfig,
-    started: float,
 ) -> dict[str, Any]:
-    """eta and AES against the reference model, `eval/results.parquet`, the eval manifest (last) and stats.json."""
+    """eta and AES against the reference model, the results table (the stage's shard) and the paired intervals."""
     cfg = eval
     reference = models[0] if models else ""
     section: dict[str, dict[str, Any]] = {}
@@ -219,43 +209,14 @@ def finalize_eval(
         scores = evaluate.compare_to_reference(metrics, reference, cfg.aes_alpha, cfg.aes_beta, cfg.aes_gamma)
         section[bench] = {name: {**m, **scores[name]} for name, m in metrics.items()}
     rows = evaluate.results_rows(section, reference)
-    stage = Path(run_dir) / "eval"
-    stage.mkdir(parents=True, exist_ok=True)
-    (stage / MANIFEST).unlink(missing_ok=True)
-    buf = io.BytesIO()
-    pq.write_table(make_table(rows, EVAL_RESULTS), buf)
-    atomic_write_bytes(stage / RESULTS_FILE, buf.getvalue())
-    sha = file_sha256(stage / RESULTS_FILE)
-    manifest = {
-        "num_rows": len(rows),
-        "num_shards": 1,
-        "shards": [
-            {
-                "name": RESULTS_FILE,
-                "num_rows": len(rows),
-                "num_bytes": (stage / RESULTS_FILE).stat().st_size,
-                "sha256": sha,
-            }
-        ],
-        "schema_version": SCHEMA_VERSION,
-        "config_hash": content_key("eval", cfg)[:16],
-        "code_version": _code_version(),
-        "inputs": {},
-        "stats": {
-            "reference": reference,
-            "models": models,
-            "skipped_models": skipped,
-            "benchmarks": benchmarks,
-            "wall_s": round(time.time() - started, 3),
-        },
-    }
-    atomic_write_bytes(stage / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    stage = Path(run_dir) / NAME
+    (stage / MANIFEST).unlink(missing_ok=True)  # the results change before the manifest says so
+    write_shard(stage, 0, make_table(rows, EVAL_RESULTS))
     # Paired bootstrap intervals over problems for every difference to the reference, so stats.json, the report and
     # `ckptdpo compare` quote the same ones.
     for bench, by_model in eval_intervals(Path(run_dir), section).items():
         for name, iv in by_model.items():
             section[bench][name]["intervals"] = iv
-    update_stats(run_dir, "eval", section)
     table = [
         {"benchmark": r["benchmark"], "model": r["model_name"], **{k: _fmt(r[k]) for k in _ARTIFACT_COLUMNS}}
         for r in rows
@@ -264,7 +225,8 @@ def finalize_eval(
         create_table_artifact(
             table=table, key=artifact_key(run_dir, "eval-results"), description="ckptdpo eval: per benchmark and model"
         )
-    return section
+    return {"reference": reference, "models": models, "skipped_models": skipped, "benchmarks": benchmarks,
+            "by_benchmark": section}  # fmt: skip
 
 
 _ARTIFACT_COLUMNS = ("pass_at_1", "mean_tokens", "mean_tokens_incorrect", "length_share", "loop_share", "eta", "aes")
@@ -274,7 +236,89 @@ def _fmt(v: Any) -> str:
     return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _code_version() -> str:
-    from ckptdpo import __version__
+class Eval(Stage):
+    """pass@k, cons@k, tokens and efficiency of the base and trained models."""
 
-    return __version__
+    name = NAME
+    writes = {NAME: EVAL_RESULTS, "eval/*/_problems": EVAL_PROBLEMS, "eval/*/*": EVAL_SAMPLES}
+    report = (
+        ReportSection(
+            "passk",
+            "pass@k: base vs trained",
+            lambda r: r.eval_or(lambda: evaluation.section_pass_at_k(r.section) + skipped_notes(r)),
+        ),
+        ReportSection(
+            "acctokens",
+            "Accuracy vs tokens",
+            lambda r: r.eval_or(lambda: evaluation.section_accuracy_tokens(r.section)),
+        ),
+        ReportSection(
+            "metrics",
+            "Metrics",
+            lambda r: r.eval_or(
+                lambda: evaluation.section_tables(
+                    r.section, benchmark_kinds(r.run_dir, r.section), r.intervals(), skipped_notes(r), r.reference()
+                )
+            ),
+        ),  # fmt: skip
+    )
+
+    def plan(self, ctx: RunContext) -> StagePlan:
+        """Never done as a whole: each (benchmark, model) step is keyed and skipped on its own, and nothing is cleared
+        here (a changed setting clears only the steps it changes)."""
+        return StagePlan(stage=NAME, run_dir=ctx.run_dir, key=content_key(NAME, ctx.recipe.eval)[:16], done=False)
+
+    def steps(self, ctx: RunContext, plan: StagePlan) -> Steps:
+        """Every model on every benchmark, one model loaded at a time, then the results against the reference."""
+        recipe, cfg = ctx.recipe, ctx.recipe.eval
+        check_eval(ctx)
+        benchmarks = benchmarks_of(ctx)
+        models, skipped = evaluate.resolve_models(cfg, recipe.backend, Path(ctx.run_dir))
+        for name, reason in skipped.items():
+            get_run_logger().warning("model %s skipped: %s", name, reason)
+        if models and models[0].backend != recipe.backend:
+            close_backends()  # the pipeline's generation backend may still be loaded; one in-process model at a time
+        bench_stats = {}
+        for name, pcfg in benchmarks.items():
+            params = {"run_dir": ctx.run_dir, "benchmark": name, "problems": pcfg, "shard_size": cfg.shard_size}
+            params |= {"base_dir": ctx.base_dir, "exclude_training": cfg.exclude_training_problems}
+            bench_stats[name] = yield JobStep(load_benchmark, params)
+        for spec in models:
+            for bench, pcfg in benchmarks.items():
+                params = {"benchmark": bench, "model_name": spec.name, "eval": cfg, "backend": spec.backend}
+                params |= {"verify": recipe.verify, "few_shot": recipe.generate.few_shot_pairs()}
+                yield ShardStep(
+                    plan_eval(ctx, spec, bench, pcfg.kind),
+                    evaluate_shard,
+                    params,
+                    recipe.failure_budget.eval,
+                    summarize=functools.partial(summarize_eval_model, cfg),
+                    always_summarize=True,  # a changed k list re-aggregates the kept shards without generating again
+                )
+            close_backends()  # one loaded model at a time: two in-process engines would not fit on one GPU
+        yield JobStep(
+            write_eval_results,
+            {"run_dir": ctx.run_dir, "benchmarks": bench_stats, "models": [m.name for m in models], "skipped": skipped,
+             "eval": cfg},
+        )  # fmt: skip
+
+    def summarize(self, ctx: RunContext, plan: StagePlan, outcomes: list[Any]) -> dict[str, Any]:
+        return outcomes[-1]
+
+    def published(self, stats: dict[str, Any]) -> dict[str, Any]:
+        return stats["by_benchmark"]
+
+    def headline(self, s: Mapping[str, Any]) -> str:
+        return "; ".join(
+            f"{bench}/{model}: pass@1 {m.get('pass_at_1')}, {m.get('mean_tokens')} tokens"
+            for bench, models in s.items()
+            if isinstance(models, dict)
+            for model, m in models.items()
+            if isinstance(m, dict) and "pass_at_1" in m
+        )
+
+    def preflight(self, ctx: RunContext) -> None:
+        check_eval(ctx)
+
+
+STAGE = Eval()

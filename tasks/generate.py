@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
-from ckptdpo.configs import BackendConfig, GenerateConfig, Recipe
+from ckptdpo import summary
+from ckptdpo.configs import BackendConfig, GenerateConfig
 from ckptdpo.generation import build_generation_requests, sample_rows
-from ckptdpo.schemas import SAMPLES, make_table
+from ckptdpo.problems import load_problems
+from ckptdpo.schemas import PROBLEMS, SAMPLES, make_table
 from ckptdpo.shards import write_shard
-from tasks.backends import backend_session, model_fingerprint
+from tasks.backends import backend_session
 from tasks.common import content_cache_key
+from tasks.environment import hub_offline
 from tasks.planning import (
     RETRY,
     StagePlan,
@@ -22,23 +26,14 @@ from tasks.planning import (
     fingerprints,
     plan_stage,
     read_rows,
+    read_stage_rows,
     shard_exists,
 )
+from tasks.problems import load_problems_stage
+from tasks.stage import RunContext, ShardStep, Stage, Steps
 
-STAGE = "generate"
-
-
-def plan_generate(run_dir: str, recipe: Recipe) -> StagePlan:
-    """Keyed by the problems, the sampling settings (not the shard size) and the model."""
-    return plan_stage(
-        run_dir,
-        STAGE,
-        fingerprints(run_dir, "problems"),
-        recipe.generate.model_dump(mode="json", exclude={"shard_size"}),
-        backend_key(recipe.backend),
-        model_fingerprint(recipe.backend),
-        shards_of="problems",
-    )
+NAME = "generate"
+_SUMMARY_COLUMNS = ["problem_id", "completion_tokens", "finish_reason"]
 
 
 @task(
@@ -52,7 +47,7 @@ def generate_shard(
     run_dir: str, index: int, stage_key: str, generate: GenerateConfig, backend: BackendConfig, failure_budget: int = 0
 ) -> dict[str, Any]:
     """Sample `num_samples` trajectories per problem of one shard; failed requests fail the shard (then its retry)."""
-    if shard_exists(run_dir, STAGE, index):
+    if shard_exists(run_dir, NAME, index):
         return {"generate_s": 0.0}
     problems = read_rows(run_dir, "problems", index)
     with backend_session(backend) as b:
@@ -62,6 +57,47 @@ def generate_shard(
         elapsed = time.perf_counter() - t0
         model = b.model_id
     rows, failed = sample_rows(problems, requests, results, model)
-    outcome = check_requests(STAGE, index, failed, [r.error for r in results if r.error], failure_budget)
-    write_shard(Path(run_dir) / STAGE, index, make_table(rows, SAMPLES))
+    outcome = check_requests(NAME, index, failed, [r.error for r in results if r.error], failure_budget)
+    write_shard(Path(run_dir) / NAME, index, make_table(rows, SAMPLES))
     return {"generate_s": elapsed, **outcome}
+
+
+class Generate(Stage):
+    """Problems -> sampled trajectories."""
+
+    name = NAME
+    writes = {"problems": PROBLEMS, NAME: SAMPLES}
+    lineage = True
+
+    def plan(self, ctx: RunContext) -> StagePlan:
+        """Load the problem source into problem shards, then key the stage by the problems, the sampling settings
+        (not the shard size) and the model."""
+        recipe = ctx.recipe
+        load_problems_stage(ctx.run_dir, recipe.problems, recipe.generate.shard_size, ctx.base_dir)
+        return plan_stage(
+            ctx.run_dir,
+            NAME,
+            fingerprints(ctx.run_dir, "problems"),
+            recipe.generate.model_dump(mode="json", exclude={"shard_size"}),
+            backend_key(recipe.backend),
+            ctx.fingerprint(recipe.backend),
+            shards_of="problems",
+        )
+
+    def steps(self, ctx: RunContext, plan: StagePlan) -> Steps:
+        params = {"generate": ctx.recipe.generate, "backend": ctx.recipe.backend}
+        yield ShardStep(plan, generate_shard, params, failure_budget=ctx.recipe.failure_budget.generate)
+
+    def summarize(self, ctx: RunContext, plan: StagePlan, outcomes: list[Any]) -> dict[str, Any]:
+        stats = summary.summarize_generate(read_stage_rows(ctx.run_dir, NAME, _SUMMARY_COLUMNS, plan.indices))
+        return {**stats, "generated_tokens": stats["completion_tokens"]}
+
+    def headline(self, s: Mapping[str, Any]) -> str:
+        return f"{s.get('num_samples')} samples, {s.get('completion_tokens')} tokens, finish {s.get('finish_reasons')}"
+
+    def preflight(self, ctx: RunContext) -> None:
+        """The problem source loads (a missing file or column is one sentence before anything is written)."""
+        load_problems(ctx.recipe.problems, base_dir=Path(ctx.base_dir), offline=hub_offline())
+
+
+STAGE = Generate()

@@ -1,7 +1,12 @@
-"""The pairs stage: `<run_dir>/pairs`, the union of the pair-producing stages (resample, dto), deduplicated."""
+"""The pairs stage: `<run_dir>/pairs`, the union of every pair-producing stage's pairs, deduplicated.
+
+An implicit stage (no recipe section): it runs after the stages that make pairs, before the first stage that reads
+`pairs/`, and gathers the `pairs` directory each stage's declaration names.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -9,31 +14,30 @@ import pyarrow as pa
 from prefect import task
 
 from ckptdpo import summary
-from ckptdpo.shards import (
-    listed_shards,
-    prepare_stage,
-    read_manifest,
-    read_shard,
-    read_stage,
-    update_stats,
-    write_manifest,
-    write_shard,
-)
-from tasks.common import content_key
-from tasks.planning import RETRY, fingerprints
+from ckptdpo.report import ReportSection, sections
+from ckptdpo.schemas import PAIRS
+from ckptdpo.shards import list_shards, listed_shards, read_manifest, read_shard, read_stage, update_stats, write_shard
+from tasks.planning import RETRY, StagePlan, fingerprints, plan_stage
+from tasks.stage import JobStep, RunContext, Stage, Steps
+
+NAME = "pairs"
 
 _PAIR_COLUMNS = ["pair_type", "problem_id", "round", "checkpoint_index", "prompt_tokens", "chosen_tokens",
                  "rejected_tokens"]  # fmt: skip
 
 
+def pair_sources(ctx: RunContext) -> list[str]:
+    """The pair directories of the recipe's stages that are finished in the run directory, in pipeline order."""
+    from tasks.registry import registry
+
+    made = [s.pairs for s in registry().values() if s.pairs and s.name in ctx.recipe.stages]
+    return [d for d in made if read_manifest(Path(ctx.run_dir) / d) is not None]
+
+
 @task(name="collect_pairs", **RETRY)
 def collect_pairs(run_dir: str, sources: list[str]) -> dict[str, Any]:
-    """`<run_dir>/pairs`: every source's pairs, each pair id once, in source order."""
-    inputs = fingerprints(run_dir, *sources)
-    key = content_key("pairs", inputs)[:16]
-    stage = Path(run_dir) / "pairs"
-    if prepare_stage(stage, key):
-        return read_manifest(stage)["stats"]
+    """`<run_dir>/pairs` shards: every source's pairs, each pair id once, in source order; and their quality."""
+    stage = Path(run_dir) / NAME
     seen: set[str] = set()
     index = 0
     for source in sources:
@@ -45,16 +49,10 @@ def collect_pairs(run_dir: str, sources: list[str]) -> dict[str, Any]:
             if keep:
                 write_shard(stage, index, table.take(pa.array(keep, type=pa.int64())))
                 index += 1
-    generated = sum(
-        (read_manifest(Path(run_dir) / s) or {}).get("stats", {}).get("generated_tokens", 0)
-        for s in ("generate", "resample")
-    )
-    written = [read_shard(stage / f"part-{i:05d}.parquet", _PAIR_COLUMNS) for i in range(index)]
-    rows = pa.concat_tables(written) if written else []
-    stats = summary.summarize_pairs(rows, generated)
-    write_manifest(stage, config_hash=key, stats=stats, inputs=inputs)
+    for p in list_shards(stage)[index:]:
+        p.unlink()  # a rerun under the same key that keeps fewer shards must not leave an old one behind
     update_stats(run_dir, "pair_quality", pair_quality(run_dir, sources))
-    return stats
+    return {"shards": index}
 
 
 def _stage_rows(stage: Path, columns: list[str]) -> list[dict[str, Any]]:
@@ -76,12 +74,15 @@ def pair_quality(run_dir: str, sources: list[str]) -> dict[str, Any]:
             )
     columns = ["pair_type", "chosen_tokens", "rejected_tokens", "source_sample_id", "attempt_id"]
     rows = []
-    for p in _stage_rows(run / "pairs", columns):
+    written = list_shards(run / NAME)  # called by the stage writing them, before its manifest lists them
+    for p in (r for path in written for r in read_shard(path, columns).to_pylist()):
         source, attempt = labels.get(p["source_sample_id"]), labels.get(p["attempt_id"])
         if p["pair_type"] == "r2w":
             p["chosen_extracted_from"], p["rejected_extracted_from"] = source, attempt
         elif p["pair_type"] == "w2r":
             p["chosen_extracted_from"], p["rejected_extracted_from"] = attempt, source
+        elif p["pair_type"] == "critical":  # a rollout of the values stage (its label is not kept), the own suffix
+            p["chosen_extracted_from"], p["rejected_extracted_from"] = None, source
         else:  # dto: the optimized side ends in the boxed gold answer DTO appends; the rejected side's is not kept
             p["chosen_extracted_from"], p["rejected_extracted_from"] = "box", None
         rows.append(p)
@@ -97,3 +98,45 @@ def pair_quality(run_dir: str, sources: list[str]) -> dict[str, Any]:
 def read_pairs(run_dir: str) -> pa.Table:
     """The collected pairs of a run (from the manifest's list of shards)."""
     return read_stage(Path(run_dir) / "pairs")
+
+
+class Pairs(Stage):
+    """The preference pairs of every pair-making stage, each pair once."""
+
+    name = NAME
+    writes = {NAME: PAIRS}
+    pool = "cpu"
+    implicit = True
+    gathers_pairs = True
+    report = (
+        ReportSection(
+            "pairs", "Pairs by type and checkpoint position", lambda r: sections.section_pairs(r.pairs(), r.traj())
+        ),
+        ReportSection(
+            "pairquality",
+            "Pair quality",
+            lambda r: sections.section_pair_quality(r.pairs(), r.stats.get("pair_quality")),
+        ),
+    )
+
+    def plan(self, ctx: RunContext) -> StagePlan:
+        return plan_stage(ctx.run_dir, NAME, fingerprints(ctx.run_dir, *pair_sources(ctx)), shards_of=None)
+
+    def steps(self, ctx: RunContext, plan: StagePlan) -> Steps:
+        yield JobStep(collect_pairs, {"run_dir": ctx.run_dir, "sources": pair_sources(ctx)})
+
+    def summarize(self, ctx: RunContext, plan: StagePlan, outcomes: list[Any]) -> dict[str, Any]:
+        """Pairs by type and per 1k tokens generated to make them."""
+        generated = sum(
+            (read_manifest(Path(ctx.run_dir) / s) or {}).get("stats", {}).get("generated_tokens", 0)
+            for s in ("generate", *[d.split("/")[0] for d in pair_sources(ctx)])
+        )
+        written = [read_shard(p, _PAIR_COLUMNS) for p in list_shards(Path(ctx.run_dir) / NAME)]
+        return summary.summarize_pairs(pa.concat_tables(written) if written else [], generated)
+
+    def headline(self, s: Mapping[str, Any]) -> str:
+        per_1k = s.get("pairs_per_1k_generated_tokens")
+        return f"{s.get('num_pairs', 0)} pairs {s.get('by_type', {})}, {per_1k} per 1k generated tokens"
+
+
+STAGE = Pairs()

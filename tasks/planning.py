@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
-from ckptdpo import summary
 from ckptdpo.configs import BackendConfig
 from ckptdpo.errors import UserError
 from ckptdpo.shards import (
     check_shards_present,
     listed_shards,
     prepare_stage,
+    read_manifest,
     read_shard,
     shard_path,
     stage_fingerprint,
@@ -44,12 +46,14 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
     return True
 
 
-RETRY = {
+RETRY_ONLY = {
     "retries": 2,
     "retry_delay_seconds": [5, 30],
     "retry_jitter_factor": 0.5,
     "retry_condition_fn": _retry_unless_user_error,
 }
+# Shard tasks: retried, and cached by content (`content_cache_key`) so a rerun's task runs hit.
+RETRY = RETRY_ONLY
 
 
 class StageFailed(RuntimeError):
@@ -67,18 +71,36 @@ class StagePlan:
     indices: list[int] = field(default_factory=list)
     inputs: dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    outputs: list[str] = field(default_factory=list)
 
     @property
     def directory(self) -> Path:
         return Path(self.run_dir) / self.stage
 
+    @property
+    def directories(self) -> list[str]:
+        """Every directory its shard tasks write: its own and its outputs (each shard i in all of them)."""
+        return [self.stage, *self.outputs]
 
-def plan_stage(run_dir: str, stage: str, inputs: dict[str, str], *key_parts: Any, shards_of: str) -> StagePlan:
-    """Key the stage by content; clear it if it was written under another key; list the shards to write."""
+
+def plan_stage(
+    run_dir: str,
+    stage: str,
+    inputs: dict[str, str],
+    *key_parts: Any,
+    shards_of: str | None,
+    outputs: Sequence[str] = (),
+) -> StagePlan:
+    """Key the stage by content; clear it if it was written under another key; list the shards to write.
+
+    `outputs`: more directories the same shard tasks write (one shard each per input shard), under the same key; the
+    stage is done only when all of them are. `shards_of` None: a stage without shards (training), planned only.
+    """
     key = content_key(stage, inputs, *key_parts)[:16]
-    plan = StagePlan(stage=stage, run_dir=run_dir, key=key, done=False, inputs=inputs)
-    plan.done = prepare_stage(plan.directory, key)
-    if not plan.done:
+    plan = StagePlan(stage=stage, run_dir=run_dir, key=key, done=False, inputs=inputs, outputs=list(outputs))
+    done = [prepare_stage(Path(run_dir) / d, key) for d in plan.directories]
+    plan.done = all(done)
+    if not plan.done and shards_of is not None:
         plan.indices = list(range(len(listed_shards(Path(run_dir) / shards_of))))
     return plan
 
@@ -97,12 +119,17 @@ def shard_exists(run_dir: str, stage: str, index: int) -> bool:
     return shard_path(Path(run_dir) / stage, index).exists()
 
 
+def shards_written(plan: StagePlan, index: int) -> bool:
+    """Shard `index` is written in every directory of the plan (a task that writes several writes all or redoes)."""
+    return all(shard_exists(plan.run_dir, d, index) for d in plan.directories)
+
+
 def read_rows(run_dir: str, stage: str, index: int, columns: list[str] | None = None) -> list[dict[str, Any]]:
     """Rows of shard `index` of a stage (shard i of every stage comes from problem shard i)."""
     return read_shard(shard_path(Path(run_dir) / stage, index), columns=columns).to_pylist()
 
 
-def read_stage_rows(run_dir: str, stage: str, columns: list[str], indices: list[int]) -> list[dict[str, Any]]:
+def read_stage_rows(run_dir: str, stage: str, columns: list[str] | None, indices: list[int]) -> list[dict[str, Any]]:
     """Rows of the given shards of a stage being finished (its manifest is not written yet)."""
     rows: list[dict[str, Any]] = []
     for i in indices:
@@ -134,48 +161,60 @@ def check_failures(stage: str, shard_results: list[dict[str, Any]], budget: int)
     return failed
 
 
-_SUMMARIES = {
-    "generate": (summary.summarize_generate, ["problem_id", "completion_tokens", "finish_reason"]),
-    "verify": (summary.summarize_verify, ["problem_id", "status", "extracted_from"]),
-    "checkpoints": (
-        summary.summarize_checkpoints,
-        ["is_correct", "num_paragraphs", "num_checkpoints", "completion_tokens"],
-    ),
-}
-_ROUND_COLUMNS = ["direction", "source_sample_id", "checkpoint_index", "status", "finish_reason", "completion_tokens"]
+TOTALS = ("generate_s", "verify_s", "prompt_tokens_requested", "prompt_tokens_computed", "failed_requests")
 
 
-@task(name="finalize_stage", **RETRY)
-def finalize_stage(
-    plan: StagePlan, shard_results: list[dict[str, Any]], extra: dict[str, Any] | None = None, failure_budget: int = 0
-) -> dict:
-    """Summarize the stage, write its manifest last, and its section of stats.json; publish a table artifact."""
-    failed = check_failures(plan.stage, shard_results, failure_budget)
-    missing = [i for i in plan.indices if not shard_exists(plan.run_dir, plan.stage, i)]
-    if missing:
-        raise StageFailed(f"stage {plan.stage}: shards {missing[:5]} were not written; the stage is not done.")
-    stats = dict(extra or {})
-    if plan.stage in _SUMMARIES:
-        fn, columns = _SUMMARIES[plan.stage]
-        stats.update(fn(read_stage_rows(plan.run_dir, plan.stage, columns, plan.indices)))
-    elif plan.stage.startswith("resample/round-"):
-        stats.update(summary.summarize_round(read_stage_rows(plan.run_dir, plan.stage, _ROUND_COLUMNS, plan.indices)))
-    if plan.stage == "generate":
-        stats["generated_tokens"] = stats["completion_tokens"]
-    for name in ("generate_s", "verify_s", "prompt_tokens_requested", "prompt_tokens_computed"):
+def shard_totals(shard_results: list[dict[str, Any]]) -> dict[str, Any]:
+    """What every stage's shard tasks report and its manifest adds up: model time, prompt tokens, dropped rows."""
+    stats: dict[str, Any] = {}
+    for name in TOTALS:
         total = sum(r.get(name, 0) for r in shard_results)
         if total:
             stats[name] = round(total, 3)
     dropped = sum((Counter(r.get("dropped") or {}) for r in shard_results), Counter())
     if dropped:
         stats["dropped"] = dict(sorted(dropped.items()))
-    if failed:
-        stats["failed_rows"] = sum(len(f["ids"]) for f in failed)
-    stats["wall_s"] = round(time.time() - plan.started, 3)
-    write_manifest(plan.directory, config_hash=plan.key, stats=stats, inputs=plan.inputs, failed=failed)
-    update_stats(plan.run_dir, plan.stage, stats)
-    publish_table(plan.run_dir, plan.stage, stats)
     return stats
+
+
+@task(name="finalize_stage", cache_policy=NO_CACHE, **RETRY_ONLY)
+def finalize_stage(
+    plan: StagePlan,
+    shard_results: list[dict[str, Any]],
+    summarize: Callable[[], dict[str, Any]],
+    failure_budget: int = 0,
+    section: str | None = None,
+    published: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> dict:
+    """Check a stage's (or step's) shards, summarize it, write its manifest last (its outputs' manifests before it),
+    and, given a `section`, its stats.json section (`published` picks what goes there) and a table artifact.
+
+    A plan that was already done is only re-summarized (eval after its k list changed): the failures and timings the
+    run that wrote its shards recorded are kept.
+    """
+    if plan.done:
+        old = read_manifest(plan.directory) or {}
+        failed = old.get("failed", [])
+        kept = {k: v for k, v in old.get("stats", {}).items() if k.endswith("_s") or k in TOTALS}
+    else:
+        failed = check_failures(plan.stage, shard_results, failure_budget)
+        for directory in plan.directories:
+            missing = [i for i in plan.indices if not shard_exists(plan.run_dir, directory, i)]
+            if missing:
+                raise StageFailed(f"stage {directory}: shards {missing[:5]} were not written; the stage is not done.")
+        kept = {**shard_totals(shard_results), "wall_s": round(time.time() - plan.started, 3)}
+        if failed:
+            kept["failed_rows"] = sum(len(f["ids"]) for f in failed)
+    stats = {**summarize(), **kept}
+    for output in plan.outputs:
+        write_manifest(Path(plan.run_dir) / output, config_hash=plan.key, inputs=plan.inputs)
+    write_manifest(plan.directory, config_hash=plan.key, stats=stats, inputs=plan.inputs, failed=failed)
+    if section is None:
+        return stats
+    shown = (published or dict)(stats)
+    update_stats(plan.run_dir, section, shown)
+    publish_table(plan.run_dir, section, shown)
+    return shown
 
 
 def artifact_key(run_dir: str, name: str) -> str:

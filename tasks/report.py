@@ -45,5 +45,6 @@ def publish_report(run_dir: str, report_path: str) -> str:
 def write_report(run_dir: str) -> str:
     """Write `<run_dir>/report/index.html` (self-contained HTML); returns its path."""
     from ckptdpo.report import build_report
+    from tasks.registry import report_sections
 
-    return str(build_report(Path(run_dir)))
+    return str(build_report(Path(run_dir), report_sections()))

@@ -21,15 +21,18 @@ from typing import Any
 from prefect import get_run_logger, task
 from pydantic import ValidationError
 
-from ckptdpo.configs import TrainConfig, describe_validation_error
+from ckptdpo.configs import describe_validation_error
 from ckptdpo.errors import UserError
-from ckptdpo.shards import prepare_stage, read_manifest, update_stats, write_manifest
+from ckptdpo.report import ReportSection, load_train_summary, sections
+from ckptdpo.shards import read_manifest
 from ckptdpo.train import FAULT_FIELDS, SUMMARY, TrainJob, build_launch_command, build_merge_command, write_job
-from tasks.common import content_key
+from tasks.planning import StagePlan, fingerprints, plan_stage
+from tasks.stage import JobStep, RunContext, Stage, Steps
 
-STAGE = "train"
+NAME = "train"
 JOB_FILE = "job.yaml"
 LOG_FILE = "train.log"
+PAIRS = "pairs"
 _USER_ERROR = re.compile(r"^(?:\[rank\d+\]:\s*)?error: (.+)$")
 
 
@@ -37,7 +40,7 @@ class TrainFailed(RuntimeError):
     """The training subprocess exited with an error (retried: it resumes from its newest checkpoint)."""
 
 
-def _retry_unless_user_error(task, task_run, state) -> bool:
+def retry_unless_user_error(task, task_run, state) -> bool:
     try:
         exc = state.result(raise_on_failure=False)
     except Exception:  # a result that cannot be read back: let the retry policy decide
@@ -45,53 +48,62 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
     return not isinstance(exc, UserError)
 
 
-def train_key(job: TrainJob, inputs: dict[str, str]) -> str:
-    """Content key of a training run: train config, base model, pair fingerprints (not where it writes)."""
-    what = job.model_dump(mode="json", exclude={"output_dir", *FAULT_FIELDS})
-    return content_key(STAGE, what, inputs)[:16]
+def resolve_accelerate_config(path: str, base_dir: str) -> str:
+    """An accelerate config path as given, else relative to the recipe's folder, else relative to the recipes/ root."""
+    recipe_dir = Path(base_dir).resolve()
+    for candidate in (Path(path).expanduser(), recipe_dir / path, recipe_dir.parent / path):
+        if candidate.is_file():
+            return str(candidate.resolve())
+    raise UserError(f"train.accelerate_config '{path}' not found (also not next to the recipe in {recipe_dir}); "
+                    "give a path to an accelerate YAML.")  # fmt: skip
+
+
+def train_job(ctx: RunContext) -> TrainJob:
+    """The job the training subprocess runs: the train config, the pairs, the base model's local path."""
+    train = ctx.recipe.train
+    if train.accelerate_config:
+        train = train.model_copy(
+            update={"accelerate_config": resolve_accelerate_config(train.accelerate_config, ctx.base_dir)}
+        )
+    pairs = Path(ctx.run_dir) / PAIRS
+    if not (read_manifest(pairs) or {}).get("num_rows"):
+        raise UserError(
+            f"{pairs}: this run made no preference pairs, so there is nothing to train on; generate more "
+            "problems or samples, or raise generate.max_tokens / resample.max_tokens so answers get finished."
+        )
+    try:
+        return TrainJob(
+            train=train,
+            pairs_dirs=[str(pairs)],
+            model=ctx.model_path(ctx.recipe.backend.model),
+            output_dir=str(Path(ctx.run_dir) / NAME),
+        )
+    except ValidationError as e:
+        raise UserError(describe_validation_error(e, "train job")) from None
 
 
 # No Prefect result cache here: a cached result outlives a deleted run directory and would skip training with no
-# model on disk. The task checks the stage's own manifest (same key, same pairs) and returns at once when done.
-@task(
-    name="train_model",
-    retries=1,
-    retry_delay_seconds=5,
-    retry_condition_fn=_retry_unless_user_error,
-)
-def train_model(
-    run_dir: str, train: TrainConfig, model: str, pairs_dirs: list[str], pairs_fingerprints: dict[str, str]
-) -> dict[str, Any]:
-    """Run one training job into `<run_dir>/train`; returns its summary (also the `train` section of stats.json).
-
-    `model` is the base model's local path; `pairs_fingerprints` (stage name -> fingerprint of each pair stage)
-    makes the cache key follow the pairs' content.
-    """
-    log = get_run_logger()
-    stage = Path(run_dir) / STAGE
-    try:
-        train_job = TrainJob(train=train, pairs_dirs=pairs_dirs, model=model, output_dir=str(stage))
-    except ValidationError as e:
-        raise UserError(describe_validation_error(e, "train job")) from None
-    key = train_key(train_job, pairs_fingerprints)
-    manifest = read_manifest(stage)
-    if manifest and manifest.get("config_hash") == key and manifest.get("inputs") == pairs_fingerprints:
-        log.info("train stage already done under key %s; skipping", key)
-        return json.loads((stage / SUMMARY).read_text())
-    prepare_stage(stage, key)
+# model on disk. The stage's own manifest (same key, same pairs) says when it is done.
+@task(name="train_model", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
+def train_model(job: TrainJob, key: str) -> dict[str, Any]:
+    """Run one training job into its output directory (python, torchrun or accelerate launch, then the LoRA merge);
+    returns its summary."""
+    stage = Path(job.output_dir)
     (stage / SUMMARY).unlink(missing_ok=True)  # a summary left by an earlier attempt is not this run's
-    job_path = write_job(train_job, stage / JOB_FILE)
-    commands = [build_launch_command(job_path, train_job.train)]
-    if train_job.train.lora:
+    job_path = write_job(job, stage / JOB_FILE)
+    commands = [build_launch_command(job_path, job.train)]
+    if job.train.lora:
         commands.append(build_merge_command(job_path))
+    run_launched(commands, stage / LOG_FILE, key)
+    return json.loads((stage / SUMMARY).read_text())
+
+
+def run_launched(commands: list[list[str]], log_path: Path, key: str) -> None:
+    """Run a training job's commands in order, streaming their output into the Prefect run log and `log_path`."""
+    log = get_run_logger()
     for cmd in commands:
-        log.info("train key %s: %s", key, " ".join(cmd))
-        _check(*_run_streaming(cmd, stage / LOG_FILE, log), stage / LOG_FILE)
-    summary = json.loads((stage / SUMMARY).read_text())
-    compact = {k: v for k, v in summary.items() if k not in ("steps", "ranks")}
-    write_manifest(stage, config_hash=key, stats=compact, inputs=pairs_fingerprints)
-    update_stats(run_dir, STAGE, summary)
-    return summary
+        log.info("key %s: %s", key, " ".join(cmd))
+        _check(*_run_streaming(cmd, log_path, log), log_path)
 
 
 def _check(rc: int, tail: list[str], log_path: Path) -> None:
@@ -127,3 +139,33 @@ def _run_streaming(cmd: list[str], log_path: Path, log) -> tuple[int, list[str]]
                 proc.kill()
             rc = proc.wait()
     return rc, list(tail)
+
+
+class Train(Stage):
+    """DPO / SimPO on the run's pairs."""
+
+    name = NAME
+    reads = {PAIRS: ["prompt", "chosen", "rejected", "pair_type", "problem_id"]}
+    writes = {NAME: None}
+    pool = "gpu_train"
+    report = (
+        ReportSection(
+            "training", "Training curves", lambda r: sections.section_training(load_train_summary(r.run_dir))
+        ),
+    )
+
+    def plan(self, ctx: RunContext) -> StagePlan:
+        """Keyed by the train config, the base model and the pairs' content (not where it writes). A stage left by an
+        interrupted run under the same key keeps its checkpoints, so the run resumes from the newest one."""
+        what = train_job(ctx).model_dump(mode="json", exclude={"output_dir", *FAULT_FIELDS})
+        return plan_stage(ctx.run_dir, NAME, fingerprints(ctx.run_dir, PAIRS), what, shards_of=None)
+
+    def steps(self, ctx: RunContext, plan: StagePlan) -> Steps:
+        yield JobStep(train_model, {"job": train_job(ctx), "key": plan.key})
+
+    def summarize(self, ctx: RunContext, plan: StagePlan, outcomes: list[Any]) -> dict[str, Any]:
+        (summary,) = outcomes
+        return summary
+
+
+STAGE = Train()

@@ -3,30 +3,29 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
-from ckptdpo.configs import Recipe, VerifyConfig
+from ckptdpo import summary
+from ckptdpo.configs import VerifyConfig
 from ckptdpo.schemas import VERDICTS, make_table
 from ckptdpo.shards import write_shard
 from ckptdpo.verdicts import verdict_items, verdict_rows
 from ckptdpo.verify import verify_batch
 from tasks.common import content_cache_key
-from tasks.planning import RETRY, StagePlan, fingerprints, plan_stage, read_rows, shard_exists
+from tasks.planning import RETRY, StagePlan, fingerprints, plan_stage, read_rows, read_stage_rows, shard_exists
+from tasks.stage import RunContext, ShardStep, Stage, Steps
 
-STAGE = "verify"
+NAME = "verify"
+_SAMPLE_COLUMNS = ["sample_id", "problem_id", "completion", "finish_reason"]
 
 
 def verify_key(cfg: VerifyConfig) -> dict[str, Any]:
     """The settings that change verdicts: the timeout decides which items end as `timeout`; the pool size does not."""
     return cfg.model_dump(mode="json", exclude={"workers"})
-
-
-def plan_verify(run_dir: str, recipe: Recipe) -> StagePlan:
-    inputs = fingerprints(run_dir, "problems", "generate")
-    return plan_stage(run_dir, STAGE, inputs, verify_key(recipe.verify), shards_of="generate")
 
 
 def verify_kwargs(cfg: VerifyConfig) -> dict[str, Any]:
@@ -36,14 +35,43 @@ def verify_kwargs(cfg: VerifyConfig) -> dict[str, Any]:
 
 @task(name="verify_samples", task_run_name="verify-shard-{index}", cache_key_fn=content_cache_key,
       persist_result=True, **RETRY)  # fmt: skip
-def verify_shard(run_dir: str, index: int, stage_key: str, verify: VerifyConfig) -> dict[str, float]:
+def verify_shard(
+    run_dir: str, index: int, stage_key: str, verify: VerifyConfig, failure_budget: int = 0
+) -> dict[str, float]:
     """Verdicts for one shard of samples against the gold answers of the same problem shard."""
-    if shard_exists(run_dir, STAGE, index):
+    if shard_exists(run_dir, NAME, index):
         return {"verify_s": 0.0}
     gold = {p["problem_id"]: p["answer"] for p in read_rows(run_dir, "problems", index, ["problem_id", "answer"])}
-    samples = read_rows(run_dir, "generate", index, ["sample_id", "problem_id", "completion", "finish_reason"])
+    samples = read_rows(run_dir, "generate", index, _SAMPLE_COLUMNS)
     t0 = time.perf_counter()
     verdicts = verify_batch(verdict_items(samples, gold), **verify_kwargs(verify))
     elapsed = time.perf_counter() - t0
-    write_shard(Path(run_dir) / STAGE, index, make_table(verdict_rows(samples, verdicts), VERDICTS))
+    write_shard(Path(run_dir) / NAME, index, make_table(verdict_rows(samples, verdicts), VERDICTS))
     return {"verify_s": elapsed}
+
+
+class Verify(Stage):
+    """Trajectories -> verdicts (math-verify under a hard time limit)."""
+
+    name = NAME
+    reads = {"problems": ["problem_id", "answer"], "generate": _SAMPLE_COLUMNS}
+    writes = {NAME: VERDICTS}
+    pool = "cpu"
+    lineage = True
+
+    def plan(self, ctx: RunContext) -> StagePlan:
+        inputs = fingerprints(ctx.run_dir, "problems", "generate")
+        return plan_stage(ctx.run_dir, NAME, inputs, verify_key(ctx.recipe.verify), shards_of="generate")
+
+    def steps(self, ctx: RunContext, plan: StagePlan) -> Steps:
+        yield ShardStep(plan, verify_shard, {"verify": ctx.recipe.verify})
+
+    def summarize(self, ctx: RunContext, plan: StagePlan, outcomes: list[Any]) -> dict[str, Any]:
+        columns = ["problem_id", "status", "extracted_from"]
+        return summary.summarize_verify(read_stage_rows(ctx.run_dir, NAME, columns, plan.indices))
+
+    def headline(self, s: Mapping[str, Any]) -> str:
+        return f"accuracy {s.get('accuracy')}, {s.get('by_status')}"
+
+
+STAGE = Verify()

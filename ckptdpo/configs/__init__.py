@@ -26,6 +26,7 @@ from ckptdpo.configs.stages import (
     ResampleConfig,
     TaskRunnerConfig,
     TrainConfig,
+    ValuesConfig,
     VerifyConfig,
     eval_model_name,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "TaskRunnerConfig",
     "TrainConfig",
     "VLLMBackendConfig",
+    "ValuesConfig",
     "VerifyConfig",
     "backend_config",
     "describe_validation_error",

@@ -5,36 +5,34 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 import ckptdpo.configs.stages as st
 from ckptdpo.configs.backend import BACKEND_CLASSES, BACKEND_KINDS, BackendConfig, HFBackendConfig
-from ckptdpo.configs.base import ConfigError, _Config
+from ckptdpo.configs.base import ConfigError
 
 
-class Recipe(_Config):
-    """A whole pipeline: problem source, policy backend and one config per stage."""
+class Recipe(st.StageSections):
+    """A whole pipeline: problem source, policy backend, one config per stage (inherited) and the run's settings."""
 
     name: str = "recipe"
-    stages: list[Literal["generate", "verify", "checkpoints", "resample", "dto", "train", "grpo", "eval"]] = Field(
-        default_factory=lambda: ["generate", "verify", "checkpoints", "resample"]
+    stages: list[str] = Field(
+        default_factory=lambda: ["generate", "verify", "checkpoints", "resample"],
+        description=f"stages to run, in any order (they run in pipeline order): {', '.join(st.STAGES)}",
     )
     problems: st.ProblemsConfig = Field(default_factory=st.ProblemsConfig)
     backend: BackendConfig = Field(default_factory=HFBackendConfig)
-    generate: st.GenerateConfig = Field(default_factory=st.GenerateConfig)
-    verify: st.VerifyConfig = Field(default_factory=st.VerifyConfig)
-    checkpoints: st.CheckpointConfig = Field(default_factory=st.CheckpointConfig)
-    resample: st.ResampleConfig = Field(default_factory=st.ResampleConfig)
-    dto: st.DTOConfig = Field(default_factory=st.DTOConfig)
-    train: st.TrainConfig = Field(default_factory=st.TrainConfig)
-    grpo: st.GRPOConfig = Field(default_factory=st.GRPOConfig)
-    eval: st.EvalConfig = Field(default_factory=st.EvalConfig)
     refresh: st.RefreshConfig = Field(default_factory=st.RefreshConfig)
     task_runner: st.TaskRunnerConfig = Field(default_factory=st.TaskRunnerConfig)
     failure_budget: st.FailureBudgetConfig = Field(default_factory=st.FailureBudgetConfig)
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, v: list[str]) -> list[str]:
+        return check_stage_names(v, "stages")
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
@@ -72,6 +70,17 @@ class Recipe(_Config):
         if sections:
             dump = {s: dump[s] for s in sections}
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_stage_names(names: list[str], what: str) -> list[str]:
+    """Known stage names, each once (a stage named twice would run once and hide a typo); else one sentence."""
+    unknown = [n for n in names if n not in st.STAGES]
+    if unknown:
+        raise ValueError(f"{what} names unknown stage(s) {', '.join(unknown)}; choose from {', '.join(st.STAGES)}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{what} names {', '.join(twice)} more than once; name each stage once")
+    return names
 
 
 def _field_path(loc: tuple) -> tuple[str, str | None]:

@@ -11,7 +11,6 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from ckptdpo.configs.backend import BackendConfig
 from ckptdpo.configs.base import _Config
 
-STAGES = ("generate", "verify", "checkpoints", "resample", "dto", "train", "grpo", "eval")
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -141,7 +140,11 @@ class CheckpointConfig(_Config):
 class ResampleConfig(_Config):
     """Resampling from checkpoints into r2w / w2r pairs."""
 
-    policy: Literal["seed", "uniform", "all", "decile", "front"] = Field("seed", description="checkpoint schedule")
+    policy: Literal["seed", "uniform", "all", "decile", "front", "value"] = Field(
+        "seed",
+        description="checkpoint schedule; value: where the values stage's estimates say (the critical region, the "
+        "widest intervals), the seed schedule for a trajectory without values",
+    )
     r2w: bool = Field(True, description="build Right-to-Wrong pairs from correct trajectories")
     w2r: bool = Field(True, description="build Wrong-to-Right pairs from wrong trajectories")
     max_rounds: int = Field(3, ge=1, description="resampling rounds")
@@ -223,7 +226,7 @@ class TrainConfig(_Config):
 
     loss: Literal["dpo", "simpo"] = Field("dpo", description="dpo: TRL DPOTrainer; simpo: CPOTrainer simpo")
     loss_type: str = Field("sigmoid", description="DPOTrainer loss_type (sigmoid, ipo, hinge, ...); loss=dpo only")
-    pair_types: list[Literal["r2w", "w2r", "dto"]] = Field(default_factory=lambda: ["r2w", "w2r"])
+    pair_types: list[Literal["r2w", "w2r", "critical", "dto"]] = Field(default_factory=lambda: ["r2w", "w2r"])
     beta: float = Field(0.1, gt=0)
     gamma_beta_ratio: float = Field(0.5, ge=0, description="SimPO gamma/beta; TRL gets simpo_gamma=ratio*beta")
     learning_rate: float = Field(5e-7, gt=0)
@@ -504,3 +507,69 @@ class GRPOConfig(_Config):
         if self.num_machines > 1 and not self.main_process_ip:
             raise ValueError("grpo.num_machines > 1 needs grpo.main_process_ip (the address of machine 0)")
         return self
+
+
+class ValuesConfig(_Config):
+    """Checkpoint values: the share of continuations from a checkpoint that verify, and the first checkpoint below
+    a threshold (the step holding the first error), found by bisection or by probing every checkpoint."""
+
+    rollouts: int = Field(8, ge=1, description="continuations per probed checkpoint (one request, vLLM's n)")
+    search: Literal["binary", "exhaustive"] = Field(
+        "binary",
+        description="binary: bisect for the first checkpoint below threshold (about log2(n) + 1 probes, values "
+        "taken as non-increasing); exhaustive: probe every checkpoint",
+    )
+    threshold: float = Field(0.5, gt=0, le=1, description="a checkpoint whose value is below this is bad")
+    trajectories: Literal["incorrect", "correct", "all"] = Field(
+        "all",
+        description="which trajectories to probe: incorrect (verdict incorrect or no_answer), correct, or both; "
+        "timeout and error verdicts never",
+    )
+    max_rollouts_per_trajectory: int | None = Field(
+        None, ge=1, description="stop a trajectory's search once its next probe would pass this; none: no cap"
+    )
+    max_tokens: int = Field(32768, ge=1, description="max new tokens per continuation; one cut there never verifies")
+    temperature: float = Field(0.6, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    seed: int = Field(3, description="base seed; each probe's seed derives from it, the sample and the checkpoint")
+    critical_pairs: bool = Field(True, description="build `critical` pairs at each wrong trajectory's first error")
+    max_pair_tokens: int | None = Field(None, ge=1, description="drop critical pairs whose prompt+longer side exceed")
+    max_length_ratio: float | None = Field(
+        None, gt=1, description="drop critical pairs with a chosen/rejected token ratio over this"
+    )
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float, info: ValidationInfo) -> float:
+        return _vllm_temperature(v, info.data.get("rollouts"), "rollouts")
+
+    @model_validator(mode="after")
+    def _cap_fits_a_probe(self) -> ValuesConfig:
+        cap = self.max_rollouts_per_trajectory
+        if cap is not None and cap < self.rollouts:
+            raise ValueError(
+                f"values.max_rollouts_per_trajectory {cap} is below values.rollouts {self.rollouts}, so no checkpoint "
+                "could be probed; raise it or lower rollouts"
+            )
+        return self
+
+
+class StageSections(_Config):
+    """One recipe section per pipeline stage, in pipeline order.
+
+    The stage names a recipe's `stages` may list, and the order the pipeline runs them in, are these fields: adding a
+    stage is adding its config class above and its field here (the stage registry in tasks/ finds its spec by name).
+    """
+
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    values: ValuesConfig = Field(default_factory=ValuesConfig)
+    resample: ResampleConfig = Field(default_factory=ResampleConfig)
+    dto: DTOConfig = Field(default_factory=DTOConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+STAGES = tuple(StageSections.model_fields)

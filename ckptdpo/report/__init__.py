@@ -40,7 +40,17 @@ from ckptdpo.report.data import (
 )
 from ckptdpo.report.draw import COLORS, MODEL_COLORS, NOT_RUN, format_number, interval_text
 from ckptdpo.report.evaluation import cross_rows, headline, metric_rows
-from ckptdpo.report.page import CSS, REPORT_DIR, REPORT_FILE, build_report, headline_markdown, render_report
+from ckptdpo.report.page import (
+    CSS,
+    REPORT_DIR,
+    REPORT_FILE,
+    ReportRun,
+    ReportSection,
+    build_report,
+    headline_markdown,
+    render_report,
+    skipped_notes,
+)
 from ckptdpo.report.sections import (
     section_checkpoints,
     section_dto,
@@ -61,6 +71,8 @@ __all__ = [
     "NOT_RUN",
     "REPORT_DIR",
     "REPORT_FILE",
+    "ReportRun",
+    "ReportSection",
     "benchmark_kinds",
     "build_report",
     "compare_intervals",
@@ -98,4 +110,5 @@ __all__ = [
     "section_pairs",
     "section_rounds",
     "section_training",
+    "skipped_notes",
 ]

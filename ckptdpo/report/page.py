@@ -1,17 +1,18 @@
-"""The report page: the sections in order, CSS that keeps every table inside the page, the atomic write, and the
-headline as Markdown for a Prefect artifact."""
+"""The report page: the overview, then the sections the caller lists (the stage registry gives each stage's, in
+pipeline order), CSS that keeps every table inside the page, the atomic write, and the headline as Markdown for a
+Prefect artifact."""
 
 from __future__ import annotations
 
 import html
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ckptdpo.report.data as data
 import ckptdpo.report.evaluation as evaluation
-import ckptdpo.report.sections as sections
 from ckptdpo.errors import UserError
 from ckptdpo.report.draw import format_number, note
 from ckptdpo.shards import atomic_write_bytes, read_manifest, read_stats
@@ -75,7 +76,7 @@ def section_overview(stats: dict[str, Any], run_dir: Path, lines: list[str]) -> 
     return out + (f'<ul class="headline">{items}</ul>' if items else "")
 
 
-class _Run:
+class ReportRun:
     """What the sections read, each loaded once on first use."""
 
     def __init__(self, run_dir: Path) -> None:
@@ -112,62 +113,44 @@ class _Run:
     def headline(self) -> list[str]:
         return evaluation.headline(self.section, self.intervals())
 
+    def reference(self) -> str:
+        """The model the others are compared with (the first evaluated)."""
+        return data.eval_manifest_stats(self.run_dir).get("reference") or ""
+
     def eval_or(self, fn: Callable[[], str]) -> str:
         return fn() if self.section else evaluation.no_eval()
 
 
-def _sections(run: _Run) -> list[tuple[str, str, Callable[[], str]]]:
-    d = run.run_dir
-    ref = data.eval_manifest_stats(d).get("reference") or ""
-    return [
-        ("overview", "Overview", lambda: section_overview(run.stats, d, run.headline())),
-        ("lengths", "Trajectory lengths: correct vs incorrect", lambda: sections.section_lengths(run.traj())),
-        ("checkpoints", "Checkpoints per trajectory", lambda: sections.section_checkpoints(run.traj())),
-        ("pairs", "Pairs by type and checkpoint position", lambda: sections.section_pairs(run.pairs(), run.traj())),
-        (
-            "pairquality",
-            "Pair quality",
-            lambda: sections.section_pair_quality(run.pairs(), run.stats.get("pair_quality")),
-        ),
-        ("rounds", "Resampling yield per round", lambda: sections.section_rounds(run.stats)),
-        ("dto", "DTO token reductions", lambda: sections.section_dto(run.dto_pairs(), run.dto_figures(), run.stats)),
-        ("training", "Training curves", lambda: sections.section_training(data.load_train_summary(d))),
-        (
-            "passk",
-            "pass@k: base vs trained",
-            lambda: run.eval_or(lambda: evaluation.section_pass_at_k(run.section) + _skipped_notes(d)),
-        ),
-        (
-            "acctokens",
-            "Accuracy vs tokens",
-            lambda: run.eval_or(lambda: evaluation.section_accuracy_tokens(run.section)),
-        ),
-        (
-            "metrics",
-            "Metrics",
-            lambda: run.eval_or(
-                lambda: evaluation.section_tables(
-                    run.section, data.benchmark_kinds(d, run.section), run.intervals(), _skipped_notes(d), ref
-                )
-            ),
-        ),
-    ]
+@dataclass(frozen=True)
+class ReportSection:
+    """One section of the report: its anchor, its title, and what draws it from the run (HTML)."""
+
+    anchor: str
+    title: str
+    draw: Callable[[ReportRun], str]
 
 
-def render_report(run_dir: Path) -> str:
-    """The report's HTML for one run directory."""
+OVERVIEW = ReportSection("overview", "Overview", lambda run: section_overview(run.stats, run.run_dir, run.headline()))
+
+
+def skipped_notes(run: ReportRun) -> str:
+    return _skipped_notes(run.run_dir)
+
+
+def render_report(run_dir: Path, sections: Sequence[ReportSection]) -> str:
+    """The report's HTML for one run directory: the overview, then `sections` in order."""
     run_dir = Path(run_dir)
-    run = _Run(run_dir)
-    listed = _sections(run)
+    run = ReportRun(run_dir)
+    listed = [OVERVIEW, *sections]
     parts = []
-    for anchor, title, fn in listed:
+    for section in listed:
         try:
-            body = fn()
+            body = section.draw(run)
         except Exception as e:  # one broken section must not cost the whole report
-            log.exception("report section %s failed", anchor)
+            log.exception("report section %s failed", section.anchor)
             body = f'<p class="error">this section could not be drawn: {html.escape(f"{type(e).__name__}: {e}")}</p>'
-        parts.append(f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>')
-    nav = "".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t, _ in listed)
+        parts.append(f'<section id="{section.anchor}"><h2>{html.escape(section.title)}</h2>{body}</section>')
+    nav = "".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in listed)
     name = data.load_recipe_name(run_dir)
     title = f"ckptdpo report: {name or run_dir.name}"
     return (
@@ -181,19 +164,19 @@ def render_report(run_dir: Path) -> str:
     )
 
 
-def build_report(run_dir: Path) -> Path:
+def build_report(run_dir: Path, sections: Sequence[ReportSection]) -> Path:
     """Write `<run_dir>/report/index.html` atomically; returns its path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory; pass the directory a run wrote (with stats.json).")
     path = run_dir / REPORT_DIR / REPORT_FILE
-    atomic_write_bytes(path, render_report(run_dir).encode())
+    atomic_write_bytes(path, render_report(run_dir, sections).encode())
     return path
 
 
 def headline_markdown(run_dir: Path) -> str:
     """The report's headline (with intervals) and metrics table as Markdown, for a Prefect artifact."""
-    run = _Run(Path(run_dir))
+    run = ReportRun(Path(run_dir))
     lines = [f"# ckptdpo report: {run_dir}", "", f"Report: `{Path(run_dir) / REPORT_DIR / REPORT_FILE}`", ""]
     lines += [f"- {line}" for line in run.headline()]
     if run.section:

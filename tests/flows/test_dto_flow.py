@@ -208,12 +208,12 @@ def test_rerun_skips_the_stage(base_run):
     recipe, run_dir = base_run
     mtimes = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.parquet")}
     result = pipeline_flow(str(recipe), str(run_dir))
-    assert result["dto"] == {"stage": "dto", "skipped": True}
+    assert result["dto"]["skipped"] is True
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.parquet")} == mtimes
 
 
 def test_separate_judge_backend_is_the_one_asked(base_run, tmp_path: Path):
-    from flows.dto import dto_flow
+    from flows.stage import stage_flow
 
     recipe, run_dir = base_run
     run_dir = copy_run(run_dir, tmp_path)
@@ -221,7 +221,7 @@ def test_separate_judge_backend_is_the_one_asked(base_run, tmp_path: Path):
     # This judge flags nothing (the policy's own rules flag two segments), so nothing may be pruned.
     (tmp_path / "judge.yaml").write_text(yaml.safe_dump({"default_reply": NO}))
     judge = {"kind": "fake", "model": "judge", "script": str(tmp_path / "judge.yaml")}
-    result = dto_flow(str(recipe), str(run_dir), {"dto.judge.backend": judge})
+    result = stage_flow("dto", str(run_dir), str(recipe), {"dto.judge.backend": judge})
     assert not result.get("skipped")
     stats = read_stats(run_dir)["dto"]
     assert (stats["segments_judged"], stats["segments_removed"], stats["judge_parse_failures"]) == (4, 0, 0)
@@ -232,12 +232,12 @@ def test_separate_judge_backend_is_the_one_asked(base_run, tmp_path: Path):
 
 
 def test_changed_threshold_redoes_only_dto(base_run, tmp_path: Path):
-    from flows.dto import dto_flow
+    from flows.stage import stage_flow
 
     recipe, run_dir = base_run
     run_dir = copy_run(run_dir, tmp_path)
     # exp(-0.1) = 0.90 is the best probe: nothing reaches 0.95, so no exit, no pruning and no pairs.
-    result = dto_flow(str(recipe), str(run_dir), {"dto.threshold": 0.95})
+    result = stage_flow("dto", str(run_dir), str(recipe), {"dto.threshold": 0.95})
     assert not result.get("skipped")
     stats = read_stats(run_dir)["dto"]
     assert (stats["num_exit_found"], stats["segments_judged"], stats["num_pairs"]) == (0, 0, 0)

@@ -20,7 +20,7 @@ from ckptdpo.backends.fake import count_words
 from ckptdpo.configs import ConfigError, EvalConfig, ProblemsConfig, Recipe, backend_config
 from ckptdpo.errors import UserError
 from ckptdpo.schemas import EVAL_RESULTS, EVAL_SAMPLES, PROBLEMS, make_table
-from ckptdpo.shards import read_stats, write_manifest, write_shard
+from ckptdpo.shards import read_stage, read_stats, write_manifest, write_shard
 from ckptdpo.verify import Verdict
 
 
@@ -307,8 +307,8 @@ def expected(samples: dict, gold: dict, ks: list[int]) -> dict:
 
 
 def test_eval_flow_on_fake_backend(prefect_harness, tmp_path: Path):
-    from flows.eval import eval_flow
     from flows.report import report_step
+    from flows.stage import stage_flow
 
     (tmp_path / "bench.jsonl").write_text("".join(json.dumps(p) + "\n" for p in BENCH))
     recipe = {
@@ -335,7 +335,7 @@ def test_eval_flow_on_fake_backend(prefect_harness, tmp_path: Path):
     write_shard(run_dir / "problems", 0, make_table(rows, PROBLEMS))
     write_manifest(run_dir / "problems", config_hash="t")
 
-    section = eval_flow(str(recipe_path), str(run_dir))
+    section = stage_flow("eval", str(run_dir), str(recipe_path))
     gold = {p["problem"]: p["answer"] for p in BENCH}
     base, trained = section["tiny"]["base"], section["tiny"]["trained"]
     for got, samples in ((base, BASE), (trained, TRAINED)):
@@ -350,7 +350,7 @@ def test_eval_flow_on_fake_backend(prefect_harness, tmp_path: Path):
     assert trained["eta"] == pytest.approx(eta, abs=1e-5) and base["eta"] == 1.0
     assert trained["aes"] > 0  # shorter and more accurate
     assert read_stats(run_dir)["eval"] == section
-    results = pq.read_table(run_dir / "eval" / "results.parquet")
+    results = read_stage(run_dir / "eval")
     assert results.schema.equals(EVAL_RESULTS) and results.num_rows == 2
     assert sorted(p.name for p in (run_dir / "eval" / "tiny" / "base").glob("part-*.parquet")) == [
         "part-00000.parquet",
@@ -360,10 +360,10 @@ def test_eval_flow_on_fake_backend(prefect_harness, tmp_path: Path):
     assert manifest["stats"]["num_excluded"] == 1
 
     # A rerun generates nothing; a new k list re-aggregates the kept shards.
-    mtimes = {p: p.stat().st_mtime_ns for p in (run_dir / "eval").rglob("part-*.parquet")}
-    assert eval_flow(str(recipe_path), str(run_dir)) == section
-    again = eval_flow(str(recipe_path), str(run_dir), {"eval.k": [1, 3]})
-    assert {p: p.stat().st_mtime_ns for p in (run_dir / "eval").rglob("part-*.parquet")} == mtimes
+    mtimes = {p: p.stat().st_mtime_ns for p in (run_dir / "eval").glob("*/*/part-*.parquet")}
+    assert stage_flow("eval", str(run_dir), str(recipe_path)) == section
+    again = stage_flow("eval", str(run_dir), str(recipe_path), {"eval.k": [1, 3]})
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "eval").glob("*/*/part-*.parquet")} == mtimes
     assert sorted(again["tiny"]["base"]["pass_at_k"]) == ["1", "3"]
 
     path = Path(report_step(str(run_dir)))
@@ -401,7 +401,7 @@ def test_eval_flow_with_code_and_choice_benchmarks(prefect_harness, tmp_path: Pa
     import gzip
 
     from ckptdpo.sources import load_eval_problems
-    from flows.eval import eval_flow
+    from flows.stage import stage_flow
 
     with gzip.open(tmp_path / "he.jsonl.gz", "wt") as f:
         f.write("".join(json.dumps(r) + "\n" for r in HUMANEVAL_TINY))
@@ -445,7 +445,7 @@ def test_eval_flow_with_code_and_choice_benchmarks(prefect_harness, tmp_path: Pa
         },
     }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    section = eval_flow(str(tmp_path / "recipe.yaml"), str(tmp_path / "run"))
+    section = stage_flow("eval", str(tmp_path / "run"), str(tmp_path / "recipe.yaml"))
     assert {b: section[b]["base"]["kind"] for b in section} == {"tiny": "math", "he": "code", "arc": "choice"}
     assert read_stats(tmp_path / "run")["eval"]["he"]["base"]["kind"] == "code"
     assert section["he"]["base"]["by_status"] == {"correct": 2, "incorrect": 2}

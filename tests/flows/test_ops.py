@@ -173,11 +173,11 @@ def test_server_settings_from_the_environment(tmp_path: Path):
 
 @pytest.mark.slow
 def test_refresh_processes_only_what_is_new_and_versions_the_pairs(prefect_harness, tmp_path: Path, monkeypatch):
-    import flows.train
+    import flows.refresh
     from flows.refresh import refresh_flow
 
     trained = []
-    monkeypatch.setattr(flows.train, "train_flow", lambda **kw: trained.append(kw) or {"trained": True})
+    monkeypatch.setattr(flows.refresh, "stage_flow", lambda *a, **kw: trained.append(kw) or {"trained": True})
     script = write_script(tmp_path / "script.yaml")
     recipe = write_recipe(tmp_path, refresh={"train_threshold": 3})
     problems = write_problems(tmp_path / "problems.jsonl", QUESTIONS[:1])

@@ -285,7 +285,7 @@ def test_zero2_dpo_on_two_cpu_ranks_resumes_after_a_kill(tiny, tmp_path):
 def test_train_flow_simpo_lora_counts_drops_and_skips_when_done(prefect_harness, tiny, tmp_path, monkeypatch):
     import yaml
 
-    from flows.train import train_flow
+    from flows.stage import stage_flow
 
     # One thread for the tiny model: on a shared 2-core machine, spinning OpenMP threads make it 20x slower.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -312,7 +312,7 @@ def test_train_flow_simpo_lora_counts_drops_and_skips_when_done(prefect_harness,
     }
     recipe.write_text(yaml.safe_dump({"name": "tiny", "backend": {"model": str(tiny["model"])}, "train": train}))
 
-    summary = train_flow(str(recipe), str(run_dir))
+    summary = stage_flow("train", str(run_dir), str(recipe))
     assert summary["loss"] == "simpo" and summary["global_step"] == 3 and summary["lora"] and summary["merged"]
     assert summary["pairs"]["dropped"]["prompt_not_prefix"] == 1
     assert summary["pairs"]["dropped"]["over_max_length"] == 1
@@ -340,7 +340,7 @@ def test_train_flow_simpo_lora_counts_drops_and_skips_when_done(prefect_harness,
 
     # Same recipe again: the stage is done, nothing is retrained.
     before = (run_dir / "train" / "model" / "model.safetensors").stat().st_mtime_ns
-    again = train_flow(str(recipe), str(run_dir))
+    again = stage_flow("train", str(run_dir), str(recipe))
     assert again["global_step"] == 3
     assert (run_dir / "train" / "model" / "model.safetensors").stat().st_mtime_ns == before
     # TRL got the absolute SimPO margin gamma = gamma_beta_ratio * beta = 1.0: loss = log(1 + e^-(margin - gamma)).

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ckptdpo.report import build_report
+from tasks.registry import report_sections
 from tests.unit.test_report import PLOTTED, make_run
 
 pytestmark = pytest.mark.slow
@@ -52,7 +53,7 @@ def report(tmp_path_factory) -> Path:
     run_dir = make_run(
         tmp_path_factory.mktemp("browser") / "run", kinds={"math": "math", "code": "code", "mc": "choice"}
     )
-    return build_report(run_dir)
+    return build_report(run_dir, report_sections())
 
 
 @pytest.mark.parametrize("width", [1200, 760])
