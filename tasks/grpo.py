@@ -17,8 +17,11 @@ from prefect import task
 from ckptdpo.grpo import GRPOJob, build_grpo_job, build_grpo_launch_command, build_grpo_merge_command
 from ckptdpo.report import ReportSection
 from ckptdpo.report.baseline import section_cost_matched
+from ckptdpo.schemas import PROBLEMS
+from ckptdpo.shards import read_manifest
 from ckptdpo.train import FAULT_FIELDS, SUMMARY, write_job
 from tasks.planning import StagePlan, fingerprints, plan_stage
+from tasks.problems import load_problems_stage
 from tasks.stage import JobStep, RunContext, Stage, Steps
 from tasks.train import JOB_FILE, resolve_accelerate_config, retry_unless_user_error, run_launched
 
@@ -53,15 +56,18 @@ class GRPO(Stage):
     """GRPO from the base model on the run's problems, stopped at the generation budget the factory spent."""
 
     name = NAME
-    reads = {"problems": ["problem_id", "problem", "answer"]}
-    writes = {NAME: None}
+    writes = {"problems": PROBLEMS, NAME: None}
     pool = "gpu_train"
     report = (
         ReportSection("grpo", "Cost-matched baseline: GRPO", lambda r: section_cost_matched(r.run_dir, r.stats)),
     )
 
     def plan(self, ctx: RunContext) -> StagePlan:
-        """Keyed by the job (config, resolved budget, base model) and the problems' content, not where it writes."""
+        """Keyed by the job (config, resolved budget, base model) and the problems' content, not where it writes.
+        Without a generate stage before it (a GRPO-only run with an explicit budget), it loads the problems itself."""
+        if read_manifest(Path(ctx.run_dir) / "problems") is None:
+            recipe = ctx.recipe
+            load_problems_stage(ctx.run_dir, recipe.problems, recipe.generate.shard_size, ctx.base_dir)
         what = grpo_job(ctx).model_dump(mode="json", exclude={"output_dir", *FAULT_FIELDS})
         return plan_stage(ctx.run_dir, NAME, fingerprints(ctx.run_dir, "problems"), what, shards_of=None)
 

@@ -2,8 +2,8 @@
 model labelled the way PRMTrainer labels (the last token of each step) with transformers' Trainer in any case.
 
 A tiny randomly initialised Llama with the demo model's tokenizer, two steps each; every parameter must change.
-TRL 1.14 removed `trl.experimental.prm` (the project pins TRL 1.16), so the first test runs only where an older TRL
-is importable, e.g. `pip install --target /tmp/trl113 --no-deps trl==1.13.0` and `PYTHONPATH=/tmp/trl113:.`.
+TRL 1.14 removed `trl.experimental.prm` (the project pins TRL 1.16), so the first test runs TRL 1.13's PRMTrainer in a
+subprocess, from the side directory `make test` installs it into.
 """
 
 from __future__ import annotations
@@ -66,21 +66,49 @@ def assert_all_changed(before: dict, model) -> None:
     assert not same, f"parameters left unchanged by training: {same}"
 
 
-def test_trl_prm_trainer_trains_on_prm_rows(demo_model_path: Path, tmp_path: Path):
-    prm = pytest.importorskip("trl.experimental.prm", reason="this TRL has no PRMTrainer (removed in TRL 1.14)")
-    from datasets import Dataset
+# TRL 1.14 removed `trl.experimental.prm`; the project pins TRL 1.16, so PRMTrainer comes from TRL 1.13, installed
+# beside the venv (`make test` puts it in .venv/trl-prm, with --no-deps: it runs on the venv's transformers).
+TRL_PRM = Path(__file__).resolve().parents[2] / ".venv" / "trl-prm"
+PRM_SCRIPT = """
+import json, sys, torch
+from datasets import Dataset
+from transformers import AutoModelForTokenClassification, AutoTokenizer, LlamaConfig
+from trl.experimental.prm import PRMConfig, PRMTrainer
 
-    tokenizer = load_tokenizer(demo_model_path)
-    model = tiny_model(tokenizer)
-    before = snapshot(model)
-    args = prm.PRMConfig(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=2, learning_rate=1e-2,
-                         step_separator="", max_length=512, report_to=[], save_strategy="no", use_cpu=True,
-                         dataset_num_proc=None)  # fmt: skip
-    trainer = prm.PRMTrainer(model=model, args=args, train_dataset=Dataset.from_list(prm_rows()),
-                             processing_class=tokenizer)  # fmt: skip
-    trainer.train()
-    assert trainer.state.global_step == STEPS
-    assert_all_changed(before, model)
+rows, tokenizer_dir, out = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
+tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                     pad_token_id=tokenizer.pad_token_id, num_labels=2)
+model = AutoModelForTokenClassification.from_config(config)
+before = {n: p.detach().clone() for n, p in model.named_parameters()}
+args = PRMConfig(output_dir=out, max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2, step_separator="",
+                 max_length=512, report_to=[], save_strategy="no", use_cpu=True, dataset_num_proc=None)
+trainer = PRMTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+trainer.train()
+same = [n for n, p in model.named_parameters() if torch.equal(before[n], p.detach())]
+print(json.dumps({"global_step": trainer.state.global_step, "unchanged": same, "trl": __import__("trl").__version__}))
+"""
+
+
+def test_trl_prm_trainer_trains_on_prm_rows(demo_model_path: Path, tmp_path: Path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if not (TRL_PRM / "trl" / "experimental" / "prm").is_dir():
+        pytest.skip(f"{TRL_PRM} holds no TRL with PRMTrainer; `make test` installs TRL 1.13 there")
+    rows = tmp_path / "prm.json"
+    rows.write_text(json.dumps(prm_rows()))
+    env = {**os.environ, "PYTHONPATH": f"{TRL_PRM}{os.pathsep}{Path(__file__).resolve().parents[2]}"}
+    proc = subprocess.run([sys.executable, "-c", PRM_SCRIPT, str(rows), str(demo_model_path), str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"global_step": STEPS, "unchanged": [], "trl": "1.13.0"}
 
 
 def step_labelled(row: dict, tokenizer) -> dict:
