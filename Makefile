@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[train,dev]"
 	touch $(STAMP)
 
+# TRL 1.14 removed PRMTrainer; the prm/ dataset's test trains TRL 1.13's, from this side directory (no deps).
+$(VENV)/trl-prm/.installed: $(STAMP)
+	$(BIN)/pip install -q --no-deps --target $(VENV)/trl-prm trl==1.13.0
+	touch $@
+
 venv: $(STAMP)
 
 model: $(STAMP)
@@ -31,7 +36,7 @@ browser:
 demo: model
 	$(BIN)/ckptdpo demo
 
-test: model browser
+test: model browser $(VENV)/trl-prm/.installed
 	$(BIN)/ruff check .
 	# One torch thread per process: tests run next to Prefect servers and verifier workers on 2 cores.
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15

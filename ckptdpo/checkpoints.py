@@ -15,7 +15,8 @@ import math
 import operator
 import re
 import statistics
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -124,6 +125,50 @@ def schedule_resample_points(num_checkpoints: int, policy: str = "seed") -> list
         return positions
     m = len(positions)  # front
     return [p for j, p in enumerate(positions) for _ in range(m - j)]
+
+
+def schedule_value_points(
+    num_checkpoints: int,
+    values: Sequence[Mapping],
+    draws: int | None = None,
+    threshold: float = 0.5,
+) -> list[int]:
+    """1-based checkpoint indices to resample from, one entry per draw, placed where the checkpoint values say.
+
+    `values` are one trajectory's VALUES rows (checkpoint_index, value, ci_low, ci_high); only probed checkpoints
+    get draws, and [] comes back when none was probed (the caller falls back to a fixed schedule). `draws` defaults to
+    what the `seed` schedule spends on n checkpoints, so both schedules cost the same. With a critical checkpoint
+    (the first probed one below `threshold`), half the draws (rounded up) go to the critical region, alternating
+    from the last probed checkpoint before it (the last good state: w2r continuations there are likely right and
+    isolate the error) to the critical one; the rest, or all when there is no critical checkpoint, are shared out in
+    proportion to each probed checkpoint's Wilson interval width (largest remainder, ties to the earlier
+    checkpoint): an uncertain value is where a draw is most likely to go either way.
+    """
+    n = num_checkpoints
+    rows = sorted({int(r["checkpoint_index"]): r for r in values if 1 <= int(r["checkpoint_index"]) <= n}.items())
+    if not rows:
+        return []
+    total = len(schedule_resample_points(n, "seed")) if draws is None else draws
+    if total < 0:
+        raise ValueError(f"draws must be >= 0, got {draws}")
+    counts: Counter[int] = Counter()
+    critical = next((i for i, r in rows if r["value"] < threshold), None)
+    if critical is not None:
+        region = [i for i, _ in rows if i < critical][-1:] + [critical]
+        share = (total + 1) // 2
+        for j in range(share):
+            counts[region[j % len(region)]] += 1
+        total -= share
+    widths = [max(float(r["ci_high"]) - float(r["ci_low"]), 0.0) for _, r in rows]
+    weight = sum(widths) or float(len(widths))
+    quotas = [total * (w if sum(widths) else 1.0) / weight for w in widths]
+    floors = [math.floor(q) for q in quotas]
+    order = sorted(range(len(rows)), key=lambda k: (-(quotas[k] - floors[k]), k))
+    for k in order[: total - sum(floors)]:
+        floors[k] += 1
+    for (i, _), c in zip(rows, floors, strict=True):
+        counts[i] += c
+    return sorted(i for i, c in counts.items() for _ in range(c))
 
 
 def _summary(values: list[int]) -> dict[str, float | int | None]:

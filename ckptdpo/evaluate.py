@@ -32,6 +32,9 @@ HELDOUT_BENCHMARK = "demo_heldout"
 # training seed (problems that still coincide are dropped by `exclude_training_problems`).
 HELDOUT_SEED_OFFSET = 7919
 TRAINED_MODEL_DIR = Path("train") / "model"
+GRPO_MODEL_DIR = Path("grpo") / "model"
+# The models the run itself makes: where each is saved, and the stage that saves it.
+RUN_MODELS = {"trained": (TRAINED_MODEL_DIR, "train"), "grpo": (GRPO_MODEL_DIR, "grpo")}
 # Every correct answer equals the gold answer, so correct samples vote together under one key, whatever LaTeX they
 # wrote it in; wrong answers vote by their whitespace-normalized text.
 _GOLD_VOTE = "\x00gold"
@@ -52,9 +55,10 @@ class ModelSpec:
 def resolve_models(cfg: EvalConfig, backend: BackendConfig, run_dir: Path) -> tuple[list[ModelSpec], dict[str, str]]:
     """The models to evaluate, in `cfg.models` order, and {name: reason} for those skipped.
 
-    'base' is the recipe's backend model; 'trained' is `<run_dir>/train/model`, skipped while it does not exist;
-    anything else is a path or hub id under the recipe's backend settings. `cfg.backends[name]` replaces the whole
-    backend config of that model (an endpoint serving it, or a fake script in tests).
+    'base' is the recipe's backend model; 'trained' is `<run_dir>/train/model` (DPO on the factory's pairs) and
+    'grpo' `<run_dir>/grpo/model` (the cost-matched GRPO baseline), each skipped while it does not exist; anything
+    else is a path or hub id under the recipe's backend settings. `cfg.backends[name]` replaces the whole backend
+    config of that model (an endpoint serving it, or a fake script in tests).
     """
     specs, skipped = [], {}
     for entry in cfg.models:
@@ -65,12 +69,13 @@ def resolve_models(cfg: EvalConfig, backend: BackendConfig, run_dir: Path) -> tu
             continue
         if ref == "base":
             specs.append(ModelSpec(name, backend))
-        elif ref == "trained":
-            trained = Path(run_dir) / TRAINED_MODEL_DIR
-            if not (trained / "config.json").is_file():
-                skipped[name] = f"no trained model at {trained} (the train stage has not run)"
+        elif ref in RUN_MODELS:
+            where, stage = RUN_MODELS[ref]
+            saved = Path(run_dir) / where
+            if not (saved / "config.json").is_file():
+                skipped[name] = f"no {ref} model at {saved} (the {stage} stage has not run)"
                 continue
-            specs.append(ModelSpec(name, backend.model_copy(update={"model": str(trained), "revision": None})))
+            specs.append(ModelSpec(name, backend.model_copy(update={"model": str(saved), "revision": None})))
         else:
             specs.append(ModelSpec(name, backend.model_copy(update={"model": ref, "revision": None})))
     return specs, skipped
@@ -121,27 +126,50 @@ def verify_samples(
     *,
     timeout_s: float,
     workers: int | None,
+    finish_reasons: Sequence[Sequence[str | None]] | None = None,
+    answer_format: str | None = None,
 ) -> list[Any]:
-    """Verdicts flat over each problem's completions in order, each problem checked by the verifier of its kind."""
-    from ckptdpo.verify import verify_batch
+    """Verdicts flat over each problem's completions in order, each problem checked by the verifier of its kind.
+
+    Nothing is checked in the caller's process: math answers go to the verifier's killable pool, choice letters
+    too (one call each), code to the sandbox. `finish_reasons` (shaped like `completions`) marks completions cut at
+    their token limit: those are `no_answer` whatever they contain. `answer_format` is the math verifier's (its
+    default when None).
+    """
+    from ckptdpo.verify import DEFAULT_ANSWER_FORMAT, Verdict, run_calls, verify_batch
+    from ckptdpo.verify.answers import CUT_OFF_REASONS
     from ckptdpo.verify.choice import LETTERS, verify_choice_batch
     from ckptdpo.verify.code import verify_code_batch
 
-    flat = [(p, c) for p, texts in zip(problems, completions, strict=True) for c in texts]
+    reasons = finish_reasons or [[None] * len(texts) for texts in completions]
+    flat = [
+        (p, c, r)
+        for p, texts, why in zip(problems, completions, reasons, strict=True)
+        for c, r in zip(texts, why, strict=True)
+    ]
     verdicts: list[Any] = [None] * len(flat)
     by_kind: dict[str, list[int]] = defaultdict(list)
-    for i, (p, _) in enumerate(flat):
-        by_kind[p.get("kind") or "math"].append(i)
+    for i, (p, _, why) in enumerate(flat):
+        kind = p.get("kind") or "math"
+        if kind != "math" and why in CUT_OFF_REASONS:
+            verdicts[i] = Verdict("no_answer", None, None)  # cut off: it never gave its final answer
+        else:
+            by_kind[kind].append(i)
     for kind, idx in by_kind.items():
         if kind == "math":
-            got = verify_batch([(flat[i][0]["answer"], flat[i][1]) for i in idx], timeout_s=timeout_s, workers=workers)
+            items = [(flat[i][0]["answer"], flat[i][1], flat[i][2]) for i in idx]
+            got = verify_batch(
+                items, timeout_s=timeout_s, workers=workers, answer_format=answer_format or DEFAULT_ANSWER_FORMAT
+            )
         elif kind == "choice":
-            got = [
-                verify_choice_batch([(p["answer"], c)], LETTERS[: len(p.get("choice_order") or LETTERS)])[0]
-                for p, c in (flat[i] for i in idx)
+            calls = [
+                ([(p["answer"], c)], LETTERS[: len(p.get("choice_order") or LETTERS)])
+                for p, c, _ in (flat[i] for i in idx)
             ]
+            results, _ = run_calls(verify_choice_batch, calls, timeout_s=timeout_s, workers=workers)
+            got = [value[0] if outcome == "ok" else Verdict(outcome, None, None) for outcome, value in results]
         elif kind == "code":
-            tasks = [_code_task(*flat[i]) for i in idx]
+            tasks = [_code_task(*flat[i][:2]) for i in idx]
             limits, allow = code_limits(cfg), cfg.allow_unsandboxed
             got = verify_code_batch(tasks, limits=limits, workers=workers, allow_unsandboxed=allow)
         else:

@@ -85,6 +85,24 @@ def cons_at_k(answers: Sequence[str | None], gold_equal: Sequence[bool], k: int)
     return favourable / math.comb(n, k)
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95% for the default z); (0, 1) when n is 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0 or n successes, which is where
+    checkpoint values with a handful of rollouts mostly are.
+    """
+    n, successes = _as_int("n", n), _as_int("successes", successes)
+    if n < 0 or not 0 <= successes <= max(n, 0):
+        raise ValueError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def efficiency_eta(acc_base: float, cost_base: float, acc_new: float, cost_new: float) -> float:
     """DTO's efficiency: (acc_new / acc_base) * (cost_base / cost_new); above 1 means better accuracy per token."""
     if acc_base <= 0:

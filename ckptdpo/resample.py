@@ -13,12 +13,12 @@ prefer text that merely stops, not text that reasons correctly.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ckptdpo.backends.base import GenerationRequest
-from ckptdpo.checkpoints import schedule_resample_points
+from ckptdpo.checkpoints import schedule_resample_points, schedule_value_points
 from ckptdpo.configs import ResampleConfig
 from ckptdpo.shards import content_id
 
@@ -48,12 +48,21 @@ def direction_of(status: str, cfg: ResampleConfig) -> str | None:
     return None
 
 
-def plan_slots(trajectory: dict[str, Any], cfg: ResampleConfig) -> list[Slot]:
+def plan_slots(
+    trajectory: dict[str, Any],
+    cfg: ResampleConfig,
+    values: Sequence[Mapping[str, Any]] | None = None,
+    threshold: float = 0.5,
+) -> list[Slot]:
     """Slots of one trajectory per the checkpoint schedule; empty when it is not resampled.
 
     With `max_pair_tokens` and `prefer_fitting_prefixes`, checkpoints whose prefix cannot fit a pair are skipped
     before the schedule is applied. The prefix's token count is estimated from its share of the completion's
     characters (exact counts come later, when pairs are built and filtered).
+
+    `policy: value` places the draws with `schedule_value_points` from `values`, the trajectory's VALUES rows (the
+    values stage's `threshold` decides its critical checkpoint), spending what the seed schedule would; a trajectory
+    with no probed checkpoint left gets the seed schedule.
     """
     direction = direction_of(trajectory["status"], cfg)
     chars = list(trajectory["checkpoint_chars"] or [])
@@ -69,17 +78,25 @@ def plan_slots(trajectory: dict[str, Any], cfg: ResampleConfig) -> list[Slot]:
             indices = [i for i in indices if trajectory["completion_tokens"] * chars[i - 1] / text_len <= budget]
     if not indices:
         return []
-    counts = Counter(schedule_resample_points(len(indices), cfg.policy))
+    counts: Counter[int] = Counter()
+    if cfg.policy == "value":
+        eligible = set(indices)
+        usable = [r for r in values or [] if r["checkpoint_index"] in eligible]
+        seed_draws = len(schedule_resample_points(len(indices), "seed"))
+        counts = Counter(schedule_value_points(len(chars), usable, draws=seed_draws, threshold=threshold))
+    if not counts:
+        policy = "seed" if cfg.policy == "value" else cfg.policy
+        counts = Counter(indices[pos - 1] for pos in schedule_resample_points(len(indices), policy))
     return [
         Slot(
             direction=direction,
             problem_id=trajectory["problem_id"],
             source_sample_id=trajectory["sample_id"],
-            checkpoint_index=indices[pos - 1],
-            checkpoint_char=chars[indices[pos - 1] - 1],
+            checkpoint_index=index,
+            checkpoint_char=chars[index - 1],
             draws=n,
         )
-        for pos, n in sorted(counts.items())
+        for index, n in sorted(counts.items())
     ]
 
 
@@ -187,34 +204,80 @@ def build_pairs(
     for a, t, prefix_i, chosen_i, rejected_i in candidates:
         prefix_tokens, chosen_tokens, rejected_tokens = counts[prefix_i], counts[chosen_i], counts[rejected_i]
         prompt_tokens = t["prompt_tokens"] + prefix_tokens
-        if cfg.max_pair_tokens and prompt_tokens + max(chosen_tokens, rejected_tokens) > cfg.max_pair_tokens:
-            dropped["over_max_pair_tokens"] += 1
+        reason = pair_drop_reason(
+            prompt_tokens, chosen_tokens, rejected_tokens, cfg.max_pair_tokens, cfg.max_length_ratio
+        )
+        if reason:
+            dropped[reason] += 1
             continue
-        if cfg.max_length_ratio and max(chosen_tokens, rejected_tokens) > cfg.max_length_ratio * max(
-            1, min(chosen_tokens, rejected_tokens)
-        ):
-            dropped["over_max_length_ratio"] += 1
-            continue
-        prompt, chosen, rejected = t["prompt"] + texts[prefix_i], texts[chosen_i], texts[rejected_i]
-        pair_id = content_id(prompt, chosen, rejected)
-        if pair_id in pairs:
+        row = pair_row(
+            a["direction"],
+            t,
+            texts[prefix_i],
+            texts[chosen_i],
+            texts[rejected_i],
+            (prompt_tokens, chosen_tokens, rejected_tokens),
+            checkpoint_index=a["checkpoint_index"],
+            round_index=a["round"],
+            attempt_id=a["attempt_id"],
+            model=model,
+        )
+        if row["pair_id"] in pairs:
             dropped["duplicate"] += 1
             continue
-        pairs[pair_id] = {
-            "pair_id": pair_id,
-            "pair_type": a["direction"],
-            "problem_id": a["problem_id"],
-            "prompt": prompt,
-            "chosen": chosen,
-            "rejected": rejected,
-            "gold_answer": t["gold_answer"],
-            "source_sample_id": a["source_sample_id"],
-            "checkpoint_index": a["checkpoint_index"],
-            "prompt_tokens": prompt_tokens,
-            "chosen_tokens": chosen_tokens,
-            "rejected_tokens": rejected_tokens,
-            "round": a["round"],
-            "attempt_id": a["attempt_id"],
-            "model": model,
-        }
+        pairs[row["pair_id"]] = row
     return [pairs[k] for k in sorted(pairs)], dict(dropped)
+
+
+def pair_drop_reason(
+    prompt_tokens: int,
+    chosen_tokens: int,
+    rejected_tokens: int,
+    max_pair_tokens: int | None,
+    max_length_ratio: float | None,
+) -> str | None:
+    """Why a pair is dropped (`over_max_pair_tokens`, `over_max_length_ratio`), or None when it is kept."""
+    longer, shorter = max(chosen_tokens, rejected_tokens), min(chosen_tokens, rejected_tokens)
+    if max_pair_tokens and prompt_tokens + longer > max_pair_tokens:
+        return "over_max_pair_tokens"
+    if max_length_ratio and longer > max_length_ratio * max(1, shorter):
+        return "over_max_length_ratio"
+    return None
+
+
+def pair_row(
+    pair_type: str,
+    trajectory: dict[str, Any],
+    prefix: str,
+    chosen: str,
+    rejected: str,
+    tokens: tuple[int, int, int],
+    *,
+    checkpoint_index: int | None,
+    round_index: int | None,
+    attempt_id: str | None,
+    model: str | None,
+) -> dict[str, Any]:
+    """One PAIRS row: prompt = the trajectory's chat prompt + `prefix`; `tokens` = (prompt, chosen, rejected) counts.
+
+    `pair_id` is the content id of (prompt, chosen, rejected), so the same pair made twice has one id.
+    """
+    prompt = trajectory["prompt"] + prefix
+    prompt_tokens, chosen_tokens, rejected_tokens = tokens
+    return {
+        "pair_id": content_id(prompt, chosen, rejected),
+        "pair_type": pair_type,
+        "problem_id": trajectory["problem_id"],
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "gold_answer": trajectory["gold_answer"],
+        "source_sample_id": trajectory["sample_id"],
+        "checkpoint_index": checkpoint_index,
+        "prompt_tokens": prompt_tokens,
+        "chosen_tokens": chosen_tokens,
+        "rejected_tokens": rejected_tokens,
+        "round": round_index,
+        "attempt_id": attempt_id,
+        "model": model,
+    }

@@ -87,7 +87,7 @@ ATTEMPTS = pa.schema(
 PAIRS = pa.schema(
     [
         ("pair_id", pa.string()),
-        ("pair_type", pa.string()),  # r2w | w2r | dto
+        ("pair_type", pa.string()),  # r2w | w2r | critical | dto
         ("problem_id", pa.string()),
         ("prompt", pa.string()),
         ("chosen", pa.string()),
@@ -189,3 +189,55 @@ def make_table(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:
             missing, extra = sorted(names - keys), sorted(keys - names)
             raise ValueError(f"row {i} does not match the schema: missing {missing}, extra {extra}")
     return pa.Table.from_pylist(list(rows), schema=schema)
+
+
+# --- checkpoint values (the values stage) ---------------------------------------------------------------------------
+
+# One row per probed checkpoint: `rollouts` continuations from `chat(problem) + completion[:checkpoint_char]`.
+VALUES = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("problem_id", pa.string()),
+        ("checkpoint_index", pa.int32()),  # 1-based, as in CHECKPOINTS
+        ("checkpoint_char", pa.int64()),
+        ("round", pa.int32()),  # the search round that probed it (1-based)
+        ("seed", pa.int64()),
+        ("rollouts", pa.int32()),
+        ("successes", pa.int32()),  # rollouts verified correct (a rollout cut at `length` never is)
+        ("incorrect", pa.int32()),  # rollouts with a final answer that verified wrong
+        ("value", pa.float64()),  # successes / rollouts
+        ("ci_low", pa.float64()),  # Wilson 95% interval
+        ("ci_high", pa.float64()),
+        ("completion_tokens", pa.int64()),  # tokens the rollouts generated
+    ]
+)
+
+# One row per probed trajectory: how its search went and where its first error is.
+VALUE_TRAJECTORIES = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("problem_id", pa.string()),
+        ("status", pa.string()),  # the trajectory's verdict
+        ("is_correct", pa.bool_()),
+        ("num_checkpoints", pa.int32()),
+        ("probed", pa.int32()),  # checkpoints probed
+        ("rollouts_used", pa.int32()),
+        ("completion_tokens", pa.int64()),  # tokens its rollouts generated
+        ("search", pa.string()),  # binary | exhaustive
+        ("resolved", pa.bool_()),  # the search ran to its end (false: stopped by max_rollouts_per_trajectory)
+        ("critical_index", pa.int32()),  # first probed checkpoint below threshold, every earlier one at/above; or null
+        ("critical_char", pa.int64()),
+    ]
+)
+
+# TRL's stepwise-supervision format (PRMTrainer): one row per trajectory, its steps up to and including the first bad.
+PRM_STEPS = pa.schema(
+    [
+        ("prompt", pa.string()),
+        ("completions", pa.list_(pa.string())),
+        ("labels", pa.list_(pa.bool_())),
+        ("values", pa.list_(pa.float64())),  # the value measured at each step's end; null where not probed
+        ("sample_id", pa.string()),
+        ("problem_id", pa.string()),
+    ]
+)

@@ -154,7 +154,7 @@ def _describe_column(column: pa.ChunkedArray) -> dict[str, float | None]:
     }
 
 
-PAIR_SOURCES = {"r2w": "resample", "w2r": "resample", "dto": "dto"}
+PAIR_SOURCES = {"r2w": "resample", "w2r": "resample", "critical": "values", "dto": "dto"}
 RATIO_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 

@@ -12,6 +12,7 @@ from ckptdpo.report import (
     build_report,
     compare_intervals,
     compare_rows,
+    cost_matched_view,
     format_number,
     read_eval_section,
 )
@@ -79,8 +80,41 @@ def _eta_row(table, iv: dict[str, Any] | None) -> None:
         table.add_row("", "", ETA_B_VS_A, "", "", format_number(iv["estimate"], 4), _interval(iv, ratio=True))
 
 
+def cost_matched_tables(run_dir: Path) -> list:
+    """The run's base / DPO / GRPO view as rich renderables (what the report's cost-matched section shows): the
+    costs, the three models side by side, the paired comparisons and the headline; [] without a GRPO baseline."""
+    from rich.table import Table
+    from rich.text import Text
+
+    view = cost_matched_view(run_dir)
+    if view is None:
+        return []
+    # Text, not markup: the sentences hold "[low, high]" intervals that rich would read as tags.
+    out: list = [Text(f"{run_dir}: base, DPO on the factory's pairs, GRPO baseline", style="bold")]
+    out.append(Text(view["budget_text"]))
+    for title, (header, rows) in (
+        ("side by side", view["models"]),
+        ("paired differences (b − a)", view["comparisons"]),
+    ):
+        if not rows:
+            continue
+        table = Table(title=f"{run_dir}: {title}")
+        for i, col in enumerate(header):
+            table.add_column(col, justify="left" if i < 2 else "right", overflow="fold")
+        for row in rows:
+            table.add_row(*(Text(c) for c in row))
+        out.append(table)
+    out += [Text(f"- {line}") for line in view["headline"]]
+    return out
+
+
 def compare_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    Console().print(compare_table(Path(args.run_a), Path(args.run_b)))
+    console = Console()
+    run_a, run_b = Path(args.run_a), Path(args.run_b)
+    console.print(compare_table(run_a, run_b))
+    for run_dir in dict.fromkeys([run_a, run_b]):
+        for part in cost_matched_tables(run_dir):
+            console.print(part)
     return 0

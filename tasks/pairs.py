@@ -81,6 +81,8 @@ def pair_quality(run_dir: str, sources: list[str]) -> dict[str, Any]:
             p["chosen_extracted_from"], p["rejected_extracted_from"] = source, attempt
         elif p["pair_type"] == "w2r":
             p["chosen_extracted_from"], p["rejected_extracted_from"] = attempt, source
+        elif p["pair_type"] == "critical":  # a rollout of the values stage (its label is not kept), the own suffix
+            p["chosen_extracted_from"], p["rejected_extracted_from"] = None, source
         else:  # dto: the optimized side ends in the boxed gold answer DTO appends; the rejected side's is not kept
             p["chosen_extracted_from"], p["rejected_extracted_from"] = "box", None
         rows.append(p)

@@ -129,7 +129,7 @@ def read_rows(run_dir: str, stage: str, index: int, columns: list[str] | None = 
     return read_shard(shard_path(Path(run_dir) / stage, index), columns=columns).to_pylist()
 
 
-def read_stage_rows(run_dir: str, stage: str, columns: list[str], indices: list[int]) -> list[dict[str, Any]]:
+def read_stage_rows(run_dir: str, stage: str, columns: list[str] | None, indices: list[int]) -> list[dict[str, Any]]:
     """Rows of the given shards of a stage being finished (its manifest is not written yet)."""
     rows: list[dict[str, Any]] = []
     for i in indices:

@@ -106,9 +106,9 @@ def stages_to_run(wanted: Iterable[str]) -> list[Stage]:
 
 
 def producer_of(directory: str) -> str | None:
-    """The stage that writes `directory` (the last in pipeline order, as for inputs)."""
+    """The first stage in pipeline order that writes `directory` (the problems: generate, though grpo can too)."""
     writers = [s.name for s in registry().values() if s.writes_directory(directory) is not False]
-    return writers[-1] if writers else None
+    return writers[0] if writers else None
 
 
 def data_stages() -> list[Stage]:

@@ -16,10 +16,12 @@ from prefect import task
 
 from ckptdpo import summary
 from ckptdpo.configs import BackendConfig, ResampleConfig, VerifyConfig
+from ckptdpo.errors import UserError
 from ckptdpo.report import ReportSection, sections
 from ckptdpo.resample import attempt_rows, build_pairs, build_requests, draws_this_round, plan_slots, slot_key
 from ckptdpo.schemas import ATTEMPTS, PAIRS, make_table
 from ckptdpo.shards import read_manifest, read_stage, write_shard
+from ckptdpo.values import rows_by_sample
 from ckptdpo.verify import verify_batch
 from tasks import planning
 from tasks.backends import backend_session
@@ -34,6 +36,11 @@ _PAIR_COLUMNS = ["pair_type", "problem_id", "round", "checkpoint_index", "prompt
                  "rejected_tokens"]  # fmt: skip
 
 
+def inputs_of(ctx: RunContext) -> tuple[str, ...]:
+    """What a run's resampling reads: the values too when they place the draws."""
+    return (*INPUTS, "values") if ctx.recipe.resample.policy == "value" else INPUTS
+
+
 def round_dir(round_index: int) -> str:
     return f"resample/round-{round_index:02d}"
 
@@ -42,7 +49,7 @@ def plan_round(ctx: RunContext, round_index: int) -> planning.StagePlan:
     """Round r: keyed by the earlier rounds too; the round and token budgets decide only how many rounds run."""
     cfg, backend = ctx.recipe.resample, ctx.recipe.backend
     inputs = {
-        **planning.fingerprints(ctx.run_dir, *INPUTS),
+        **planning.fingerprints(ctx.run_dir, *inputs_of(ctx)),
         **planning.fingerprints(ctx.run_dir, *[round_dir(i) for i in range(1, round_index)]),
     }
     return planning.plan_stage(
@@ -98,14 +105,18 @@ def load_trajectories(run_dir: str, index: int) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _round_work(run_dir: str, index: int, round_index: int, cfg: ResampleConfig, trajectories: dict) -> list:
+def _round_work(
+    run_dir: str, index: int, round_index: int, cfg: ResampleConfig, trajectories: dict, value_threshold: float
+) -> list:
     history: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in range(1, round_index):
         for a in planning.read_rows(run_dir, round_dir(r), index, ["source_sample_id", "checkpoint_index", "status"]):
             history[(a["source_sample_id"], a["checkpoint_index"])].append(a)
+    # `policy: value`: draws go where the values stage's estimates put the first error (same shard index).
+    values = rows_by_sample(planning.read_rows(run_dir, "values", index)) if cfg.policy == "value" else {}
     work = []
     for t in trajectories.values():
-        for slot in plan_slots(t, cfg):
+        for slot in plan_slots(t, cfg, values=values.get(t["sample_id"]), threshold=value_threshold):
             n = draws_this_round(slot, history[slot_key(slot)], cfg)
             if n:
                 work.append((slot, n))
@@ -122,6 +133,7 @@ def resample_shard(
     resample: ResampleConfig,
     backend: BackendConfig,
     verify: VerifyConfig,
+    value_threshold: float = 0.5,
     failure_budget: int = 0,
 ) -> dict[str, Any]:
     """One resampling round over one shard: continue unsatisfied slots, verify, write the attempts."""
@@ -129,7 +141,7 @@ def resample_shard(
     if planning.shard_exists(run_dir, stage, index):
         return {"generate_s": 0.0, "verify_s": 0.0}
     trajectories = load_trajectories(run_dir, index)
-    work = _round_work(run_dir, index, round_index, resample, trajectories)
+    work = _round_work(run_dir, index, round_index, resample, trajectories, value_threshold)
     requests = build_requests(work, trajectories, resample, round_index)
     out: dict[str, Any] = {"generate_s": 0.0, "verify_s": 0.0}
     rows: list[dict[str, Any]] = []
@@ -207,7 +219,7 @@ class Resample(Stage):
     def plan(self, ctx: RunContext) -> planning.StagePlan:
         """The whole stage: keyed by its inputs, its whole config and the model."""
         cfg, backend = ctx.recipe.resample, ctx.recipe.backend
-        inputs = planning.fingerprints(ctx.run_dir, *INPUTS)
+        inputs = planning.fingerprints(ctx.run_dir, *inputs_of(ctx))
         key = [cfg.model_dump(mode="json"), planning.backend_key(backend), ctx.fingerprint(backend)]
         return planning.plan_stage(ctx.run_dir, NAME, inputs, *key, shards_of=None)
 
@@ -217,6 +229,7 @@ class Resample(Stage):
         spent = rounds = 0
         for r in range(1, cfg.max_rounds + 1):
             params = {"round_index": r, "resample": cfg, "backend": recipe.backend, "verify": recipe.verify}
+            params["value_threshold"] = recipe.values.threshold
             budget = recipe.failure_budget.resample
             stats = yield ShardStep(plan_round(ctx, r), resample_shard, params, budget, summarize=summarize_round)
             rounds, spent = r, spent + stats["tokens"]
@@ -241,6 +254,16 @@ class Resample(Stage):
         for name in ("generate_s", "verify_s", "prompt_tokens_requested", "prompt_tokens_computed"):
             stats[name] = round(sum(r.get(name, 0) for r in rounds), 3)
         return stats
+
+    def preflight(self, ctx: RunContext) -> None:
+        """`policy: value` needs the values stage: run in this run, or done in the run directory."""
+        if ctx.recipe.resample.policy != "value" or "values" in ctx.recipe.stages:
+            return
+        if read_manifest(Path(ctx.run_dir) / "values") is None:
+            raise UserError(
+                "resample.policy is 'value' but the recipe's stages leave out values and the run directory has none; "
+                "add values to stages (before resample) or choose another resample.policy."
+            )
 
     def headline(self, s: Mapping[str, Any]) -> str:
         p = s.get("pairs", {})

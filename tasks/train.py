@@ -40,7 +40,7 @@ class TrainFailed(RuntimeError):
     """The training subprocess exited with an error (retried: it resumes from its newest checkpoint)."""
 
 
-def _retry_unless_user_error(task, task_run, state) -> bool:
+def retry_unless_user_error(task, task_run, state) -> bool:
     try:
         exc = state.result(raise_on_failure=False)
     except Exception:  # a result that cannot be read back: let the retry policy decide
@@ -84,21 +84,26 @@ def train_job(ctx: RunContext) -> TrainJob:
 
 # No Prefect result cache here: a cached result outlives a deleted run directory and would skip training with no
 # model on disk. The stage's own manifest (same key, same pairs) says when it is done.
-@task(name="train_model", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
+@task(name="train_model", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def train_model(job: TrainJob, key: str) -> dict[str, Any]:
     """Run one training job into its output directory (python, torchrun or accelerate launch, then the LoRA merge);
     returns its summary."""
-    log = get_run_logger()
     stage = Path(job.output_dir)
     (stage / SUMMARY).unlink(missing_ok=True)  # a summary left by an earlier attempt is not this run's
     job_path = write_job(job, stage / JOB_FILE)
     commands = [build_launch_command(job_path, job.train)]
     if job.train.lora:
         commands.append(build_merge_command(job_path))
-    for cmd in commands:
-        log.info("train key %s: %s", key, " ".join(cmd))
-        _check(*_run_streaming(cmd, stage / LOG_FILE, log), stage / LOG_FILE)
+    run_launched(commands, stage / LOG_FILE, key)
     return json.loads((stage / SUMMARY).read_text())
+
+
+def run_launched(commands: list[list[str]], log_path: Path, key: str) -> None:
+    """Run a training job's commands in order, streaming their output into the Prefect run log and `log_path`."""
+    log = get_run_logger()
+    for cmd in commands:
+        log.info("key %s: %s", key, " ".join(cmd))
+        _check(*_run_streaming(cmd, log_path, log), log_path)
 
 
 def _check(rc: int, tail: list[str], log_path: Path) -> None:

@@ -140,7 +140,11 @@ class CheckpointConfig(_Config):
 class ResampleConfig(_Config):
     """Resampling from checkpoints into r2w / w2r pairs."""
 
-    policy: Literal["seed", "uniform", "all", "decile", "front"] = Field("seed", description="checkpoint schedule")
+    policy: Literal["seed", "uniform", "all", "decile", "front", "value"] = Field(
+        "seed",
+        description="checkpoint schedule; value: where the values stage's estimates say (the critical region, the "
+        "widest intervals), the seed schedule for a trajectory without values",
+    )
     r2w: bool = Field(True, description="build Right-to-Wrong pairs from correct trajectories")
     w2r: bool = Field(True, description="build Wrong-to-Right pairs from wrong trajectories")
     max_rounds: int = Field(3, ge=1, description="resampling rounds")
@@ -222,7 +226,7 @@ class TrainConfig(_Config):
 
     loss: Literal["dpo", "simpo"] = Field("dpo", description="dpo: TRL DPOTrainer; simpo: CPOTrainer simpo")
     loss_type: str = Field("sigmoid", description="DPOTrainer loss_type (sigmoid, ipo, hinge, ...); loss=dpo only")
-    pair_types: list[Literal["r2w", "w2r", "dto"]] = Field(default_factory=lambda: ["r2w", "w2r"])
+    pair_types: list[Literal["r2w", "w2r", "critical", "dto"]] = Field(default_factory=lambda: ["r2w", "w2r"])
     beta: float = Field(0.1, gt=0)
     gamma_beta_ratio: float = Field(0.5, ge=0, description="SimPO gamma/beta; TRL gets simpo_gamma=ratio*beta")
     learning_rate: float = Field(5e-7, gt=0)
@@ -280,8 +284,9 @@ class EvalConfig(_Config):
         default_factory=dict, description="name -> problem source; empty: held-out demo problems (demo recipes)"
     )
     models: list[str] = Field(
-        default_factory=lambda: ["base", "trained"],
-        description="'base', 'trained', a path or 'name=path'; the first is the reference for eta and AES",
+        default_factory=lambda: ["base", "trained", "grpo"],
+        description="'base', 'trained' (the DPO model), 'grpo' (the cost-matched GRPO baseline), a path or "
+        "'name=path'; the first is the reference for eta and AES",
     )
     backends: dict[str, BackendConfig] = Field(
         default_factory=dict, description="model name -> its whole backend config, when not the recipe's backend"
@@ -346,7 +351,7 @@ def eval_model_name(entry: str) -> str:
     """The name of an `eval.models` entry: 'base', 'trained', the part before '=', or the path's last component."""
     if "=" in entry:
         return entry.split("=", 1)[0].strip()
-    if entry in ("base", "trained"):
+    if entry in ("base", "trained", "grpo"):
         return entry
     return Path(entry.rstrip("/")).name or entry
 
@@ -397,6 +402,158 @@ class TaskRunnerConfig(_Config):
     task_timeout_s: float | None = Field(None, gt=0, description="wall-clock limit of one shard task; none: no limit")
 
 
+# --- the cost-matched GRPO baseline ---------------------------------------------------------------------------------
+
+
+class GRPOConfig(_Config):
+    """GRPO (TRL GRPOTrainer) from the same base model on the run's own problems, rewarded by the run's verifier and
+    stopped when it has generated as many completion tokens as the factory did to make its pairs.
+
+    The algorithm's defaults are open-r1's GRPO recipe for DeepSeek-R1-Distill-Qwen-1.5B
+    (huggingface/open-r1, recipes/DeepSeek-R1-Distill-Qwen-1.5B/grpo/config_demo.yaml): learning rate 1e-6, a cosine
+    schedule down to 10% after 10% warm-up, 1,024-token completions, 16 prompts x 16 accumulation steps per device,
+    seed 42; TRL 1.16's defaults for what the recipe leaves (loss dapo, beta 0, epsilon 0.2, temperature 1). The
+    recipe samples 7 completions per prompt because it trains on 7 GPUs (16 x 16 x 7 is divisible by 7); 8 here keeps
+    the generation batch divisible on any number of processes. bf16 and gradient checkpointing are the GPU recipe's
+    choice (off by default, like `train`).
+    """
+
+    generation_budget: Literal["match"] | int | None = Field(
+        "match",
+        description="stop when GRPO has generated this many completion tokens; 'match': what the factory generated "
+        "(generate + resample + values + DTO probes, from stats.json); none: steps or epochs decide",
+    )
+    num_generations: int = Field(8, ge=2, description="completions per prompt (the group); TRL's num_generations")
+    max_completion_length: int = Field(1024, ge=1, description="max new tokens per completion; a cut one gets 0")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the completions")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of the completions")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = Field(
+        "dapo", description="TRL's loss_type (how token losses are aggregated)"
+    )
+    beta: float = Field(0.0, ge=0, description="KL coefficient; 0 loads no reference model (DeepSeek-R1: 0.001)")
+    epsilon: float = Field(0.2, gt=0, description="clipping range of the policy ratio")
+    epsilon_high: float | None = Field(None, gt=0, description="upper clip bound (DAPO's clip-higher); none: epsilon")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="advantages divided by the group's std (group), the batch's (batch) or not (none)"
+    )
+    mask_truncated_completions: bool = Field(
+        False, description="leave completions cut at max_completion_length out of the loss (DAPO)"
+    )
+    num_iterations: int = Field(1, ge=1, description="optimization passes over each generation batch (mu)")
+    learning_rate: float = Field(1e-6, gt=0)
+    lr_scheduler_type: Literal["cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine_with_min_lr",
+        description="learning-rate schedule; with a generation budget it runs over the budget's tokens, not steps",
+    )
+    min_lr_rate: float = Field(0.1, ge=0, le=1, description="cosine_with_min_lr: final rate / peak rate")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of the schedule (budget or steps) in warm-up")
+    max_steps: int = Field(-1, description="-1: the budget decides (else num_train_epochs); > 0: at most this many")
+    num_train_epochs: float = Field(1.0, gt=0, description="passes over the problems when there is no budget")
+    per_device_train_batch_size: int = Field(16, ge=1, description="completions per device and micro-batch")
+    gradient_accumulation_steps: int = Field(16, ge=1)
+    seed: int = Field(42)
+    lora: bool = Field(False, description="train a LoRA adapter (merged into the saved model) instead of all weights")
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: list[str] | Literal["all-linear"] = Field("all-linear")
+    gradient_checkpointing: bool = Field(False)
+    bf16: bool = Field(False)
+    use_vllm: bool = Field(False, description="generate with vLLM (GPU); off: transformers' generate in the trainer")
+    vllm_mode: Literal["server", "colocate"] = Field(
+        "server", description="server: a `trl vllm-serve` process on its own GPUs; colocate: vLLM in the trainer"
+    )
+    vllm_server_base_url: str | None = Field(None, description="server mode: its URL; none: host and port")
+    vllm_server_host: str = Field("0.0.0.0", description="server mode: host of `trl vllm-serve`")
+    vllm_server_port: int = Field(8000, ge=1, le=65535, description="server mode: port of `trl vllm-serve`")
+    vllm_server_timeout: float = Field(240.0, gt=0, description="server mode: seconds to wait for the server")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="colocate mode: vLLM's share of the GPU")
+    accelerate_config: str | None = Field(None, description="accelerate config file (GPUs); none: python/torchrun")
+    num_processes: int = Field(1, ge=1, description="training processes per machine")
+    num_machines: int = Field(1, ge=1, description="machines taking part; each runs the job with its rank")
+    machine_rank: int = Field(0, ge=0, description="this machine's rank, 0 .. num_machines-1")
+    main_process_ip: str | None = Field(None, description="address of machine 0, reachable from every machine")
+    main_process_port: int = Field(29500, ge=1, le=65535, description="rendezvous port on machine 0")
+    zero_stage: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage when not launched by accelerate")
+    save_steps: int = Field(50, ge=1, description="a checkpoint every this many steps (a retry resumes from it)")
+    save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept in the output directory")
+    logging_steps: int = Field(1, ge=1)
+
+    @field_validator("generation_budget", mode="before")
+    @classmethod
+    def _budget(cls, v: Any) -> Any:
+        if v is None or v == "match" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("must be 'match', a number of tokens >= 1, or null (no budget)")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        return _vllm_temperature(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GRPOConfig:
+        batch = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        batch *= self.num_processes * self.num_machines
+        if batch % self.num_generations:
+            raise ValueError(
+                f"the generation batch (grpo.per_device_train_batch_size x gradient_accumulation_steps x processes = "
+                f"{batch}) must be a multiple of grpo.num_generations ({self.num_generations}): it holds whole groups"
+            )
+        if self.accelerate_config and self.zero_stage:
+            raise ValueError("grpo.zero_stage must be 0 when grpo.accelerate_config is set (it carries DeepSpeed)")
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"grpo.machine_rank {self.machine_rank} must be below grpo.num_machines")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("grpo.num_machines > 1 needs grpo.main_process_ip (the address of machine 0)")
+        return self
+
+
+class ValuesConfig(_Config):
+    """Checkpoint values: the share of continuations from a checkpoint that verify, and the first checkpoint below
+    a threshold (the step holding the first error), found by bisection or by probing every checkpoint."""
+
+    rollouts: int = Field(8, ge=1, description="continuations per probed checkpoint (one request, vLLM's n)")
+    search: Literal["binary", "exhaustive"] = Field(
+        "binary",
+        description="binary: bisect for the first checkpoint below threshold (about log2(n) + 1 probes, values "
+        "taken as non-increasing); exhaustive: probe every checkpoint",
+    )
+    threshold: float = Field(0.5, gt=0, le=1, description="a checkpoint whose value is below this is bad")
+    trajectories: Literal["incorrect", "correct", "all"] = Field(
+        "all",
+        description="which trajectories to probe: incorrect (verdict incorrect or no_answer), correct, or both; "
+        "timeout and error verdicts never",
+    )
+    max_rollouts_per_trajectory: int | None = Field(
+        None, ge=1, description="stop a trajectory's search once its next probe would pass this; none: no cap"
+    )
+    max_tokens: int = Field(32768, ge=1, description="max new tokens per continuation; one cut there never verifies")
+    temperature: float = Field(0.6, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    seed: int = Field(3, description="base seed; each probe's seed derives from it, the sample and the checkpoint")
+    critical_pairs: bool = Field(True, description="build `critical` pairs at each wrong trajectory's first error")
+    max_pair_tokens: int | None = Field(None, ge=1, description="drop critical pairs whose prompt+longer side exceed")
+    max_length_ratio: float | None = Field(
+        None, gt=1, description="drop critical pairs with a chosen/rejected token ratio over this"
+    )
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float, info: ValidationInfo) -> float:
+        return _vllm_temperature(v, info.data.get("rollouts"), "rollouts")
+
+    @model_validator(mode="after")
+    def _cap_fits_a_probe(self) -> ValuesConfig:
+        cap = self.max_rollouts_per_trajectory
+        if cap is not None and cap < self.rollouts:
+            raise ValueError(
+                f"values.max_rollouts_per_trajectory {cap} is below values.rollouts {self.rollouts}, so no checkpoint "
+                "could be probed; raise it or lower rollouts"
+            )
+        return self
+
+
 class StageSections(_Config):
     """One recipe section per pipeline stage, in pipeline order.
 
@@ -407,9 +564,11 @@ class StageSections(_Config):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
     checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    values: ValuesConfig = Field(default_factory=ValuesConfig)
     resample: ResampleConfig = Field(default_factory=ResampleConfig)
     dto: DTOConfig = Field(default_factory=DTOConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
 

@@ -12,7 +12,7 @@ from ckptdpo.dto.probe import (
     DTOItem,
     VerifyFn,
     close_trajectory,
-    estimate_probabilities,
+    probe_estimates,
     probe_exit_points,
     probe_prompt,
     split_segments,
@@ -45,6 +45,7 @@ STAT_KEYS = (
     "reverify_probes",
     "reverify_failures",
     "num_pruned_without_exit",
+    "probe_generated_tokens",
 )
 
 
@@ -111,7 +112,7 @@ def optimize_trajectories(
                 results[r].removed_segments = removed
                 pending.append((r, item, ex, "".join(s for s, k in zip(segments, keep, strict=True) if k)))
     cut = [x for x in pending if results[x[0]].status == "truncated"]
-    reverify_failures, failed = _reverify(backend, results, cut, cfg, verify_fn)
+    reverify_failures, failed, reverify_tokens = _reverify(backend, results, cut, cfg, verify_fn)
     reverify_failures += _verify_whole(results, [x for x in pending if results[x[0]].status == "no_exit"], verify_fn)
     _count_tokens(backend, items, results)
     optimized = [r for r in results if r.status in OPTIMIZED]
@@ -132,6 +133,8 @@ def optimize_trajectories(
         "reverify_probes": len(cut),
         "num_pruned_without_exit": sum(r.status == "pruned" and r.truncated_text is None for r in results),
         "reverify_failures": reverify_failures,
+        # What the sampled probes generated (exit probes and re-verification): part of the factory's generation cost.
+        "probe_generated_tokens": sum(ex.probe_tokens for ex in exits) + reverify_tokens,
     }
     return results, stats
 
@@ -189,9 +192,10 @@ def _truncate(items: Sequence[DTOItem], exits: Sequence[Any]) -> tuple[list[DTOR
 
 def _reverify(
     backend: Any, results: list[DTOResult], pending: list[tuple], cfg: DTOConfig, verify_fn: VerifyFn
-) -> tuple[int, list[bool]]:
-    """Probe every pruned thinking at its end (one call); keep it when the probe still reaches the threshold."""
-    probs, failed = estimate_probabilities(
+) -> tuple[int, list[bool], int]:
+    """Probe every pruned thinking at its end (one call); keep it when the probe still reaches the threshold.
+    Returns the failures, which probes failed, and the tokens the probes generated."""
+    probs, failed, tokens = probe_estimates(
         backend,
         [probe_prompt(item.prompt, thinking) for _, item, _, thinking in pending],
         [item.gold for _, item, _, _ in pending],
@@ -210,7 +214,7 @@ def _reverify(
             if cfg.on_reverify_fail == "drop":
                 results[r].status = "dropped"
                 results[r].text = None
-    return failures, failed
+    return failures, failed, sum(tokens)
 
 
 def _count_tokens(backend: Any, items: Sequence[DTOItem], results: list[DTOResult]) -> None:

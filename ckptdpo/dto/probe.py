@@ -52,6 +52,7 @@ class ExitResult:
     exit_char: int | None
     r1: bool
     probe_errors: int = 0
+    probe_tokens: int = 0  # tokens the sampled probes generated (0 for likelihood probes, which generate nothing)
 
     @property
     def exit_probability(self) -> float | None:
@@ -163,30 +164,40 @@ def _seed(*parts: Any) -> int:
     return zlib.crc32(content_id(*parts).encode()) & 0x7FFFFFFF
 
 
-def estimate_probabilities(
+def estimate_probabilities(*args: Any, **kwargs: Any) -> tuple[list[float], list[bool]]:
+    """(p, failed) of `probe_estimates` (same arguments), without the generated token counts."""
+    probs, failed, _ = probe_estimates(*args, **kwargs)
+    return probs, failed
+
+
+def probe_estimates(
     backend: Any,
     prompts: Sequence[str],
     golds: Sequence[str],
     keys: Sequence[tuple[str, Any]],
     cfg: DTOConfig,
     verify_fn: VerifyFn,
-) -> tuple[list[float], list[bool]]:
-    """P(gold) after each probe prompt, with ONE backend call (score or generate) for all; returns (p, failed).
+) -> tuple[list[float], list[bool], list[int]]:
+    """P(gold) after each probe prompt, with ONE backend call (score or generate) for all; returns (p, failed,
+    generated tokens).
 
-    A probe whose request failed (an error result, a NaN score) gets probability 0 and `failed` True.
+    A probe whose request failed (an error result, a NaN score) gets probability 0 and `failed` True. The generated
+    tokens are, per probe, what its sampled continuations generated (what the factory spent on probing, which the
+    GRPO baseline's budget matches); a likelihood probe scores and generates none.
 
     `keys` are (sample_id, position) per probe: they seed the sampled probes (reruns draw the same samples) and
     route them by sample_id (a multi-endpoint backend sends a trajectory's probes where its prefix is cached).
     """
     if not prompts:
-        return [], []
+        return [], [], []
     if cfg.probe == "likelihood":
         logprobs = backend.score(list(prompts), [g + "}" for g in golds])
         if len(logprobs) != len(prompts):
             raise RuntimeError(f"backend.score returned {len(logprobs)} values for {len(prompts)} probes")
         failed = [lp is None or math.isnan(lp) for lp in logprobs]
         # exp() of a very negative log-probability underflows to 0.0 by itself; only NaN needs catching.
-        return [0.0 if bad else min(1.0, math.exp(lp)) for lp, bad in zip(logprobs, failed, strict=True)], failed
+        probs = [0.0 if bad else min(1.0, math.exp(lp)) for lp, bad in zip(logprobs, failed, strict=True)]
+        return probs, failed, [0] * len(prompts)
 
     requests = [
         GenerationRequest(
@@ -218,7 +229,8 @@ def estimate_probabilities(
         verdicts = verify_fn(to_verify)
         for i, v in zip(owner, verdicts, strict=True):
             hits[i] += v.is_correct is True
-    return [hits[i] / cfg.probe_samples for i in range(len(prompts))], failed
+    tokens = [sum(s.num_tokens for s in res.samples) for res in results]
+    return [hits[i] / cfg.probe_samples for i in range(len(prompts))], failed, tokens
 
 
 def _shortens(item: DTOItem, char: int, r1: bool) -> bool:
@@ -250,12 +262,13 @@ def probe_exit_points(
             golds.append(item.gold)
             keys.append((item.sample_id, char))
             owners.append(t)
-    probs, failed = estimate_probabilities(backend, prompts, golds, keys, cfg, verify_fn)
+    probs, failed, tokens = probe_estimates(backend, prompts, golds, keys, cfg, verify_fn)
     per_item: list[list[float]] = [[] for _ in items]
-    errors = Counter()
-    for t, p, bad in zip(owners, probs, failed, strict=True):
+    errors, spent = Counter(), Counter()
+    for t, p, bad, n in zip(owners, probs, failed, tokens, strict=True):
         per_item[t].append(p)
         errors[t] += bad
+        spent[t] += n
     out = []
     for t, (item, (kind, positions, probed), ps) in enumerate(zip(items, plans, per_item, strict=True)):
         r1 = is_r1_style(item.prompt, item.completion)
@@ -276,6 +289,7 @@ def probe_exit_points(
                 exit_char=None if exit_index is None else positions[exit_index - 1],
                 r1=r1,
                 probe_errors=errors[t],
+                probe_tokens=spent[t],
             )
         )
     return out

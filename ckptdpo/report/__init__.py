@@ -7,12 +7,20 @@ each followed by the data it plots as JSON. Every base-vs-trained difference car
 over problems (`ckptdpo.metrics.paired_eval_intervals`).
 
 Modules: `data` (readers and the one definition of each DTO and interval figure), `draw` (figures and formatting),
-`sections` (the data factory), `evaluation` (eval plots, tables per benchmark kind, headline), `page` (the page),
-`compare` (two runs).
+`sections` (the data factory), `evaluation` (eval plots, tables per benchmark kind, headline), `baseline` (base,
+DPO and the cost-matched GRPO baseline side by side, with costs), `page` (the page), `compare` (two runs).
 """
 
 from __future__ import annotations
 
+from ckptdpo.report.baseline import (
+    comparison_rows,
+    cost_matched_headline,
+    cost_matched_rows,
+    cost_matched_view,
+    model_costs,
+    section_cost_matched,
+)
 from ckptdpo.report.compare import COMPARED, ETA_B_VS_A, compare_intervals, compare_rows, read_eval_section
 from ckptdpo.report.data import (
     DTOFigures,
@@ -21,10 +29,12 @@ from ckptdpo.report.data import (
     eval_intervals,
     eval_section,
     load_dto_results,
+    load_grpo_summary,
     load_pairs,
     load_recipe_name,
     load_train_summary,
     load_trajectories,
+    pair_intervals,
     read_eval_rows,
     run_intervals,
 )
@@ -67,6 +77,10 @@ __all__ = [
     "build_report",
     "compare_intervals",
     "compare_rows",
+    "comparison_rows",
+    "cost_matched_headline",
+    "cost_matched_rows",
+    "cost_matched_view",
     "cross_rows",
     "dto_figures",
     "eval_intervals",
@@ -76,16 +90,20 @@ __all__ = [
     "headline_markdown",
     "interval_text",
     "load_dto_results",
+    "load_grpo_summary",
     "load_pairs",
     "load_recipe_name",
     "load_train_summary",
     "load_trajectories",
     "metric_rows",
+    "model_costs",
+    "pair_intervals",
     "read_eval_rows",
     "read_eval_section",
     "render_report",
     "run_intervals",
     "section_checkpoints",
+    "section_cost_matched",
     "section_dto",
     "section_lengths",
     "section_pair_quality",

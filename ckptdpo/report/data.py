@@ -71,6 +71,12 @@ def load_train_summary(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def load_grpo_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The GRPO baseline's summary.json (generated and trained tokens, budget, reward curve), None when not run."""
+    path = Path(run_dir) / "grpo" / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def load_recipe(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "recipe.yaml"
     if not path.is_file():
@@ -187,17 +193,32 @@ def eval_intervals(
     for bench, models in section.items():
         names = list(models)
         for name in names[1:]:
-            stored = models[name].get("intervals")
-            if stored:
-                out.setdefault(bench, {})[name] = stored
-                continue
-            base, new = read_eval_rows(run_dir, bench, names[0]), read_eval_rows(run_dir, bench, name)
-            if base is None or new is None:
-                continue
-            ks = [int(k) for k in models[name].get("pass_at_k") or {}]
-            iv = paired_eval_intervals(problem_outcomes(base), problem_outcomes(new), ks, seed=seed)
-            if iv["num_problems"]:
+            iv = pair_intervals(run_dir, {bench: models}, names[0], name, seed=seed).get(bench)
+            if iv:
                 out.setdefault(bench, {})[name] = iv
+    return out
+
+
+def pair_intervals(
+    run_dir: Path, section: Mapping[str, Mapping[str, Mapping[str, Any]]], a: str, b: str, seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """{benchmark: intervals of model b - model a} over the problems both were evaluated on, for every benchmark
+    holding both: the eval stage's stored intervals when `a` is its reference, else from both models' eval shards."""
+    out: dict[str, dict[str, Any]] = {}
+    for bench, models in section.items():
+        if a not in models or b not in models:
+            continue
+        stored = models[b].get("intervals")
+        if stored and list(models)[0] == a:
+            out[bench] = stored
+            continue
+        rows_a, rows_b = read_eval_rows(run_dir, bench, a), read_eval_rows(run_dir, bench, b)
+        if rows_a is None or rows_b is None:
+            continue
+        ks = sorted({int(k) for m in (models[a], models[b]) for k in m.get("pass_at_k") or {}})
+        iv = paired_eval_intervals(problem_outcomes(rows_a), problem_outcomes(rows_b), ks, seed=seed)
+        if iv["num_problems"]:
+            out[bench] = iv
     return out
 
 

@@ -21,7 +21,14 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.text import Annotation
 
-COLORS = {"correct": "#2a9d8f", "incorrect": "#e76f51", "r2w": "#457b9d", "w2r": "#e9c46a", "dto": "#8d6cab"}
+COLORS = {
+    "correct": "#2a9d8f",
+    "incorrect": "#e76f51",
+    "r2w": "#457b9d",
+    "w2r": "#e9c46a",
+    "critical": "#c44569",
+    "dto": "#8d6cab",
+}
 MODEL_COLORS = ("#264653", "#e76f51", "#2a9d8f", "#8d6cab", "#e9c46a", "#457b9d")
 NOT_RUN = "not run"
 PAD = 0.06  # share of a data range added on each side, so markers at the extremes are drawn whole

@@ -23,7 +23,7 @@ from ckptdpo.report.draw import (
     padded,
 )
 
-PAIR_ORDER = ("r2w", "w2r", "dto")
+PAIR_ORDER = ("r2w", "w2r", "critical", "dto")
 
 
 def _mean(values: np.ndarray) -> str:

@@ -21,11 +21,22 @@ def training_dtype(cfg: TrainConfig, *, deepspeed: bool) -> str:
 
 def build_training_kwargs(cfg: TrainConfig, output_dir: str | Path, *, use_cpu: bool, liger: bool) -> dict[str, Any]:
     """Keyword arguments of DPOConfig / CPOConfig for this run (both take all of these)."""
+    return dict(
+        shared_training_kwargs(cfg, output_dir, use_cpu=use_cpu),
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        use_liger_kernel=liger,
+        max_length=cfg.max_length,
+        beta=cfg.beta,
+    )
+
+
+def shared_training_kwargs(cfg: Any, output_dir: str | Path, *, use_cpu: bool) -> dict[str, Any]:
+    """The transformers TrainingArguments every ckptdpo trainer sets the same way, from a config with TrainConfig's
+    batch, schedule, checkpoint, precision and launcher fields (TrainConfig, GRPOConfig)."""
     deepspeed = bool(cfg.zero_stage)
     return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.num_train_epochs,
@@ -38,9 +49,6 @@ def build_training_kwargs(cfg: TrainConfig, output_dir: str | Path, *, use_cpu: 
         bf16=cfg.bf16,
         fp16=False,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        use_liger_kernel=liger,
-        max_length=cfg.max_length,
-        beta=cfg.beta,
         eval_strategy="no",
         report_to="none",
         disable_tqdm=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -41,24 +42,24 @@ class TrainJob(BaseModel):
 FAULT_FIELDS = frozenset({"fail_after_step", "kill_in_save_step"})
 
 
-def load_job(path: str | Path) -> TrainJob:
-    """Read and validate a job YAML; problems are one UserError sentence."""
+def load_job(path: str | Path, job_class: type[BaseModel] = TrainJob, what: str = "train") -> Any:
+    """Read and validate a job YAML (a `job_class`, written by the `what` task); problems are one UserError."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"{path}: train job file not found; pass the YAML written by the train task.") from None
+        raise UserError(f"{path}: {what} job file not found; pass the YAML written by the {what} task.") from None
     except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"{path}: cannot read the train job ({' '.join(str(e).split())}); fix the file.") from None
+        raise UserError(f"{path}: cannot read the {what} job ({' '.join(str(e).split())}); fix the file.") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a train job must be a YAML mapping, got {type(data).__name__}.")
+        raise UserError(f"{path}: a {what} job must be a YAML mapping, got {type(data).__name__}.")
     try:
-        return TrainJob.model_validate(data)
+        return job_class.model_validate(data)
     except ValidationError as e:
         raise UserError(describe_validation_error(e, str(path))) from None
 
 
-def write_job(job: TrainJob, path: str | Path) -> Path:
+def write_job(job: BaseModel, path: str | Path) -> Path:
     """Write a job YAML atomically, for the launcher to pass by path."""
     from ckptdpo.shards import atomic_write_bytes
 

@@ -45,9 +45,14 @@ def deepspeed_config(zero_stage: int) -> dict[str, Any]:
     }
 
 
-def build_launch_command(job_path: str | Path, cfg: TrainConfig, *, python: str = sys.executable) -> list[str]:
-    """The command that runs one training job: plain python, accelerate launch (GPUs) or torchrun (CPU ranks)."""
-    entry = ["-m", "ckptdpo.train", "--config", str(job_path)]
+def build_launch_command(
+    job_path: str | Path, cfg: TrainConfig, *, python: str = sys.executable, module: str = "ckptdpo.train"
+) -> list[str]:
+    """The command that runs one training job: plain python, accelerate launch (GPUs) or torchrun (CPU ranks).
+
+    `cfg` is any config with the launcher fields of TrainConfig (GRPOConfig has them too); `module` is the entry
+    point (`ckptdpo.grpo` for the GRPO baseline)."""
+    entry = ["-m", module, "--config", str(job_path)]
     if cfg.accelerate_config:
         launch = [python, "-m", "accelerate.commands.launch", "--config_file", cfg.accelerate_config]
         # accelerate counts processes over all machines; train.num_processes is per machine.
@@ -82,6 +87,8 @@ def _accelerate_machines(cfg: TrainConfig) -> list[str]:
     ]
 
 
-def build_merge_command(job_path: str | Path, *, python: str = sys.executable) -> list[str]:
+def build_merge_command(
+    job_path: str | Path, *, python: str = sys.executable, module: str = "ckptdpo.train"
+) -> list[str]:
     """The single-process step that folds a trained LoRA adapter into the saved model (after the run)."""
-    return [python, "-m", "ckptdpo.train", "--config", str(job_path), "--merge"]
+    return [python, "-m", module, "--config", str(job_path), "--merge"]

@@ -117,11 +117,12 @@ def train(trainer: Any, resume: Path | None) -> float:
 
 def save(trainer: Any, job: TrainJob, args: Any) -> Path:
     """Save the trained weights (the LoRA adapter, merged later in one process) and the tokenizer."""
-    out = Path(job.output_dir)
-    if job.train.lora:
-        target = out / ADAPTER_DIR
-    else:
-        target = out / MODEL_DIR
+    return save_weights(trainer, Path(job.output_dir), lora=job.train.lora, args=args)
+
+
+def save_weights(trainer: Any, out: Path, *, lora: bool, args: Any) -> Path:
+    """`out/model` (or `out/adapter` for LoRA) from the trainer; every rank calls it, rank 0 writes."""
+    target = out / (ADAPTER_DIR if lora else MODEL_DIR)
     # Collective under ZeRO-3 (gathers the 16-bit weights), so every rank calls it; rank 0 writes.
     trainer.save_model(str(target))
     if args.should_save and not any(target.glob("*.safetensors")):
@@ -295,24 +296,34 @@ def merge_adapter(job: TrainJob) -> dict[str, Any]:
     return summary
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ckptdpo.train", description="DPO / SimPO on pair shards (TRL).")
-    p.add_argument("--config", required=True, help="train job YAML (a TrainJob)")
+def make_parser(
+    prog: str = "python -m ckptdpo.train",
+    description: str = "DPO / SimPO on pair shards (TRL).",
+    job: str = "train job YAML (a TrainJob)",
+) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", required=True, help=job)
     p.add_argument("--merge", action="store_true", help="after a LoRA run: merge the adapter into model/ (1 process)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_entry(argv: list[str] | None, parser: argparse.ArgumentParser, load: Any, run: Any) -> int:
+    """A job entry point: load the job (`load(path)`), run it (`run(job, started=...)`) or merge its adapter; a user
+    error is one `error: ...` line and exit status 2."""
     started = time.monotonic()
-    args = make_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[pid %(process)d] %(levelname)s %(name)s: %(message)s")
     try:
-        job = load_job(args.config)
+        job = load(args.config)
         if args.merge:
             merge_adapter(job)
         else:
-            run_job(job, started=started)
+            run(job, started=started)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_entry(argv, make_parser(), load_job, run_job)

@@ -71,7 +71,6 @@ def build_callbacks(job: TrainJob) -> tuple[Any, list]:
     The step counter needs the trainer (its accelerator and counts): set `counter.trainer` once it is built.
     """
     import torch
-    import torch.distributed as dist
     from transformers import TrainerCallback
 
     class StepTokens(TrainerCallback):
@@ -93,11 +92,21 @@ def build_callbacks(job: TrainJob) -> tuple[Any, list]:
             total = trainer.accelerator.reduce(counts, reduction="sum")
             trainer.token_counts.close_step(state.global_step, int(total[0]), int(total[1]))
 
-    class FailAfterSave(TrainerCallback):
-        """Fault injection for resume tests: die like a killed job once a given checkpoint is on disk."""
+    counter = StepTokens()
+    callbacks: list = [counter]
+    if job.fail_after_step is not None:
+        callbacks.append(fail_after_save(job.fail_after_step))
+    return counter, callbacks
 
+
+def fail_after_save(step: int) -> Any:
+    """Fault injection for resume tests: a callback that dies like a killed job once checkpoint-`step` is on disk."""
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    class FailAfterSave(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
-            if state.global_step == job.fail_after_step:
+            if state.global_step == step:
                 if dist.is_available() and dist.is_initialized():
                     dist.barrier()  # every rank has written its part of the checkpoint
                 log.error("fault injection: exiting after saving checkpoint-%d", state.global_step)
@@ -105,8 +114,4 @@ def build_callbacks(job: TrainJob) -> tuple[Any, list]:
                 sys.stdout.flush()
                 os._exit(FAULT_EXIT_CODE)
 
-    counter = StepTokens()
-    callbacks: list = [counter]
-    if job.fail_after_step is not None:
-        callbacks.append(FailAfterSave())
-    return counter, callbacks
+    return FailAfterSave()

@@ -242,3 +242,35 @@ def test_compose_vllm_servers_are_the_ones_the_serve_recipe_reaches():
                 mounts = [v.split(":", 1)[1] for v in svc["volumes"]]
                 assert any(backend.model.startswith(m + "/") for m in mounts), f"{backend.model} is not mounted"
     assert recipe.dto.probe == "sample"  # the likelihood probe needs echo; the sampled one runs on any server
+
+
+def test_compose_grpo_server_is_trl_vllm_serve_that_the_grpo_recipe_reaches():
+    """TRL's vLLM server mode: `trl vllm-serve` runs where vLLM and TRL share an environment (the gpu-vllm image),
+    serves the base model on the host and port the recipe's grpo section reaches, with room for its completions;
+    the trainer's launcher needs no DeepSpeed (the image has none)."""
+    from trl.scripts.vllm_serve import build_command, make_parser
+
+    from ckptdpo.configs import Recipe
+
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    svc = services["grpo-vllm"]
+    assert svc["entrypoint"] == ["trl", "vllm-serve"] and "grpo" in svc["profiles"]
+    built = {s["image"]: s["build"]["dockerfile"] for s in services.values() if "build" in s}
+    assert built[svc["image"]] == "docker/Dockerfile.gpu-vllm"
+    _, extras = project_install(instructions(DOCKER / "Dockerfile.gpu-vllm"))
+    declared = PYPROJECT["project"]["optional-dependencies"]
+    assert any(d.startswith("vllm") for e in extras for d in declared[e])
+    assert any(d.startswith("trl") for d in PYPROJECT["project"]["dependencies"])
+    (args,) = make_parser().parse_args_and_config(args=svc["command"])
+    assert "--weight-transfer-config" in build_command(args)  # the engine the trainer pushes its weights through
+
+    recipe = Recipe.from_yaml(REPO / "recipes" / "r1-distill-qwen-1.5b" / "deepscaler.yaml")
+    g = recipe.grpo
+    assert g.use_vllm and g.vllm_mode == "server" and "grpo" in recipe.stages
+    assert (g.vllm_server_host, g.vllm_server_port) == ("grpo-vllm", args.port) and args.host == "0.0.0.0"
+    assert args.max_model_len > g.max_completion_length
+    assert any(args.model.startswith(v.split(":", 1)[1] + "/") for v in svc["volumes"]), "the model is not mounted"
+    (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and len(device["device_ids"]) == 1
+    launcher = yaml.safe_load((REPO / g.accelerate_config).read_text())
+    assert launcher["distributed_type"] == "MULTI_GPU" and "deepspeed_config" not in launcher and not g.zero_stage

@@ -281,6 +281,8 @@ def test_sample_probe_uses_generate_once_and_verifies_boxed_answers():
     assert len({r.seed for r in requests}) == 3 and {r.route_key for r in requests} == {"s-a"}
     assert ex.probabilities == [0.25, 0.5, 1.0] and ex.exit_index == 2
     assert ("5", "\\boxed{{5}}") in calls[0] and ("5", "\\boxed{ 5 }") in calls[0]
+    # What the probes generated (the fake backend's tokens are words): 4 x 1, then 1 + 3 + 1 + 2, then 4 x 1.
+    assert ex.probe_tokens == 4 + 7 + 4
     # Reruns draw the same seeds.
     again = policy(continuations=conts)
     probe_exit_points(again, [item(A, backend=again)], cfg, verify)
@@ -547,3 +549,18 @@ def test_prune_without_exit_judges_and_verifies_the_whole_trajectory():
     judge = SegmentJudge(flagged=["So the answer"])
     (r,), stats = optimize_trajectories(backend, judge, [item(A, backend=backend)], cfg, exact_verify)
     assert r.status == "no_exit" and r.text is None and stats["reverify_failures"] == 1 and stats["num_optimized"] == 0
+
+
+def test_probe_generated_tokens_count_sampled_probes_only():
+    """The DTO stats record what the sampled probes generated (part of the factory's cost); likelihood probes
+    score and generate nothing."""
+    conts = [{"after": PROBE, "texts": ["5} ok", "6}"]}]
+    items = [item(A, "s-a", gold="5")]
+    sampled = policy(continuations=conts)
+    cfg = DTOConfig(probe="sample", probe_samples=2, threshold=0.5, prune=False)
+    results, stats = optimize_trajectories(sampled, None, [item(A, "s-a", backend=sampled)], cfg, exact_verify)
+    generated = sum(s.num_tokens for args in sampled.args["generate"] for r in sampled.inner.generate(args[0])
+                    for s in r.samples)  # fmt: skip
+    assert stats["probe_generated_tokens"] == generated > 0
+    _, stats = optimize_trajectories(policy(), None, items, DTOConfig(prune=False), exact_verify)
+    assert stats["probe_generated_tokens"] == 0

@@ -16,6 +16,7 @@ import pytest
 from rich.console import Console
 
 from ckptdpo import evaluate, summary
+from ckptdpo.metrics import wilson_interval
 from ckptdpo.report import (
     CSS,
     benchmark_kinds,
@@ -41,10 +42,13 @@ from ckptdpo.schemas import (
     EVAL_SAMPLES,
     PAIRS,
     SAMPLES,
+    VALUE_TRAJECTORIES,
+    VALUES,
     VERDICTS,
     make_table,
 )
 from ckptdpo.shards import atomic_write_bytes, update_stats, write_manifest, write_shard
+from ckptdpo.values import summarize_values
 from commands.cli import main
 from commands.report import compare_table
 from tasks.registry import report_sections
@@ -53,16 +57,17 @@ SECTIONS = [
     "overview",
     "lengths",
     "checkpoints",
-    "pairs",
-    "pairquality",
+    "values",
     "rounds",
     "dto",
+    "pairs",
+    "pairquality",
     "training",
     "passk",
     "acctokens",
     "metrics",
 ]
-PLOTTED = SECTIONS[1:10]
+PLOTTED = SECTIONS[1:11]
 
 
 def as_table(rows: list[dict], schema):
@@ -188,6 +193,22 @@ def make_run(run_dir: Path, seed: int = 0, gain: float = 0.15, kinds: dict[str, 
         if i % 3:
             continue
         pairs.append(pair(kind, c, rng.randint(1, c["num_checkpoints"]), rnd, rng))
+    value_rows, value_trajectories = [], []
+    for c in [c for c in with_cps if not c["is_correct"]]:
+        n, critical = c["num_checkpoints"], rng.randint(1, c["num_checkpoints"])
+        for i in range(1, n + 1):
+            successes = 6 if i < critical else 1
+            low, high = wilson_interval(successes, 8)
+            value_rows.append({"sample_id": c["sample_id"], "problem_id": c["problem_id"], "checkpoint_index": i,
+                               "checkpoint_char": i, "rollouts": 8, "successes": successes, "value": successes / 8,
+                               "ci_low": low, "ci_high": high})  # fmt: skip
+        value_trajectories.append({"sample_id": c["sample_id"], "problem_id": c["problem_id"], "status": "incorrect",
+                                   "is_correct": False, "num_checkpoints": n, "probed": n, "rollouts_used": 8 * n,
+                                   "search": "exhaustive", "resolved": True, "critical_index": critical})  # fmt: skip
+        pairs.append(pair("critical", c, max(critical - 1, 1), None, rng))
+    _stage(run_dir, "values", value_rows, VALUES)
+    _stage(run_dir, "values/trajectories", value_trajectories, VALUE_TRAJECTORIES)
+    update_stats(run_dir, "values", summarize_values(value_rows, value_trajectories, pairs) | {"threshold": 0.5})
     optimized = []
     for c in [c for c in cps if c["is_correct"]]:
         status = rng.choice(["pruned", "truncated", "no_exit"])
@@ -312,7 +333,8 @@ def test_full_report_draws_every_section(full_run: Path):
         assert f'<section id="{anchor}">' in page
     assert "not run" not in page and "could not be drawn" not in page
     sizes = png_sizes(page)
-    assert len(sizes) == len(PLOTTED) and all(w > 200 and h > 100 for w, h in sizes)
+    # One figure per plotted section; the values section draws two (value curves, and cost and positions).
+    assert len(sizes) == len(PLOTTED) + 1 and all(w > 200 and h > 100 for w, h in sizes)
     sections = sections_of(page)
     assert all("<img" in sections[a] for a in PLOTTED)
     stats = json.loads((full_run / "stats.json").read_text())
@@ -332,7 +354,7 @@ def test_full_report_draws_every_section(full_run: Path):
 def test_every_plot_carries_its_data_and_no_point_lies_outside_its_axes(full_run: Path):
     page = (full_run / "report" / "index.html").read_text()
     figures = figure_data(page)
-    assert len(figures) == len(PLOTTED)
+    assert len(figures) == len(PLOTTED) + 1  # the values section draws two
     assert all(ax["points"] for fig in figures for ax in fig["axes"] if ax["title"] != "")
     assert [(f["alt"], points_outside(f)) for f in figures if points_outside(f)] == []
     # The accuracy-vs-tokens plot holds both models of each benchmark (the arrow's ends included).
@@ -478,7 +500,7 @@ def test_missing_stages_show_not_run_notes(tmp_path: Path):
     # Only generation and verification: lengths come from joining them, the rest is still missing.
     part = tmp_path / "partial"
     shutil.copytree(make_run(tmp_path / "full"), part)
-    for stage in ("checkpoints", "pairs", "resample", "dto", "train", "eval", "stats.json"):
+    for stage in ("checkpoints", "values", "pairs", "resample", "dto", "train", "eval", "stats.json"):
         target = part / stage
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     sections = sections_of(render_report(part, report_sections()))

@@ -1,0 +1,88 @@
+"""The grpo stage: a cost-matched GRPO baseline, trained in a subprocess like the train stage.
+
+Layout: `<run_dir>/grpo/` holds `job.yaml`, `grpo.log`, `checkpoint-*` (a retry resumes from the newest), `model/`,
+`summary.json` and `_manifest.json`, written last. Keyed by the job (its config, the budget resolved from what the
+factory generated, the base model) and the problems' content.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from ckptdpo.grpo import GRPOJob, build_grpo_job, build_grpo_launch_command, build_grpo_merge_command
+from ckptdpo.report import ReportSection
+from ckptdpo.report.baseline import section_cost_matched
+from ckptdpo.schemas import PROBLEMS
+from ckptdpo.shards import read_manifest
+from ckptdpo.train import FAULT_FIELDS, SUMMARY, write_job
+from tasks.planning import StagePlan, fingerprints, plan_stage
+from tasks.problems import load_problems_stage
+from tasks.stage import JobStep, RunContext, Stage, Steps
+from tasks.train import JOB_FILE, resolve_accelerate_config, retry_unless_user_error, run_launched
+
+NAME = "grpo"
+LOG_FILE = "grpo.log"
+
+
+def grpo_job(ctx: RunContext) -> GRPOJob:
+    """The job of this run: its budget resolved from stats.json (what the factory generated to make its pairs)."""
+    job = build_grpo_job(ctx.recipe, ctx.run_dir, ctx.model_path(ctx.recipe.backend.model))
+    if job.grpo.accelerate_config:
+        path = resolve_accelerate_config(job.grpo.accelerate_config, ctx.base_dir)
+        job = job.model_copy(update={"grpo": job.grpo.model_copy(update={"accelerate_config": path})})
+    return job
+
+
+# Not cached by Prefect (see tasks/train.py): the stage's manifest says when it is done.
+@task(name="grpo_model", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
+def grpo_model(job: GRPOJob, key: str) -> dict[str, Any]:
+    """Run one GRPO job into its output directory (then the LoRA merge); returns its summary."""
+    stage = Path(job.output_dir)
+    (stage / SUMMARY).unlink(missing_ok=True)  # a summary left by an earlier attempt is not this run's
+    job_path = write_job(job, stage / JOB_FILE)
+    commands = [build_grpo_launch_command(job_path, job.grpo)]
+    if job.grpo.lora:
+        commands.append(build_grpo_merge_command(job_path))
+    run_launched(commands, stage / LOG_FILE, key)
+    return json.loads((stage / SUMMARY).read_text())
+
+
+class GRPO(Stage):
+    """GRPO from the base model on the run's problems, stopped at the generation budget the factory spent."""
+
+    name = NAME
+    writes = {"problems": PROBLEMS, NAME: None}
+    pool = "gpu_train"
+    report = (
+        ReportSection("grpo", "Cost-matched baseline: GRPO", lambda r: section_cost_matched(r.run_dir, r.stats)),
+    )
+
+    def plan(self, ctx: RunContext) -> StagePlan:
+        """Keyed by the job (config, resolved budget, base model) and the problems' content, not where it writes.
+        Without a generate stage before it (a GRPO-only run with an explicit budget), it loads the problems itself."""
+        if read_manifest(Path(ctx.run_dir) / "problems") is None:
+            recipe = ctx.recipe
+            load_problems_stage(ctx.run_dir, recipe.problems, recipe.generate.shard_size, ctx.base_dir)
+        what = grpo_job(ctx).model_dump(mode="json", exclude={"output_dir", *FAULT_FIELDS})
+        return plan_stage(ctx.run_dir, NAME, fingerprints(ctx.run_dir, "problems"), what, shards_of=None)
+
+    def steps(self, ctx: RunContext, plan: StagePlan) -> Steps:
+        yield JobStep(grpo_model, {"job": grpo_job(ctx), "key": plan.key})
+
+    def summarize(self, ctx: RunContext, plan: StagePlan, outcomes: list[Any]) -> dict[str, Any]:
+        (summary,) = outcomes
+        return summary
+
+    def headline(self, s: Mapping[str, Any]) -> str:
+        return (
+            f"{s.get('global_step')} steps, {s.get('generated_tokens')} of {s.get('generation_budget')} budget "
+            f"tokens generated, stopped by {s.get('stopped_by')}"
+        )
+
+
+STAGE = GRPO()
