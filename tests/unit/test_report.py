@@ -63,11 +63,12 @@ SECTIONS = [
     "pairs",
     "pairquality",
     "training",
+    "grpo",
     "passk",
     "acctokens",
     "metrics",
 ]
-PLOTTED = SECTIONS[1:11]
+PLOTTED = SECTIONS[1:12]
 
 
 def as_table(rows: list[dict], schema):
@@ -322,7 +323,10 @@ def sections_of(page: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory) -> Path:
+    from tests.unit.test_report_baseline import add_grpo
+
     run_dir = make_run(tmp_path_factory.mktemp("report") / "run")
+    add_grpo(run_dir, gain=0.0)
     build_report(run_dir, report_sections())
     return run_dir
 
@@ -500,9 +504,9 @@ def test_missing_stages_show_not_run_notes(tmp_path: Path):
     # Only generation and verification: lengths come from joining them, the rest is still missing.
     part = tmp_path / "partial"
     shutil.copytree(make_run(tmp_path / "full"), part)
-    for stage in ("checkpoints", "values", "pairs", "resample", "dto", "train", "eval", "stats.json"):
+    for stage in ("checkpoints", "values", "pairs", "resample", "dto", "train", "grpo", "eval", "stats.json"):
         target = part / stage
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     sections = sections_of(render_report(part, report_sections()))
     assert "<img" in sections["lengths"] and "48 trajectories" in sections["lengths"]
     assert all("not run" in sections[a] for a in PLOTTED[1:])
@@ -521,7 +525,8 @@ def test_report_cli(tmp_path: Path, capsys):
 
 def test_headline_markdown_has_the_metrics_table(full_run: Path):
     md = headline_markdown(full_run)
-    assert "| benchmark | model | problems | pass@1 |" in md and md.count("\n| math |") == 2
+    # A row per (benchmark, model): base, trained and the GRPO baseline.
+    assert "| benchmark | model | problems | pass@1 |" in md and md.count("\n| math |") == 3
 
 
 def test_compare_two_runs(tmp_path: Path, capsys):
