@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +86,11 @@ def preflight(ctx: RunContext, stages: list[str]) -> None:
     check_task_runner(ctx.recipe)  # a cluster runner with an in-process model, or a missing package: before any write
 
 
-def run_recipe(recipe: Recipe, recipe_path: Path, run_dir: Path, stages: list[str] | None) -> dict:
-    """Run a recipe that was loaded (and validated) once, by the caller."""
+def run_recipe(
+    recipe: Recipe, recipe_path: Path, run_dir: Path, stages: list[str] | None, verbose: bool = False
+) -> dict:
+    """Run a recipe that was loaded (and validated) once, by the caller; `verbose` keeps every log line in the
+    terminal (else Prefect's per-task lines and library warnings go only to the Prefect UI's logs)."""
     wanted = stages or list(recipe.stages)
     try:
         from ckptdpo.configs.recipe import check_stage_names
@@ -95,8 +101,38 @@ def run_recipe(recipe: Recipe, recipe_path: Path, run_dir: Path, stages: list[st
     ctx = RunContext(recipe=recipe, run_dir=str(run_dir), base_dir=str(recipe_path.resolve().parent))
     with run_dir_lock(run_dir, create=False):
         preflight(ctx, wanted)
-    with run_dir_lock(run_dir), stop_on_signals():
+    with run_dir_lock(run_dir), stop_on_signals(), quiet_console(verbose):
         return _run_with_progress(ctx, wanted)
+
+
+@contextmanager
+def quiet_console(verbose: bool):
+    """Prefect's console lines below WARNING and library warnings stay out of the terminal: the Prefect API still
+    gets every line (its handler is apart), and `-v` keeps them all."""
+    if verbose:
+        yield
+        return
+    import transformers
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    # Prefect's console handlers, and the root's stream handler that Prefect's records propagate to.
+    loggers = [logging.getLogger(), *[logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict)]]
+    handlers = {h for lg in loggers for h in getattr(lg, "handlers", []) if isinstance(h, PrefectConsoleHandler)}
+    handlers |= {h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler}
+    levels = {h: h.level for h in handlers}
+    verbosity = transformers.logging.get_verbosity()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        transformers.logging.set_verbosity_error()
+        for h in handlers:
+            h.setLevel(max(h.level, logging.WARNING))
+        try:
+            yield
+        finally:
+            for h, level in levels.items():
+                h.setLevel(level)
+            transformers.logging.set_verbosity(verbosity)
 
 
 def _run_with_progress(ctx: RunContext, wanted: list[str]) -> dict:
@@ -141,7 +177,7 @@ def run_command(args: argparse.Namespace, home: Path) -> int:
         if not stages:
             raise UserError(f"--stages {args.stages!r} names no stage; list stages like generate,verify.")
     recipe = Recipe.from_yaml(args.recipe, _overrides(args))
-    run_recipe(recipe, Path(args.recipe), Path(args.run_dir), stages)
+    run_recipe(recipe, Path(args.recipe), Path(args.run_dir), stages, verbose=args.verbose)
     return 0
 
 
@@ -151,7 +187,7 @@ def demo_command(args: argparse.Namespace, home: Path) -> int:
     recipe = Recipe.from_yaml(DEMO_RECIPE, _overrides(args))
     served_judge = "dto" in recipe.stages and recipe.dto.prune and recipe.dto.judge.backend is None
     if not served_judge or recipe.backend.kind != "hf":
-        run_recipe(recipe, DEMO_RECIPE, Path(args.run_dir), None)
+        run_recipe(recipe, DEMO_RECIPE, Path(args.run_dir), None, verbose=args.verbose)
         return 0
     from commands.localserver import transformers_server
     from tasks.backends import resolve_local_model
@@ -161,22 +197,59 @@ def demo_command(args: argparse.Namespace, home: Path) -> int:
         judge = {"kind": "openai", "model": str(model), "base_urls": [url], "max_concurrency": 1}
         dump = recipe.model_dump(mode="json")
         dump["dto"]["judge"]["backend"] = judge
-        run_recipe(Recipe.from_dict(dump, source=str(DEMO_RECIPE)), DEMO_RECIPE, Path(args.run_dir), None)
+        demo = Recipe.from_dict(dump, source=str(DEMO_RECIPE))
+        run_recipe(demo, DEMO_RECIPE, Path(args.run_dir), None, verbose=args.verbose)
     return 0
 
 
 def print_summary(run_dir: Path, wall_s: float) -> None:
-    stats = read_stats(run_dir)
+    """The run's last screen: the answer first (did pass@1 close on pass@k, did tokens fall, is it significant, and
+    against GRPO at the same cost), then where its outputs are, then one line per stage in pipeline order."""
+    from ckptdpo.report import ReportRun, cost_matched_view
+
     console = Console()
-    table = Table(title=f"ckptdpo run {run_dir} ({wall_s:.0f} s)")
-    table.add_column("stage")
-    table.add_column("summary")
-    for stage, s in stats.items():
-        table.add_row(stage, _headline(stage, s))
+    stats = read_stats(run_dir)
+    console.print(f"\n[bold]ckptdpo run {run_dir}[/] finished in {wall_s:,.0f} s")
+    lines = ReportRun(run_dir).headline() if stats.get("eval") else []
+    view = cost_matched_view(run_dir, stats)
+    lines += (view or {}).get("headline") or []
+    if lines:
+        console.print("\n[bold]Headline[/] (paired 95% intervals over problems)")
+        for line in lines:
+            console.print(f"  • {line}", highlight=False)
+    outputs = _outputs(run_dir)
+    if outputs:
+        console.print("\n[bold]Outputs[/]")
+        width = max(len(k) for k, _ in outputs)
+        for name, where in outputs:
+            console.print(f"  {name:<{width}}  {where}", highlight=False)
+    table = Table(title="Stages", title_justify="left", show_edge=False, pad_edge=False)
+    for col, justify in (("stage", "left"), ("time", "right"), ("summary", "left")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for stage in ["problems", *registry.registry()]:
+        s = stats.get(stage)
+        if not s:
+            continue  # a stage this run did not reach has no row
+        wall = (read_manifest(run_dir / stage) or {}).get("stats", {}).get("wall_s")
+        table.add_row(stage, f"{wall:,.0f} s" if isinstance(wall, (int, float)) else "", _headline(stage, s))
+    console.print()
     console.print(table)
-    pairs = run_dir / "pairs"
-    if pairs.exists():
-        console.print(f"pairs: {pairs}")
+
+
+def _outputs(run_dir: Path) -> list[tuple[str, str]]:
+    """Where the report, the pairs and the trained models are (those that exist)."""
+    out = []
+    report = run_dir / "report" / "index.html"
+    if report.exists():
+        out.append(("report", str(report)))
+    pairs = read_manifest(run_dir / "pairs")
+    if pairs is not None:
+        by_type = ", ".join(f"{k} {v:,}" for k, v in (pairs["stats"].get("by_type") or {}).items()) or "none"
+        out.append(("pairs", f"{run_dir / 'pairs'} ({pairs['num_rows']:,} pairs: {by_type})"))
+    for name, directory in (("trained model", "train"), ("GRPO model", "grpo")):
+        if (run_dir / directory / "model").is_dir():
+            out.append((name, str(run_dir / directory / "model")))
+    return out
 
 
 def _headline(stage: str, s: dict[str, Any]) -> str:
@@ -185,7 +258,7 @@ def _headline(stage: str, s: dict[str, Any]) -> str:
     if spec is not None:
         return spec.headline(s)
     if stage == "problems":
-        return f"{s.get('num_problems')} problems ({s.get('num_invalid', 0)} invalid skipped)"
+        return f"{s.get('num_problems'):,} problems from {s.get('source')} ({s.get('num_invalid', 0)} invalid skipped)"
     keys = [k for k, v in s.items() if not isinstance(v, (dict, list))][:6]
     return ", ".join(f"{k}={s[k]}" for k in keys)
 

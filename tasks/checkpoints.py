@@ -12,6 +12,7 @@ from ckptdpo import summary
 from ckptdpo.checkpoints import checkpoint_rows
 from ckptdpo.configs import CheckpointConfig
 from ckptdpo.report import ReportSection, sections
+from ckptdpo.report import format_number as fmt
 from ckptdpo.schemas import CHECKPOINTS, make_table
 from ckptdpo.shards import write_shard
 from tasks.common import content_cache_key
@@ -67,7 +68,11 @@ class Checkpoints(Stage):
 
     def headline(self, s: Mapping[str, Any]) -> str:
         by = s.get("by_correctness", {})
-        return ", ".join(f"{k}: {v['checkpoints']['mean']} ckpt/traj" for k, v in by.items() if v.get("count"))
+        means = ", ".join(f"{k} {fmt(v['checkpoints']['mean'])}" for k, v in by.items() if v.get("count"))
+        return (
+            f"{fmt(s.get('with_checkpoints'))} of {fmt(s.get('num_trajectories'))} trajectories have a checkpoint; "
+            f"checkpoints per trajectory: {means}"
+        )
 
 
 STAGE = Checkpoints()

@@ -33,6 +33,7 @@ from ckptdpo.dto import (
 )
 from ckptdpo.errors import UserError
 from ckptdpo.report import ReportSection, sections
+from ckptdpo.report import format_number as fmt
 from ckptdpo.schemas import DTO_RESULTS, PAIRS, make_table
 from ckptdpo.verify import verify_batch
 from tasks.backends import backend_session, check_backend
@@ -314,9 +315,11 @@ class DTO(Stage):
         return stats
 
     def headline(self, s: Mapping[str, Any]) -> str:
+        before, after = s.get("tokens_before") or 0, s.get("tokens_after_pruning") or 0
+        cut = f" ({fmt(1 - after / before)} fewer)" if before else ""
         return (
-            f"{s.get('num_trajectories')} trajectories, tokens {s.get('tokens_before')} -> "
-            f"{s.get('tokens_after_pruning')}, {s.get('num_pairs')} pairs"
+            f"{fmt(s.get('num_trajectories'))} correct trajectories, tokens {fmt(before)} → {fmt(after)}{cut}, "
+            f"{fmt(s.get('num_pairs'))} pairs"
         )
 
     def preflight(self, ctx: RunContext) -> None:

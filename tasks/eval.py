@@ -24,6 +24,7 @@ from ckptdpo.backends.base import GenerationRequest
 from ckptdpo.configs import BackendConfig, EvalConfig, ProblemsConfig, VerifyConfig
 from ckptdpo.evaluate import ModelSpec
 from ckptdpo.report import ReportSection, benchmark_kinds, eval_intervals, evaluation, skipped_notes
+from ckptdpo.report import format_number as fmt
 from ckptdpo.resample import stable_seed
 from ckptdpo.schemas import EVAL_PROBLEMS, EVAL_RESULTS, EVAL_SAMPLES, make_table
 from ckptdpo.shards import (
@@ -310,11 +311,14 @@ class Eval(Stage):
 
     def headline(self, s: Mapping[str, Any]) -> str:
         return "; ".join(
-            f"{bench}/{model}: pass@1 {m.get('pass_at_1')}, {m.get('mean_tokens')} tokens"
+            f"{bench}: "
+            + ", ".join(
+                f"{model} {fmt(m.get('pass_at_1'))} ({fmt(m.get('mean_tokens'))} tok)"
+                for model, m in models.items()
+                if isinstance(m, dict) and "pass_at_1" in m
+            )
             for bench, models in s.items()
             if isinstance(models, dict)
-            for model, m in models.items()
-            if isinstance(m, dict) and "pass_at_1" in m
         )
 
     def preflight(self, ctx: RunContext) -> None:

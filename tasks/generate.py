@@ -13,6 +13,8 @@ from ckptdpo import summary
 from ckptdpo.configs import BackendConfig, GenerateConfig
 from ckptdpo.generation import build_generation_requests, sample_rows
 from ckptdpo.problems import load_problems
+from ckptdpo.report import format_counts
+from ckptdpo.report import format_number as fmt
 from ckptdpo.schemas import PROBLEMS, SAMPLES, make_table
 from ckptdpo.shards import write_shard
 from tasks.backends import backend_session
@@ -93,7 +95,12 @@ class Generate(Stage):
         return {**stats, "generated_tokens": stats["completion_tokens"]}
 
     def headline(self, s: Mapping[str, Any]) -> str:
-        return f"{s.get('num_samples')} samples, {s.get('completion_tokens')} tokens, finish {s.get('finish_reasons')}"
+        mean = (s.get("completion_tokens_per_sample") or {}).get("mean")
+        return (
+            f"{fmt(s.get('num_samples'))} samples of {fmt(s.get('num_problems'))} problems, "
+            f"{fmt(s.get('completion_tokens'))} tokens ({fmt(mean)} each); "
+            f"ended by {format_counts(s.get('finish_reasons'))}"
+        )
 
     def preflight(self, ctx: RunContext) -> None:
         """The problem source loads (a missing file or column is one sentence before anything is written)."""

@@ -16,6 +16,7 @@ from prefect import task
 
 from ckptdpo.grpo import GRPOJob, build_grpo_job, build_grpo_launch_command, build_grpo_merge_command
 from ckptdpo.report import ReportSection
+from ckptdpo.report import format_number as fmt
 from ckptdpo.report.baseline import section_cost_matched
 from ckptdpo.schemas import PROBLEMS
 from ckptdpo.shards import read_manifest
@@ -80,8 +81,8 @@ class GRPO(Stage):
 
     def headline(self, s: Mapping[str, Any]) -> str:
         return (
-            f"{s.get('global_step')} steps, {s.get('generated_tokens')} of {s.get('generation_budget')} budget "
-            f"tokens generated, stopped by {s.get('stopped_by')}"
+            f"{fmt(s.get('global_step'))} steps, {fmt(s.get('generated_tokens'))} tokens generated of a budget of "
+            f"{fmt(s.get('generation_budget'))}, stopped by {s.get('stopped_by')}"
         )
 
 

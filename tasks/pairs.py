@@ -14,7 +14,8 @@ import pyarrow as pa
 from prefect import task
 
 from ckptdpo import summary
-from ckptdpo.report import ReportSection, sections
+from ckptdpo.report import ReportSection, format_counts, sections
+from ckptdpo.report import format_number as fmt
 from ckptdpo.schemas import PAIRS
 from ckptdpo.shards import list_shards, listed_shards, read_manifest, read_shard, read_stage, update_stats, write_shard
 from tasks.planning import RETRY, StagePlan, fingerprints, plan_stage
@@ -135,8 +136,10 @@ class Pairs(Stage):
         return summary.summarize_pairs(pa.concat_tables(written) if written else [], generated)
 
     def headline(self, s: Mapping[str, Any]) -> str:
-        per_1k = s.get("pairs_per_1k_generated_tokens")
-        return f"{s.get('num_pairs', 0)} pairs {s.get('by_type', {})}, {per_1k} per 1k generated tokens"
+        per_1k = fmt(s.get("pairs_per_1k_generated_tokens"))
+        return (
+            f"{fmt(s.get('num_pairs', 0))} pairs: {format_counts(s.get('by_type'))} ({per_1k} per 1k generated tokens)"
+        )
 
 
 STAGE = Pairs()

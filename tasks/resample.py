@@ -17,7 +17,8 @@ from prefect import task
 from ckptdpo import summary
 from ckptdpo.configs import BackendConfig, ResampleConfig, VerifyConfig
 from ckptdpo.errors import UserError
-from ckptdpo.report import ReportSection, sections
+from ckptdpo.report import ReportSection, format_counts, sections
+from ckptdpo.report import format_number as fmt
 from ckptdpo.resample import attempt_rows, build_pairs, build_requests, draws_this_round, plan_slots, slot_key
 from ckptdpo.schemas import ATTEMPTS, PAIRS, make_table
 from ckptdpo.shards import read_manifest, read_stage, write_shard
@@ -267,8 +268,11 @@ class Resample(Stage):
 
     def headline(self, s: Mapping[str, Any]) -> str:
         p = s.get("pairs", {})
-        per_1k = p.get("pairs_per_1k_generated_tokens")
-        return f"{len(s.get('rounds', []))} rounds, pairs {p.get('by_type')}, {per_1k} per 1k generated tokens"
+        return (
+            f"{len(s.get('rounds', []))} rounds, {fmt(s.get('generated_tokens'))} tokens; pairs "
+            f"{format_counts(p.get('by_type'))} "
+            f"({fmt(p.get('pairs_per_1k_generated_tokens'))} per 1k generated tokens)"
+        )
 
 
 STAGE = Resample()

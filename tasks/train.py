@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from pydantic import ValidationError
 from ckptdpo.configs import describe_validation_error
 from ckptdpo.errors import UserError
 from ckptdpo.report import ReportSection, load_train_summary, sections
+from ckptdpo.report import format_number as fmt
 from ckptdpo.shards import read_manifest
 from ckptdpo.train import FAULT_FIELDS, SUMMARY, TrainJob, build_launch_command, build_merge_command, write_job
 from tasks.planning import StagePlan, fingerprints, plan_stage
@@ -166,6 +168,14 @@ class Train(Stage):
     def summarize(self, ctx: RunContext, plan: StagePlan, outcomes: list[Any]) -> dict[str, Any]:
         (summary,) = outcomes
         return summary
+
+    def headline(self, s: Mapping[str, Any]) -> str:
+        pairs = s.get("pairs") or {}
+        speed = s.get("tokens_per_s")
+        return (
+            f"{s.get('loss', '')} {fmt(s.get('global_step'))} steps on {fmt(pairs.get('num_train'))} pairs, "
+            f"final loss {fmt(s.get('final_loss'))}" + (f", {fmt(speed)} tokens/s" if speed else "")
+        )
 
 
 STAGE = Train()

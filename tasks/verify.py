@@ -11,6 +11,8 @@ from prefect import task
 
 from ckptdpo import summary
 from ckptdpo.configs import VerifyConfig
+from ckptdpo.report import format_counts
+from ckptdpo.report import format_number as fmt
 from ckptdpo.schemas import VERDICTS, make_table
 from ckptdpo.shards import write_shard
 from ckptdpo.verdicts import verdict_items, verdict_rows
@@ -71,7 +73,11 @@ class Verify(Stage):
         return summary.summarize_verify(read_stage_rows(ctx.run_dir, NAME, columns, plan.indices))
 
     def headline(self, s: Mapping[str, Any]) -> str:
-        return f"accuracy {s.get('accuracy')}, {s.get('by_status')}"
+        by = s.get("by_status") or {}
+        return (
+            f"accuracy {fmt(s.get('accuracy'))} ({fmt(by.get('correct', 0))} of {fmt(s.get('num_samples'))} correct); "
+            f"{format_counts(by)}"
+        )
 
 
 STAGE = Verify()

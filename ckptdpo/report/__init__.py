@@ -38,7 +38,7 @@ from ckptdpo.report.data import (
     read_eval_rows,
     run_intervals,
 )
-from ckptdpo.report.draw import COLORS, MODEL_COLORS, NOT_RUN, format_number, interval_text
+from ckptdpo.report.draw import COLORS, MODEL_COLORS, NOT_RUN, format_counts, format_number, interval_text
 from ckptdpo.report.evaluation import cross_rows, headline, metric_rows
 from ckptdpo.report.page import (
     CSS,
@@ -85,6 +85,7 @@ __all__ = [
     "dto_figures",
     "eval_intervals",
     "eval_section",
+    "format_counts",
     "format_number",
     "headline",
     "headline_markdown",

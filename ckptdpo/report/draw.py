@@ -123,6 +123,13 @@ def format_number(value: Any, digits: int = 3) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def format_counts(counts: Any) -> str:
+    """'stop 40, length 8' for {'stop': 40, 'length': 8}, largest first; '-' for none."""
+    if not counts:
+        return "-"
+    return ", ".join(f"{k} {format_number(v)}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def signed(value: float, digits: int = 3) -> str:
     """A difference with its sign (a true minus sign), 0 without one."""
     text = format_number(abs(value), digits)
