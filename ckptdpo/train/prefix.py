@@ -14,6 +14,10 @@ completion token go through the LM head (TRL's fused head does the same on GPUs 
 
 The shared prefix of a pair is the longest common token prefix of its two sequences: the prompt, and any leading
 completion tokens both sides share. Nothing depends on where the collator put the prompt boundary.
+
+Attention: with sdpa, each packed row runs as two causal kernel calls, prompt + chosen (causal), then rejected over
+the prompt and itself (causal aligned to the end, `causal_lower_right`), so flash kernels skip the masked blocks as
+they do for the standard path; no (width x width) mask is built. With eager attention the row gets the 4D mask.
 """
 
 from __future__ import annotations
@@ -188,12 +192,58 @@ def sharing_problem(model: Any) -> str | None:
     return None
 
 
+def prefix_sdpa_attention(module, query, key, value, attention_mask, *args, packed_lengths=None, **kwargs):
+    """sdpa over packed rows given `packed_lengths` (shared, chosen, rejected lengths per row); else plain sdpa.
+
+    Per row: prompt + chosen attend causally among themselves; rejected attends to the prompt and causally to
+    itself, which is causal attention aligned to the end of [prompt | rejected]. Padding positions come out zero.
+    Returns (batch, width, heads, head_dim) like transformers' sdpa.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    if packed_lengths is None:
+        return _PLAIN_SDPA[0](module, query, key, value, attention_mask, *args, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    scale, width = kwargs.get("scaling"), query.shape[2]
+    rows = []
+    for b, (s, c, r) in enumerate(packed_lengths):
+        q, k, v, tail = query[b : b + 1], key[b : b + 1], value[b : b + 1], r - s
+        parts = [F.scaled_dot_product_attention(q[:, :, :c], k[:, :, :c], v[:, :, :c], is_causal=True, scale=scale)]
+        if tail:
+            k_tail = torch.cat([k[:, :, :s], k[:, :, c : c + tail]], dim=2)
+            v_tail = torch.cat([v[:, :, :s], v[:, :, c : c + tail]], dim=2)
+            bias = causal_lower_right(tail, s + tail)
+            parts.append(F.scaled_dot_product_attention(q[:, :, c : c + tail], k_tail, v_tail, bias, scale=scale))
+        if c + tail < width:
+            parts.append(q.new_zeros((1, q.shape[1], width - c - tail, value.shape[-1])))
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+# transformers' own sdpa function, which `prefix_sdpa_attention` stands in for (set by `_register_attention`).
+_PLAIN_SDPA: list = []
+
+
+def _register_attention() -> None:
+    """Route transformers' "sdpa" through `prefix_sdpa_attention`; calls without `packed_lengths` are unchanged."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if not _PLAIN_SDPA:
+        _PLAIN_SDPA.append(ALL_ATTENTION_FUNCTIONS["sdpa"])
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = prefix_sdpa_attention
+
+
 def install_packed_forward(model: Any, outputs: tuple[str, ...]) -> None:
     """Let `model(..., packed=..., fused_lm_head=True)` run the packed forward; other calls are unchanged.
 
     Patches the forward of the transformers model inside the wrappers (like TRL's fused LM head, which it wraps), so
     DDP, DeepSpeed and PEFT still run it inside their own forward. Idempotent; the outputs of several callers merge.
     """
+    _register_attention()
     module = base_module(model)
     if getattr(module, "_packed_outputs", None) is not None:
         module._packed_outputs = tuple(dict.fromkeys((*module._packed_outputs, *outputs)))
@@ -215,14 +265,22 @@ def packed_forward(model: Any, packed: dict[str, Any], outputs: tuple[str, ...])
 
     Returns TRL's `FusedCausalLMOutput` with fields of shape `score_mask` (zero where nothing is scored).
     """
+    import torch
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
     lm_head = model.get_output_embeddings()
-    implementation = model.config._attn_implementation
-    mask = attention_mask(packed["segments"], implementation, model.get_input_embeddings().weight.dtype)
+    ids = packed["input_ids"]
+    if model.config._attn_implementation == "sdpa":
+        # A 4D mask is passed through unchanged; the attention reads the layout instead (`prefix_sdpa_attention`).
+        layout = {"attention_mask": ids.new_ones((ids.shape[0], 1, 1, 1), dtype=torch.bool)}
+        layout["packed_lengths"] = [tuple(row) for row in packed["lengths"].tolist()]
+    else:
+        layout = {
+            "attention_mask": attention_mask(packed["segments"], "eager", model.get_input_embeddings().weight.dtype)
+        }
     hidden = model.base_model(
-        input_ids=packed["input_ids"], attention_mask=mask, position_ids=packed["position_ids"], use_cache=False
+        input_ids=ids, position_ids=packed["position_ids"], use_cache=False, **layout
     ).last_hidden_state
     scoring = hidden.reshape(-1, hidden.shape[-1])[packed["hidden_index"]].to(lm_head.weight.device)
     weight, bias = lm_head.weight, lm_head.bias

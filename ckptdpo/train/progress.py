@@ -165,6 +165,7 @@ def summarize_run(state: dict[str, Any], counts: TokenCounts, start_step: int, r
     padding = padding_figures(counts.steps)
     this_session = sum(s[1] for s in counts.steps if s[0] > start_step)
     steady = steady_state(counts.steps, start_step)
+    step_seconds = [s[3]["seconds"] for s in counts.steps if s[0] > start_step and len(s) > 3]
     computed = sum(s[3]["computed_tokens"] for s in counts.steps if len(s) > 3)
     computed_padded = sum(s[3]["computed_padded_tokens"] for s in counts.steps if len(s) > 3)
     return {
@@ -183,7 +184,8 @@ def summarize_run(state: dict[str, Any], counts: TokenCounts, start_step: int, r
         "padding": padding,
         "train_runtime_s": runtime,
         "steady_state": steady,
-        "train_steps_s": sum(s[3]["seconds"] for s in counts.steps if s[0] > start_step and len(s) > 3),
+        "train_steps_s": sum(step_seconds),
+        "step_seconds": step_seconds,
         "tokens_per_s": steady["tokens_per_s"] if steady else (this_session / runtime if runtime > 0 else None),
         "computed_tokens_per_s": steady["computed_tokens_per_s"] if steady else None,
         "pairs_per_s": steady["pairs_per_s"] if steady else None,
