@@ -115,7 +115,8 @@ def compare(work: Path, share: float, args) -> dict:
     pairs = make_pairs(args.steps * args.batch, prompt, completion, WORDS, seed=int(share * 100))
     where = write_pairs(pairs, work / f"pairs-{share}")
     cfg = TrainConfig(pair_types=["r2w"], max_steps=args.steps, save_steps=10_000, learning_rate=1e-4,
-                      per_device_train_batch_size=args.batch, max_length=args.pair_tokens, eval_fraction=0.0)  # fmt: skip
+                      per_device_train_batch_size=args.batch, max_length=args.pair_tokens,
+                      eval_fraction=0.0)  # fmt: skip
     runs: dict[bool, list[dict]] = {False: [], True: []}
     for attempt, shared in enumerate((False, True, True, False)):
         summary = run(work, where, cfg.model_copy(update={"prefix_sharing": shared}), attempt)
