@@ -10,8 +10,9 @@ of `share * pair_tokens` words and two completions of the rest split evenly, so 
 hidden 256, vocabulary 2,048). Each share trains the same pairs through `python -m ckptdpo.train` four times,
 standard, shared, shared, standard (so a load change on a shared machine hits both paths alike); the figures come
 from each run's `summary.json`: pairs/s from the median step time over the steps after each run's first (start-up,
-logging and saves apart), the tokens the model computed, the process's peak RSS, and each step's loss (the two
-paths must agree).
+logging and saves apart), in wall-clock time and in the process's CPU time (one thread: on a machine other work
+shares, wall time measures the load as much as the work), the tokens the model computed, the process's peak RSS,
+and each step's loss (the two paths must agree).
 """
 
 from __future__ import annotations
@@ -95,11 +96,14 @@ def run(work: Path, pairs: Path, cfg: TrainConfig, attempt: int) -> dict:
 
 
 def figures(runs: list[dict], batch: int) -> dict:
-    """One path's figures over its runs: pairs/s from the median steady step, what the model computed, peak RSS."""
+    """One path's figures over its runs: pairs per second from the median steady step (wall clock, and the
+    process's CPU time, which other work on the machine does not inflate), what the model computed, peak RSS."""
     steady = [t for s in runs for t in s["timing"]["step_seconds"][1:]]
+    steady_cpu = [t for s in runs for t in s["timing"]["step_cpu_seconds"][1:]]
     first = runs[0]
     return {
         "pairs_per_s": batch / statistics.median(steady),
+        "pairs_per_cpu_s": batch / statistics.median(steady_cpu),
         "pairs_per_s_each_run": [s["pairs_per_s"] for s in runs],
         "computed_tokens": first["computed_tokens"],
         "tokens": first["tokens"],
@@ -125,7 +129,8 @@ def compare(work: Path, share: float, args) -> dict:
     std, sh = figures(runs[False], args.batch), figures(runs[True], args.batch)
     diff = max(abs(a - b) for a, b in zip(std["losses"], sh["losses"], strict=True))
     return {"share": share, "prompt_tokens": prompt, "completion_tokens": completion, "standard": std, "shared": sh,
-            "speedup": sh["pairs_per_s"] / std["pairs_per_s"], "max_loss_diff": diff}  # fmt: skip
+            "speedup": sh["pairs_per_s"] / std["pairs_per_s"],
+            "speedup_cpu_time": sh["pairs_per_cpu_s"] / std["pairs_per_cpu_s"], "max_loss_diff": diff}  # fmt: skip
 
 
 WORDS = 2048 - 6  # the vocabulary is these words plus 6 markers
@@ -153,14 +158,15 @@ def main() -> None:
     print(f"\ncores {os.cpu_count()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, load average "
           f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the end, {args.pair_tokens} tokens a pair, "
           f"{args.steps} steps of {args.batch} pairs, 2 runs a path")  # fmt: skip
-    print("share | path | pairs/s | computed tokens | peak RSS MB | speedup | max abs loss diff")
+    print("share | path | pairs/s | pairs per CPU s | computed tokens | peak RSS MB | speedup (wall, CPU) | "
+          "max abs loss diff")  # fmt: skip
     for r in results:
         for path in ("standard", "shared"):
             f = r[path]
-            speed = f"{r['speedup']:.2f}x" if path == "shared" else ""
+            speed = f"{r['speedup']:.2f}x, {r['speedup_cpu_time']:.2f}x" if path == "shared" else ""
             diff = f"{r['max_loss_diff']:.1e}" if path == "shared" else ""
-            print(f"{r['share']:.0%} | {path} | {f['pairs_per_s']:.3f} | {f['computed_tokens']:,} | "
-                  f"{f['peak_rss_mb']:.0f} | {speed} | {diff}")  # fmt: skip
+            print(f"{r['share']:.0%} | {path} | {f['pairs_per_s']:.3f} | {f['pairs_per_cpu_s']:.3f} | "
+                  f"{f['computed_tokens']:,} | {f['peak_rss_mb']:.0f} | {speed} | {diff}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -165,7 +165,8 @@ def summarize_run(state: dict[str, Any], counts: TokenCounts, start_step: int, r
     padding = padding_figures(counts.steps)
     this_session = sum(s[1] for s in counts.steps if s[0] > start_step)
     steady = steady_state(counts.steps, start_step)
-    step_seconds = [s[3]["seconds"] for s in counts.steps if s[0] > start_step and len(s) > 3]
+    session = [s[3] for s in counts.steps if s[0] > start_step and len(s) > 3]
+    step_seconds = [w["seconds"] for w in session]
     computed = sum(s[3]["computed_tokens"] for s in counts.steps if len(s) > 3)
     computed_padded = sum(s[3]["computed_padded_tokens"] for s in counts.steps if len(s) > 3)
     return {
@@ -186,6 +187,7 @@ def summarize_run(state: dict[str, Any], counts: TokenCounts, start_step: int, r
         "steady_state": steady,
         "train_steps_s": sum(step_seconds),
         "step_seconds": step_seconds,
+        "step_cpu_seconds": [w.get("cpu_seconds") for w in session],
         "tokens_per_s": steady["tokens_per_s"] if steady else (this_session / runtime if runtime > 0 else None),
         "computed_tokens_per_s": steady["computed_tokens_per_s"] if steady else None,
         "pairs_per_s": steady["pairs_per_s"] if steady else None,
@@ -205,6 +207,7 @@ def steady_state(steps: Sequence[Sequence], start_step: int) -> dict[str, Any] |
     seconds = sum(s[3]["seconds"] for s in window)
     total = {k: sum(s[3][k] for s in window) for k in WORK_KEYS}
     tokens = sum(s[1] for s in window)
+    cpu = [s[3].get("cpu_seconds") for s in window]
 
     def rate(n: float) -> float | None:
         return n / seconds if seconds > 0 else None
@@ -220,4 +223,6 @@ def steady_state(steps: Sequence[Sequence], start_step: int) -> dict[str, Any] |
         "computed_tokens_per_s": rate(total["computed_tokens"]),
         "pairs_per_s": rate(total["pairs"]),
         "seconds_per_step": seconds / len(window),
+        # Rank 0's CPU time: on a loaded machine, pairs per CPU second is the rate the work alone allows.
+        "cpu_seconds": sum(cpu) if None not in cpu else None,
     }

@@ -197,7 +197,7 @@ def summarize(job: TrainJob, trainer: Any, facts: dict[str, Any]) -> dict[str, A
     state = dataclasses.asdict(trainer.state)
     ranks = sorted((json.loads(p.read_text()) for p in (out / RANKS_DIR).glob("rank-*.json")), key=lambda r: r["rank"])
     run = summarize_run(state, trainer.token_counts, facts["start_step"], facts["runtime"])
-    timing = {"train_steps_s": run.pop("train_steps_s"), "step_seconds": run.pop("step_seconds"), **facts["timing"]}
+    timing = {k: run.pop(k) for k in ("train_steps_s", "step_seconds", "step_cpu_seconds")} | facts["timing"]
     ref = getattr(trainer, "ref_model", None)
     summary = {
         "loss": cfg.loss,

@@ -211,6 +211,7 @@ def test_steady_state_rates_leave_out_the_first_step_and_the_saves():
     assert summary["tokens_per_s"] == steady["tokens_per_s"] == pytest.approx(200 / 2.5)
     assert summary["computed_tokens_per_s"] == pytest.approx(120 / 2.5) and summary["pairs_per_s"] == 4 / 2.5
     assert summary["train_steps_s"] == 7.5 and summary["step_seconds"] == [5.0, 1.0, 1.5]
+    assert summary["step_cpu_seconds"] == [None] * 3 and steady["cpu_seconds"] is None
     assert summary["computed_tokens"] == 180
     assert summary["computed_padding_fraction"] == pytest.approx(4 / 64)
     # The per-step figures say what the model computed, never how long it took (that differs between runs).
