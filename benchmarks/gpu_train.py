@@ -17,8 +17,8 @@ the budget lasts:
 
 Prints JSON and writes `$OUT/gpu_train.json` when OUT is set (after every run, so a cut-off run leaves the finished
 ones): per run the steady-state pairs/s, tokens/s (the pairs' two sequences), computed tokens/s (what the model
-ran), MFU with its formula, peak GPU memory, start-up seconds and losses; the ratios between runs. Pairs come from a
-word-level tokenizer built here, one word one token, so no tokenizer files are needed.
+ran), MFU with its formula, peak GPU memory, start-up seconds and losses; the ratios between runs. Pairs come from
+`train_prefix.make_tokenizer` (one word, one token), so no tokenizer files are needed.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ REAL = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_
             rms_norm_eps=1e-6, tie_word_embeddings=False)  # fmt: skip
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
             max_position_embeddings=1024, tie_word_embeddings=False)  # fmt: skip
-WORDS = 4096 - 6  # tokenizer vocabulary: these words plus 6 markers
 SHARE = 0.6
 RUNS = ("today", "shared", "standard", "shared_liger")
 
@@ -196,9 +195,9 @@ def main() -> None:
     signal.alarm(int(args.budget_s))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tokenizer = make_tokenizer(work / "model", WORDS)
+        tokenizer = make_tokenizer(work / "model")
         results["model"] = build_model(work / "model", tokenizer, args.tiny)
-        rows = make_pairs(args.steps * args.batch, prompt, completion, WORDS, seed=0)
+        rows = make_pairs(args.steps * args.batch, prompt, completion, seed=0)
         pairs = write_pairs(rows, work / "pairs")
         results["setup_s"] = time.monotonic() - started
         longest = 0.0

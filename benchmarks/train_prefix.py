@@ -4,10 +4,10 @@
 
 A checkpoint pair's prompt (problem plus trajectory prefix) is most of its tokens. TRL's DPO computes it twice for
 the policy and twice for the reference; `train.prefix_sharing` packs `[prompt | chosen | rejected]` into one row.
-Pairs here are synthetic with exact token counts: a word-level tokenizer built here (one word, one token), a prompt
-of `share * pair_tokens` words and two completions of the rest split evenly, so the standard path computes
+Pairs here are synthetic with exact token counts: a tokenizer built here (one word, one token), a prompt of
+`share * pair_tokens` words and two completions of the rest split evenly, so the standard path computes
 `(1 + share) * pair_tokens` tokens per pair and the shared path `pair_tokens`. The policy is a random Llama (4 layers,
-hidden 256, vocabulary 2,048). Each share trains the same pairs through `python -m ckptdpo.train` four times,
+hidden 256, vocabulary 2,143). Each share trains the same pairs through `python -m ckptdpo.train` four times,
 standard, shared, shared, standard (so a load change on a shared machine hits both paths alike); the figures come
 from each run's `summary.json`: pairs/s from the median step time over the steps after each run's first (start-up,
 logging and saves apart), in wall-clock time and in the process's CPU time (one thread: on a machine other work
@@ -18,6 +18,7 @@ and each step's loss (the two paths must agree).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -35,38 +36,48 @@ from ckptdpo.shards import content_id, write_manifest, write_shard  # noqa: E402
 from ckptdpo.train import TrainJob, build_launch_command, write_job  # noqa: E402
 
 SHARES = (0.3, 0.6, 0.9)
-HEADER = "<|im_start|>assistant\n"
+# Every word of one to three of these letters is one token of the tokenizer built here: 1,884 words.
+LETTERS = "abcdefghijkl"
+WORDS = ["".join(w) for n in (1, 2, 3) for w in itertools.product(LETTERS, repeat=n)]
 
 
-def make_tokenizer(out: Path, words: int):
-    """A word-level tokenizer (whitespace-separated words, one token each) with ChatML markers, saved to `out`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def make_tokenizer(out: Path):
+    """A byte-level BPE whose vocabulary is the bytes, ChatML markers and " " + each of WORDS, saved to `out`.
+
+    Each word preceded by a space is exactly one token, under this tokenizer and under the ones transformers
+    rebuilds from its files for a model type (Qwen2's, for one), so pairs have exact token counts.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate([*specials, "[unk]", "user", "assistant", *(f"w{i}" for i in range(words))])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[unk]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    vocab = {t: i for i, t in enumerate([*specials, *sorted(pre_tokenizers.ByteLevel.alphabet())])}
+    merges = []
+    for word in WORDS:  # "Ġab" + "c" -> "Ġabc", after "Ġa" + "b" -> "Ġab" (shorter words come first)
+        merges.append(("Ġ" + word[:-1], word[-1]))
+        vocab["Ġ" + word] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.add_special_tokens({"additional_special_tokens": specials[1:]})
     tok.save_pretrained(out)
     return tok
 
 
-def make_pairs(n: int, prompt_tokens: int, completion_tokens: int, words: int, seed: int) -> list[dict]:
+def make_pairs(n: int, prompt_tokens: int, completion_tokens: int, seed: int) -> list[dict]:
     """Pair rows whose prompt is `prompt_tokens` tokens and each completion `completion_tokens` (EOS included)."""
     rng = random.Random(seed)
 
     def text(k: int) -> str:
-        return " ".join(f"w{rng.randrange(words)}" for _ in range(k))
+        return "".join(" " + rng.choice(WORDS) for _ in range(k))
 
     rows = []
     for i in range(n):
-        # <|im_start|> user <problem words> <|im_end|> <|im_start|> assistant <prefix words>: 5 tokens of markup.
+        # <|im_start|> problem <|im_end|> \n <|im_start|> prefix: 4 tokens of markup.
         problem = max(prompt_tokens // 10, 1)
-        prefix = prompt_tokens - problem - 5
-        prompt = f"<|im_start|>user {text(problem)}<|im_end|>\n{HEADER}{text(prefix)}"
-        chosen, rejected = (" " + text(completion_tokens - 1) for _ in range(2))
+        prompt = f"<|im_start|>{text(problem)}<|im_end|>\n<|im_start|>{text(prompt_tokens - problem - 4)}"
+        chosen, rejected = (text(completion_tokens - 1) for _ in range(2))
         pair = dict.fromkeys(PAIRS.names) | {"pair_id": content_id("bench", i), "pair_type": "r2w"}
         rows.append(pair | {"problem_id": f"p{i}", "prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
@@ -116,7 +127,7 @@ def figures(runs: list[dict], batch: int) -> dict:
 def compare(work: Path, share: float, args) -> dict:
     """Standard and shared runs on the same pairs of one prefix share, interleaved."""
     prompt, completion = split_tokens(args.pair_tokens, share)
-    pairs = make_pairs(args.steps * args.batch, prompt, completion, WORDS, seed=int(share * 100))
+    pairs = make_pairs(args.steps * args.batch, prompt, completion, seed=int(share * 100))
     where = write_pairs(pairs, work / f"pairs-{share}")
     cfg = TrainConfig(pair_types=["r2w"], max_steps=args.steps, save_steps=10_000, learning_rate=1e-4,
                       per_device_train_batch_size=args.batch, max_length=args.pair_tokens,
@@ -133,9 +144,6 @@ def compare(work: Path, share: float, args) -> dict:
             "speedup_cpu_time": sh["pairs_per_cpu_s"] / std["pairs_per_cpu_s"], "max_loss_diff": diff}  # fmt: skip
 
 
-WORDS = 2048 - 6  # the vocabulary is these words plus 6 markers
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--pair-tokens", type=int, default=1024, help="prompt + chosen + rejected tokens of a pair")
@@ -148,7 +156,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tok = make_tokenizer(work / "model", WORDS)
+        tok = make_tokenizer(work / "model")
         save_random_llama(tok, work / "model", hidden_size=256, intermediate_size=1024, layers=4, heads=4, kv_heads=2,
                           max_positions=2 * args.pair_tokens)  # fmt: skip
         for share in SHARES:
