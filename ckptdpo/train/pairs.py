@@ -156,9 +156,10 @@ def prepare_pairs(rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: TrainConf
     """Select pair types, append EOS, align the prompt to a token prefix and apply the length policy; count all.
 
     Returns (kept rows with `prompt`/`chosen`/`rejected` rewritten and `num_tokens` added, report). The report
-    counts the pairs kept (`num_pairs_used`), those whose prompt was cut (`num_truncated`) and those dropped, by
-    reason. Token counts follow the trainer's own tokenization: DPOTrainer encodes with the tokenizer's special
-    tokens, CPOTrainer without them and prepends BOS when the tokenizer has one and the prompt lacks it.
+    counts the pairs kept (`num_kept`, also `num_pairs_used`), those of them whose prompt was cut (`num_truncated`)
+    and those dropped (`num_dropped`, by reason in `dropped`). Token counts follow the trainer's own tokenization:
+    DPOTrainer encodes with the tokenizer's special tokens, CPOTrainer without them and prepends BOS when the
+    tokenizer has one and the prompt lacks it.
     """
     eos = tokenizer.eos_token
     if not eos:
@@ -198,6 +199,7 @@ def prepare_pairs(rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: TrainConf
         "num_pairs_total": len(rows),
         "num_pairs_selected": len(rows) - sum(not_selected.values()),
         "num_pairs_used": len(kept),
+        "num_kept": len(kept),
         "num_dropped": sum(dropped.values()),
         "dropped": dict(dropped),
         "not_selected": dict(not_selected),

@@ -413,7 +413,8 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[pid %(process)d] %(levelname)s %(name)s: %(message)s")
+    # Timestamped, so the per-step lines (`step N/M: ...`) also give the rate between any two steps.
+    logging.basicConfig(level=logging.INFO, format="[pid %(process)d] %(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         job = load_job(args.config)
         if args.merge:

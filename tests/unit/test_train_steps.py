@@ -162,7 +162,7 @@ def test_a_long_prompt_keeps_its_problem_and_the_end_of_its_prefix(tiny_tokenize
     for limits in ({"max_length": 64}, {"max_length": MAX_LENGTH, "max_prompt_length": 32}):
         cfg = TrainConfig(loss=loss, pair_types=["r2w"], **limits)
         (kept,), report = prepare_pairs([row], tok, cfg)
-        assert report["num_truncated"] == 1 and report["num_pairs_used"] == 1 and report["num_dropped"] == 0
+        assert report["num_truncated"] == 1 and report["num_kept"] == 1 and report["num_dropped"] == 0
         assert report["truncation"] == "keep_problem_and_end" and report["num_cut_keep_end"] == 0
         # The templated problem, the marker, then the end of the prefix right before the checkpoint.
         head, tail = kept["prompt"].split(TRUNCATION_MARKER)
