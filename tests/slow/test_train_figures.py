@@ -28,11 +28,8 @@ STEP_LINE = re.compile(r"step (\d+)/(\d+): ([\d.]+) s, (\d+) pairs, (\d+) tokens
 @pytest.fixture(scope="module")
 def long_pairs(tiny) -> Path:
     """The tiny pair stage plus three pairs whose prompt alone is over max_length."""
-    rows = _rows() + [
-        _pair(200 + i, PROBLEM + "Let me add the numbers. " * (30 + 5 * i) + "So far", " Wait, 5.", " But 6.",
-              "r2w", f"long-{i}")  # fmt: skip
-        for i in range(3)
-    ]
+    prompts = [PROBLEM + "Let me add the numbers. " * (30 + 5 * i) + "So far" for i in range(3)]
+    rows = _rows() + [_pair(200 + i, p, " Wait, 5.", " But 6.", "r2w", f"long-{i}") for i, p in enumerate(prompts)]
     where = tiny["run_dir"] / "long-pairs"
     write_shard(where, 0, make_table(rows, PAIRS))
     write_manifest(where, config_hash="long-pairs")
