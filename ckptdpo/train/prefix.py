@@ -208,16 +208,16 @@ def prefix_sdpa_attention(module, query, key, value, attention_mask, *args, pack
         return _PLAIN_SDPA[0](module, query, key, value, attention_mask, *args, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scale, width = kwargs.get("scaling"), query.shape[2]
-    rows = []
+    sdpa = functools.partial(F.scaled_dot_product_attention, dropout_p=kwargs.get("dropout", 0.0),
+                             scale=kwargs.get("scaling"))  # fmt: skip
+    width, rows = query.shape[2], []
     for b, (s, c, r) in enumerate(packed_lengths):
         q, k, v, tail = query[b : b + 1], key[b : b + 1], value[b : b + 1], r - s
-        parts = [F.scaled_dot_product_attention(q[:, :, :c], k[:, :, :c], v[:, :, :c], is_causal=True, scale=scale)]
+        parts = [sdpa(q[:, :, :c], k[:, :, :c], v[:, :, :c], is_causal=True)]
         if tail:
             k_tail = torch.cat([k[:, :, :s], k[:, :, c : c + tail]], dim=2)
             v_tail = torch.cat([v[:, :, :s], v[:, :, c : c + tail]], dim=2)
-            bias = causal_lower_right(tail, s + tail)
-            parts.append(F.scaled_dot_product_attention(q[:, :, c : c + tail], k_tail, v_tail, bias, scale=scale))
+            parts.append(sdpa(q[:, :, c : c + tail], k_tail, v_tail, attn_mask=causal_lower_right(tail, s + tail)))
         if c + tail < width:
             parts.append(q.new_zeros((1, q.shape[1], width - c - tail, value.shape[-1])))
         rows.append(torch.cat(parts, dim=2))
