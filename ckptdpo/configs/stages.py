@@ -235,8 +235,19 @@ class TrainConfig(_Config):
     per_device_train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(4096, ge=8, description="tokens of prompt + longer completion; never silently cut")
-    truncation: Literal["drop", "keep_end"] = Field(
-        "drop", description="rows over max_length: drop them, or keep_end: cut the start of the prompt"
+    max_prompt_length: int | None = Field(
+        None, ge=8, description="tokens of the prompt (problem + prefix); longer prompts are cut by `truncation`"
+    )
+    truncation: Literal["keep_problem_and_end", "keep_end", "drop"] = Field(
+        "keep_problem_and_end",
+        description="a prompt over its limit (max_prompt_length, or what max_length leaves after the longer "
+        "completion): keep_problem_and_end keeps the problem and the end of the prefix next to the checkpoint with "
+        "a marker where text was cut; keep_end cuts the start of the prompt; drop drops the pair (all counted)",
+    )
+    prefix_sharing: bool = Field(
+        True,
+        description="one sequence [prompt | chosen | rejected] per pair, so the prompt is computed once for the "
+        "policy and once for the reference (same log-probs); models that cannot take the mask train as before",
     )
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of problems held out (split by problem_id)")
     seed: int = Field(0)
@@ -261,6 +272,9 @@ class TrainConfig(_Config):
     group_by_length: bool = Field(False, description="batch pairs of similar length together, so less is padding")
     save_steps: int = Field(50, ge=1)
     save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept in the output directory")
+    save_optimizer_at_end: bool = Field(
+        False, description="also write a full checkpoint (optimizer state) at the last step, to continue training"
+    )
     logging_steps: int = Field(1, ge=1)
 
     @model_validator(mode="after")
@@ -274,6 +288,10 @@ class TrainConfig(_Config):
             raise ValueError(f"train.machine_rank {self.machine_rank} must be below train.num_machines")
         if self.num_machines > 1 and not self.main_process_ip:
             raise ValueError("train.num_machines > 1 needs train.main_process_ip (the address of machine 0)")
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"train.max_prompt_length {self.max_prompt_length} must be below train.max_length {self.max_length}"
+            )
         return self
 
 

@@ -19,6 +19,20 @@ def training_dtype(cfg: TrainConfig, *, deepspeed: bool) -> str:
     return "bfloat16" if cfg.bf16 and (deepspeed or cfg.lora) else "float32"
 
 
+def reference_dtype(cfg: TrainConfig, *, deepspeed: bool) -> str | None:
+    """The dtype to load DPO's reference model in when TRL's default (the policy's dtype) would waste memory.
+
+    Without DeepSpeed, bf16 trains fp32 weights under autocast, and TRL loads the reference like the policy: twice
+    the memory an inference-only copy needs, for the same bf16 matmuls. None when TRL's choice is right: DeepSpeed
+    (bf16 already), LoRA (the reference is the base with the adapter off), precomputed log-probs (no reference held
+    in training), fp32 training, SimPO (no reference).
+    """
+    holds_reference = cfg.loss == "dpo" and not cfg.lora and not cfg.precompute_ref_log_probs
+    if holds_reference and cfg.bf16 and training_dtype(cfg, deepspeed=deepspeed) != "bfloat16":
+        return "bfloat16"
+    return None
+
+
 def build_training_kwargs(cfg: TrainConfig, output_dir: str | Path, *, use_cpu: bool, liger: bool) -> dict[str, Any]:
     """Keyword arguments of DPOConfig / CPOConfig for this run (both take all of these)."""
     return dict(

@@ -80,22 +80,51 @@ def count_batch_tokens(inputs: dict[str, Any]) -> tuple[int, int]:
     return real, 2 * chosen.shape[0] * max(chosen.shape[1], rejected.shape[1])
 
 
+WORK_KEYS = ("computed_tokens", "computed_padded_tokens", "pairs", "attended_pairs")
+
+
+def count_batch_work(inputs: dict[str, Any]) -> tuple[int, int, int, int]:
+    """(tokens computed, padded tokens computed, pairs, attended query-key pairs) of one micro-batch.
+
+    With prefix sharing (a `packed` entry) the model computes the packed rows, each prompt once; otherwise the
+    standard rows. Attended pairs count causal attention over real tokens only (what the MFU estimate counts).
+    """
+    packed = inputs.get("packed")
+    if packed is not None:
+        from ckptdpo.train.prefix import packed_counts
+
+        computed, padded, attended = packed_counts(packed)
+        return computed, padded, int(packed["input_ids"].shape[0]), attended
+    real, padded = count_batch_tokens(inputs)
+    if "input_ids" in inputs:
+        lengths, pairs = inputs["attention_mask"].sum(dim=1), inputs["input_ids"].shape[0] // 2
+    else:
+        lengths = [inputs[f"{side}_attention_mask"].sum(dim=1) for side in ("chosen", "rejected")]
+        lengths, pairs = lengths[0].tolist() + lengths[1].tolist(), inputs["chosen_input_ids"].shape[0]
+    return real, padded, int(pairs), int(sum(int(n) * (int(n) + 1) // 2 for n in lengths))
+
+
 @dataclass
 class TokenCounts:
-    """Real and padded tokens per optimizer step, summed over ranks; the pending counts of this rank's step."""
+    """Real and padded tokens per optimizer step, summed over ranks; the pending counts of this rank's step.
 
-    steps: list[list[int]] = field(default_factory=list)  # [step, real_tokens, padded_tokens]
-    pending: list[int] = field(default_factory=lambda: [0, 0])
+    A step is `[step, real, padded]`, plus `{computed_tokens, computed_padded_tokens, pairs, attended_pairs,
+    seconds}` when the run measured them: what the model computed (with prefix sharing, each prompt once) and how
+    long the step took, start-up, logging and checkpoint saves apart.
+    """
+
+    steps: list[list] = field(default_factory=list)
+    pending: list[int] = field(default_factory=lambda: [0] * (2 + len(WORK_KEYS)))
 
     def add_batch(self, inputs: dict[str, Any]) -> None:
-        real, padded = count_batch_tokens(inputs)
-        self.pending[0] += real
-        self.pending[1] += padded
+        for i, n in enumerate((*count_batch_tokens(inputs), *count_batch_work(inputs))):
+            self.pending[i] += n
 
-    def close_step(self, step: int, real: int, padded: int) -> None:
+    def close_step(self, step: int, real: int, padded: int, work: dict[str, Any] | None = None) -> None:
         """Record a finished step with its counts over all ranks; the pending counts start again."""
-        self.steps = [s for s in self.steps if s[0] < step] + [[step, int(real), int(padded)]]
-        self.pending = [0, 0]
+        entry: list = [step, int(real), int(padded)] + ([work] if work else [])
+        self.steps = [s for s in self.steps if s[0] < step] + [entry]
+        self.pending = [0] * (2 + len(WORK_KEYS))
 
     def to_state(self) -> dict[str, Any]:
         return {"steps": self.steps}
@@ -115,19 +144,31 @@ def padding_figures(steps: Sequence[Sequence[int]]) -> dict[str, Any]:
         "real_tokens": real,
         "padded_tokens": padded,
         "padding_fraction": (padded - real) / padded if padded else None,
-        "per_step": [{"step": s[0], "real_tokens": s[1], "padded_tokens": s[2]} for s in steps],
+        "per_step": [{"step": s[0], "real_tokens": s[1], "padded_tokens": s[2], **_work(s)} for s in steps],
     }
+
+
+def _work(step: Sequence) -> dict[str, Any]:
+    """What the model computed in a step (not how long it took: that differs between identical runs)."""
+    return {k: step[3][k] for k in WORK_KEYS} if len(step) > 3 else {}
 
 
 def summarize_run(state: dict[str, Any], counts: TokenCounts, start_step: int, runtime: float) -> dict[str, Any]:
     """The step, loss and token part of the summary, from a trainer state dict and the token counts.
 
     `tokens` counts every trained token of the whole run (also the steps before a resume), so it matches an
-    uninterrupted run; the speed uses only the tokens this session trained.
+    uninterrupted run; the speed uses only the tokens this session trained. Tokens are those of the pair's two
+    sequences (prompt + chosen, prompt + rejected); `computed_tokens` those the model computed (fewer with prefix
+    sharing). The rates are steady-state (`steady_state`) when the steps were timed, else over `runtime`.
     """
     steps = summarize_steps(state.get("log_history", []))
     padding = padding_figures(counts.steps)
     this_session = sum(s[1] for s in counts.steps if s[0] > start_step)
+    steady = steady_state(counts.steps, start_step)
+    session = [s[3] for s in counts.steps if s[0] > start_step and len(s) > 3]
+    step_seconds = [w["seconds"] for w in session]
+    computed = sum(s[3]["computed_tokens"] for s in counts.steps if len(s) > 3)
+    computed_padded = sum(s[3]["computed_padded_tokens"] for s in counts.steps if len(s) > 3)
     return {
         "global_step": int(state.get("global_step") or 0),
         "start_step": start_step,
@@ -137,9 +178,51 @@ def summarize_run(state: dict[str, Any], counts: TokenCounts, start_step: int, r
         "tokens": padding["real_tokens"],
         "tokens_estimated": False,
         "tokens_this_session": this_session,
+        "computed_tokens": computed,
+        "computed_padding_fraction": (computed_padded - computed) / computed_padded if computed_padded else None,
         # The Trainer's own non-padding count (DPO; CPOTrainer's batches have no input_ids for it to count).
         "num_input_tokens_seen": int(state.get("num_input_tokens_seen") or 0),
         "padding": padding,
         "train_runtime_s": runtime,
-        "tokens_per_s": this_session / runtime if runtime > 0 else None,
+        "steady_state": steady,
+        "train_steps_s": sum(step_seconds),
+        "step_seconds": step_seconds,
+        "step_cpu_seconds": [w.get("cpu_seconds") for w in session],
+        "tokens_per_s": steady["tokens_per_s"] if steady else (this_session / runtime if runtime > 0 else None),
+        "computed_tokens_per_s": steady["computed_tokens_per_s"] if steady else None,
+        "pairs_per_s": steady["pairs_per_s"] if steady else None,
+    }
+
+
+def steady_state(steps: Sequence[Sequence], start_step: int) -> dict[str, Any] | None:
+    """Rates over this session's timed steps after its first (which pays for lazy initialization and warm-up).
+
+    A step's time runs from the end of the previous step's bookkeeping (logging, checkpoint saves) to the end of its
+    optimizer step, data loading included. None when no step of this session was timed.
+    """
+    timed = [s for s in steps if s[0] > start_step and len(s) > 3 and s[3].get("seconds") is not None]
+    if not timed:
+        return None
+    window = timed[1:] or timed
+    seconds = sum(s[3]["seconds"] for s in window)
+    total = {k: sum(s[3][k] for s in window) for k in WORK_KEYS}
+    tokens = sum(s[1] for s in window)
+    cpu = [s[3].get("cpu_seconds") for s in window]
+
+    def rate(n: float) -> float | None:
+        return n / seconds if seconds > 0 else None
+
+    return {
+        "first_step": window[0][0],
+        "last_step": window[-1][0],
+        "num_steps": len(window),
+        "seconds": seconds,
+        "tokens": tokens,
+        **total,
+        "tokens_per_s": rate(tokens),
+        "computed_tokens_per_s": rate(total["computed_tokens"]),
+        "pairs_per_s": rate(total["pairs"]),
+        "seconds_per_step": seconds / len(window),
+        # Rank 0's CPU time: on a loaded machine, pairs per CPU second is the rate the work alone allows.
+        "cpu_seconds": sum(cpu) if None not in cpu else None,
     }

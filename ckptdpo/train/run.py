@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptdpo.errors import UserError
-from ckptdpo.train.arguments import build_peft_config, build_training_kwargs, make_arguments
+from ckptdpo.train.arguments import build_peft_config, build_training_kwargs, make_arguments, reference_dtype
 from ckptdpo.train.job import ADAPTER_DIR, DATA_DIR, MODEL_DIR, RANKS_DIR, SUMMARY, TrainJob, load_job
 from ckptdpo.train.pairs import build_pair_rows, dataset_dir, materialize_dataset, read_pairs
 from ckptdpo.train.progress import (
@@ -84,10 +84,24 @@ def prepare_resume(out: Path, args: Any) -> Path | None:
     return resume
 
 
+def load_reference(job: TrainJob, args: Any) -> Any | None:
+    """DPO's reference model in the training precision when it only runs inference (`reference_dtype`); None
+    leaves it to TRL (a copy in the policy's dtype, the base under LoRA, none with precomputed log-probs)."""
+    dtype = reference_dtype(job.train, deepspeed=args.deepspeed_plugin is not None)
+    if dtype is None:
+        return None
+    from trl.trainer.utils import create_model_from_path
+
+    return create_model_from_path(job.model, **{**args.model_init_kwargs, "dtype": dtype})
+
+
 def build_trainer(job: TrainJob, args: Any, datasets: tuple, tokenizer: Any, resume_state: dict):
     """The DPO or SimPO (CPOTrainer) trainer, counting tokens from where the resumed checkpoint left off."""
+    extra: dict[str, Any] = {}
     if job.train.loss == "dpo":
         from trl import DPOTrainer as base
+
+        extra["ref_model"] = load_reference(job, args)
     else:
         from trl.experimental.cpo import CPOTrainer as base
     counter, callbacks = build_callbacks(job)
@@ -100,6 +114,7 @@ def build_trainer(job: TrainJob, args: Any, datasets: tuple, tokenizer: Any, res
         peft_config=build_peft_config(job.train),
         callbacks=callbacks,
         token_counts=TokenCounts.from_trainer_state(resume_state),
+        **extra,
     )
     counter.trainer = trainer
     return trainer, counter
@@ -149,6 +164,7 @@ def write_rank_info(trainer: Any, counter: Any, out: Path) -> None:
         "backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
         "deepspeed": trainer.is_deepspeed_enabled,
         "steps_run": counter.steps_run,
+        "peak_memory": peak_memory(),
         # Replicated parameters must agree across ranks after a synchronized step (not under ZeRO-3 sharding).
         "param_checksum": None
         if zero3
@@ -156,6 +172,18 @@ def write_rank_info(trainer: Any, counter: Any, out: Path) -> None:
     }
     atomic_write_bytes(out / RANKS_DIR / f"rank-{args.process_index}.json", json.dumps(info, indent=2).encode())
     trainer.accelerator.wait_for_everyone()
+
+
+def peak_memory() -> dict[str, Any]:
+    """This process's peak memory: GPU memory allocated since `run_job` began, or on CPU the process's peak RSS."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return {"kind": "cuda_max_allocated", "bytes": int(torch.cuda.max_memory_allocated())}
+    # Linux reports ru_maxrss in KiB.
+    return {"kind": "cpu_max_rss", "bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
 
 
 def _zero_stage(trainer: Any) -> int:
@@ -169,6 +197,9 @@ def summarize(job: TrainJob, trainer: Any, facts: dict[str, Any]) -> dict[str, A
     cfg, out, args = job.train, Path(job.output_dir), trainer.args
     state = dataclasses.asdict(trainer.state)
     ranks = sorted((json.loads(p.read_text()) for p in (out / RANKS_DIR).glob("rank-*.json")), key=lambda r: r["rank"])
+    run = summarize_run(state, trainer.token_counts, facts["start_step"], facts["runtime"])
+    timing = {k: run.pop(k) for k in ("train_steps_s", "step_seconds", "step_cpu_seconds")} | facts["timing"]
+    ref = getattr(trainer, "ref_model", None)
     summary = {
         "loss": cfg.loss,
         "loss_type": cfg.loss_type if cfg.loss == "dpo" else "simpo",
@@ -178,31 +209,95 @@ def summarize(job: TrainJob, trainer: Any, facts: dict[str, Any]) -> dict[str, A
         "merged": not cfg.lora,
         # TRL turns the dtype name into a torch.dtype in place.
         "policy_dtype": str(args.model_init_kwargs.get("dtype")).removeprefix("torch."),
+        "reference_dtype": str(next(ref.parameters()).dtype).removeprefix("torch.") if ref is not None else None,
         "liger_kernel": bool(args.use_liger_kernel),
         "group_by_length": cfg.group_by_length,
+        "prefix_sharing": bool(trainer.prefix_sharing),
+        "prefix_sharing_off": None if trainer.prefix_sharing or not cfg.prefix_sharing else trainer.prefix_sharing_off,
         "zero_stage": _zero_stage(trainer),
         "world_size": args.world_size,
         "ranks": ranks,
         "resumed_from": facts["resumed_from"],
-        **summarize_run(state, trainer.token_counts, facts["start_step"], facts["runtime"]),
+        **run,
+        "timing": timing,
+        "peak_memory": max((r["peak_memory"] for r in ranks), key=lambda m: m["bytes"], default=peak_memory()),
+        "mfu": estimate_mfu(trainer, run["steady_state"], reference=_reference_runs(trainer)),
         "eval": {k: v for k, v in facts["eval"].items() if isinstance(v, int | float)},
         "pairs": facts["report"],
         "wall_time_s": time.monotonic() - facts["started"],
     }
+    timing["wall_time_s"] = summary["wall_time_s"]
     atomic_write_bytes(out / SUMMARY, json.dumps(summary, indent=2, sort_keys=True).encode())
     log.info(
-        "trained to step %d (from %d), final loss %s, %.0f tokens/s; summary at %s",
+        "trained to step %d (from %d), final loss %s, steady state %s tokens/s, %s pairs/s; summary at %s",
         summary["global_step"],
         summary["start_step"],
         summary["final_loss"],
-        summary["tokens_per_s"] or 0.0,
+        f"{summary['tokens_per_s']:.0f}" if summary["tokens_per_s"] else "-",
+        f"{summary['pairs_per_s']:.3f}" if summary["pairs_per_s"] else "-",
         out / SUMMARY,
     )
     return summary
 
 
-def run_job(job: TrainJob, *, started: float) -> dict[str, Any] | None:
-    """Train; every rank returns, rank 0 returns the summary (also written to output_dir/summary.json)."""
+def _reference_runs(trainer: Any) -> bool:
+    """Whether each DPO step runs a reference forward: a reference model, or the base under LoRA (adapter off);
+    not with precomputed reference log-probs, and never for SimPO."""
+    if getattr(trainer, "ref_model", None) is not None:
+        return True
+    return hasattr(trainer, "ref_model") and not trainer.precompute_ref_logps
+
+
+# Dense bf16 peak of one GPU, by a fragment of `torch.cuda.get_device_name()`.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+MFU_FORMULA = (
+    "(6 * params * computed_tokens + 12 * layers * heads * head_dim * attended_pairs) "
+    "/ (steady_seconds * world_size * peak_flops)"
+)
+MFU_REFERENCE_TERM = "numerator + 2 * params * computed_tokens + 4 * layers * heads * head_dim * attended_pairs"
+
+
+def estimate_mfu(trainer: Any, steady: dict[str, Any] | None, *, reference: bool) -> dict[str, Any] | None:
+    """Model FLOPs utilization over the steady-state steps, on a GPU of known bf16 peak training in bf16.
+
+    Counts the tokens the model computed (each shared prompt once) and the query-key pairs attention needs (causal;
+    rejected never over chosen), not what kernels spend on masked blocks, padding or recomputation. `mfu` is the
+    policy's training; `mfu_with_reference` adds the reference forward when one runs every step.
+    """
+    import torch
+
+    if steady is None or not torch.cuda.is_available() or not trainer.args.bf16:
+        return None
+    name = torch.cuda.get_device_name()
+    peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    if peak is None:
+        return None
+    from ckptdpo.train.prefix import base_module
+
+    model = base_module(trainer.model)
+    config = model.config.get_text_config()
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = config.num_hidden_layers * config.num_attention_heads * head_dim * steady["attended_pairs"]
+    budget = steady["seconds"] * trainer.args.world_size * peak
+    policy = 6 * params * steady["computed_tokens"] + 12 * attention
+    with_reference = policy + (2 * params * steady["computed_tokens"] + 4 * attention if reference else 0)
+    return {
+        "mfu": policy / budget,
+        "mfu_with_reference": with_reference / budget,
+        "formula": MFU_FORMULA,
+        "reference_term": MFU_REFERENCE_TERM if reference else None,
+        "params": params,
+        "peak_flops": peak,
+        "device": name,
+    }
+
+
+def run_job(job: TrainJob, *, started: float, save_model: bool = True) -> dict[str, Any] | None:
+    """Train; every rank returns, rank 0 returns the summary (also written to output_dir/summary.json).
+
+    `save_model=False` leaves out `model/` (benchmarks that measure training only).
+    """
     import datasets
     import torch
     import transformers
@@ -211,6 +306,8 @@ def run_job(job: TrainJob, *, started: float) -> dict[str, Any] | None:
     out.mkdir(parents=True, exist_ok=True)
     datasets.disable_progress_bars()
     use_cpu = not torch.cuda.is_available()
+    if not use_cpu:
+        torch.cuda.reset_peak_memory_stats()
     # load
     tokenizer = load_tokenizer(job.model)
     rows = read_pairs(job.pairs_dirs)
@@ -229,8 +326,12 @@ def run_job(job: TrainJob, *, started: float) -> dict[str, Any] | None:
     resume = prepare_resume(out, args)
     trainer, counter = build_trainer(job, args, data, tokenizer, read_trainer_state(resume))
     runtime = train(trainer, resume)
+    trained = time.monotonic()
     eval_metrics = trainer.evaluate() if data[1] is not None else {}
-    save(trainer, job, args)
+    evaluated = time.monotonic()
+    if save_model:
+        save(trainer, job, args)
+    saved = time.monotonic()
     write_rank_info(trainer, counter, out)
     if not args.should_save:
         return None
@@ -242,6 +343,13 @@ def run_job(job: TrainJob, *, started: float) -> dict[str, Any] | None:
         "eval": eval_metrics,
         "report": report,
         "started": started,
+        "timing": {
+            # Loading and tokenizing, the models, the reference log-probs when precomputed: all before step 1.
+            "startup_s": (counter.train_began or trained) - started,
+            **counter.times,
+            "eval_s": evaluated - trained,
+            "final_save_s": saved - evaluated,
+        },
     }
     return summarize(job, trainer, facts)
 
@@ -312,7 +420,8 @@ def run_entry(argv: list[str] | None, parser: argparse.ArgumentParser, load: Any
     error is one `error: ...` line and exit status 2."""
     started = time.monotonic()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[pid %(process)d] %(levelname)s %(name)s: %(message)s")
+    # Timestamped, so the per-step lines (`step N/M: ...`) also give the rate between any two steps.
+    logging.basicConfig(level=logging.INFO, format="[pid %(process)d] %(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         job = load(args.config)
         if args.merge:

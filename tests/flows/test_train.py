@@ -170,7 +170,7 @@ def test_keep_end_cuts_the_prompt_start_and_says_so(tiny_tokenizer):
     tok = tiny_tokenizer["tokenizer"]
     long_prompt = _prompt(2, 3).replace("Let me add the numbers.", "Let me add the numbers. " * 30)
     row = _pair(7, long_prompt, "Wait, 2+3=5.", "But 2+3=6.", "r2w", "p")
-    cfg = TrainConfig(max_length=64, pair_types=["r2w"])
+    cfg = TrainConfig(max_length=64, pair_types=["r2w"], truncation="drop")
     assert prepare_pairs([row], tok, cfg)[1]["dropped"]["over_max_length"] == 1
     kept, report = prepare_pairs([row], tok, cfg.model_copy(update={"truncation": "keep_end"}))
     assert report["num_cut_keep_end"] == 1 and len(kept) == 1

@@ -19,7 +19,8 @@ from ckptdpo.train import (
     summarize_run,
     training_dtype,
 )
-from ckptdpo.train.arguments import loss_kwargs
+from ckptdpo.train.arguments import loss_kwargs, reference_dtype
+from ckptdpo.train.pairs import TRUNCATION_MARKER, prepare_pairs
 from ckptdpo.train.progress import TOKEN_COUNTS_KEY
 from ckptdpo.train.trainer import pair_lengths
 from tests.flows import test_train
@@ -148,3 +149,82 @@ def test_summary_from_a_resumed_trainer_state_counts_the_whole_run():
     assert padding["padding_fraction"] == pytest.approx(11 / 52)
     assert padding["per_step"][2] == {"step": 3, "real_tokens": 11, "padded_tokens": 12}
     assert not summary["tokens_estimated"]
+
+
+PROBLEM = "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("loss", ["dpo", "simpo"])
+def test_a_long_prompt_keeps_its_problem_and_the_end_of_its_prefix(tiny_tokenizer, loss):
+    tok = tiny_tokenizer["tokenizer"]
+    prompt = PROBLEM + "Let me add the numbers. " * 30 + "So far"
+    row = test_train._pair(7, prompt, " Wait, 2+3=5.", " But 2+3=6.", "r2w", "p")
+    for limits in ({"max_length": 64}, {"max_length": MAX_LENGTH, "max_prompt_length": 32}):
+        cfg = TrainConfig(loss=loss, pair_types=["r2w"], **limits)
+        (kept,), report = prepare_pairs([row], tok, cfg)
+        assert report["num_truncated"] == 1 and report["num_kept"] == 1 and report["num_dropped"] == 0
+        assert report["truncation"] == "keep_problem_and_end" and report["num_cut_keep_end"] == 0
+        # The templated problem, the marker, then the end of the prefix right before the checkpoint.
+        head, tail = kept["prompt"].split(TRUNCATION_MARKER)
+        assert head == PROBLEM and prompt.endswith(tail) and tail.endswith("So far")
+        assert kept["chosen"] == " Wait, 2+3=5." + tok.eos_token
+        ids = tok(kept["prompt"] + kept["chosen"], add_special_tokens=loss == "dpo")["input_ids"]
+        prompt_ids = tok(kept["prompt"], add_special_tokens=loss == "dpo")["input_ids"]
+        assert ids[: len(prompt_ids)] == prompt_ids  # still a token prefix of both sides
+        # Within the binding limit, and cut no deeper than needed (merges at the cut may cost a token).
+        used, limit = (len(prompt_ids), cfg.max_prompt_length) if cfg.max_prompt_length else (len(ids), cfg.max_length)
+        assert limit - 2 <= used <= limit and len(ids) <= cfg.max_length
+
+
+def test_the_problem_ends_where_the_chat_template_opens_the_assistant_turn(tiny_tokenizer):
+    import copy
+
+    from ckptdpo.train.pairs import problem_end_finder
+
+    tok = copy.deepcopy(tiny_tokenizer["tokenizer"])
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+    )
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False,
+                                     add_generation_prompt=True) + "Let me add. " * 40  # fmt: skip
+    assert prompt[: problem_end_finder(tok)(prompt)].endswith("<|im_start|>assistant\n<think>\n")
+    (kept,), report = prepare_pairs([test_train._pair(1, prompt, "Wait, 5.", "But 6.", "r2w", "p")], tok,
+                                    TrainConfig(pair_types=["r2w"], max_length=48))  # fmt: skip
+    assert kept["prompt"].startswith(prompt[: problem_end_finder(tok)(prompt)] + TRUNCATION_MARKER)
+    # Without a template header or the reasoning instruction, the problem's end is unknown: dropped and counted.
+    plain = test_train._pair(2, "Q: 2+3? " + "Let me add. " * 40, "Wait, 5.", "But 6.", "r2w", "p")
+    report = prepare_pairs([plain], tiny_tokenizer["tokenizer"], TrainConfig(pair_types=["r2w"], max_length=48))[1]
+    assert report["dropped"]["no_problem_end"] == 1 and report["num_pairs_used"] == 0
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        TrainConfig(max_length=64, max_prompt_length=64)
+
+
+def test_steady_state_rates_leave_out_the_first_step_and_the_saves():
+    counts = TokenCounts()
+    work = {"computed_tokens": 60, "computed_padded_tokens": 64, "pairs": 2, "attended_pairs": 900}
+    for step, seconds in ((1, 5.0), (2, 1.0), (3, 1.5)):
+        counts.close_step(step, 100, 128, {**work, "seconds": seconds})
+    summary = summarize_run({"global_step": 3, "log_history": []}, counts, start_step=0, runtime=30.0)
+    steady = summary["steady_state"]
+    assert (steady["first_step"], steady["last_step"], steady["num_steps"]) == (2, 3, 2)
+    assert summary["tokens_per_s"] == steady["tokens_per_s"] == pytest.approx(200 / 2.5)
+    assert summary["computed_tokens_per_s"] == pytest.approx(120 / 2.5) and summary["pairs_per_s"] == 4 / 2.5
+    assert summary["train_steps_s"] == 7.5 and summary["step_seconds"] == [5.0, 1.0, 1.5]
+    assert summary["step_cpu_seconds"] == [None] * 3 and steady["cpu_seconds"] is None
+    assert summary["computed_tokens"] == 180
+    assert summary["computed_padding_fraction"] == pytest.approx(4 / 64)
+    # The per-step figures say what the model computed, never how long it took (that differs between runs).
+    assert summary["padding"]["per_step"][0] == {"step": 1, "real_tokens": 100, "padded_tokens": 128, **work}
+
+
+def test_the_reference_loads_in_the_training_precision():
+    assert reference_dtype(TrainConfig(bf16=True), deepspeed=False) == "bfloat16"
+    for cfg, deepspeed in (
+        (TrainConfig(bf16=True), True),  # TRL loads it like the policy: bf16 already
+        (TrainConfig(bf16=True, lora=True), False),  # the base with the adapter off
+        (TrainConfig(bf16=True, precompute_ref_log_probs=True), False),  # no reference held while training
+        (TrainConfig(bf16=True, loss="simpo"), False),
+        (TrainConfig(), False),
+    ):
+        assert reference_dtype(cfg, deepspeed=deepspeed) is None
