@@ -381,7 +381,7 @@ class RefreshConfig(_Config):
         None, ge=1, description="train once this many new pairs (of train.pair_types) arrived since the last training"
     )
     train_deployment: str | None = Field(
-        None, description="'flow/deployment' to trigger for training (e.g. 'train/train'); none: train in the refresh"
+        None, description="'flow/deployment' to trigger for training (e.g. 'stage/train'); none: train in the refresh"
     )
 
 
