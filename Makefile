@@ -34,7 +34,7 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 # One torch thread per process: on 2 cores next to the Prefect API and the verifier's workers, two threads per
-# process spin-wait (training steps of the demo took 4x longer with the default).
+# process spin-wait and slow each other down (the backend already sets one; training and GRPO read this).
 demo: model
 	OMP_NUM_THREADS=1 $(BIN)/ckptdpo demo
 
