@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 PARAGRAPH_BREAK = "\n\n"
 
@@ -99,6 +99,32 @@ class LoopGuard:
                 return True
         return self.update(None, text) if text else self.looping
 
+    def add_tokens(self, tokens: Sequence[int]) -> int | None:
+        """Add tokens without their text; the index of the first that proves a token loop, or None.
+
+        The token checks of `update`, token by token, in one call (the hf backend's decode loop hands over each
+        row's tokens a block at a time, after their text): they run even when the text already proved a loop, since
+        a token loop can be proven at an earlier token of the block.
+        """
+        if self.check_tokens:
+            for i, t in enumerate(tokens):
+                if self._add_token(t):
+                    self.reason = self.reason or "ngram"
+                    return i
+        return None
+
+    def text_state(self) -> tuple[list[str], list[str]]:
+        """The paragraph check's state, to be put back by `restore_text` (a decode loop checks a block's text at
+        once and, only when it proves a loop, again piece by piece to find the token that did)."""
+        return list(self._chunks), list(self._paragraphs)
+
+    def restore_text(self, state: tuple[list[str], list[str]]) -> None:
+        """Put back a `text_state`, and forget a paragraph loop seen since."""
+        self._chunks = list(state[0])
+        self._paragraphs = deque(state[1], maxlen=self._paragraphs.maxlen)
+        if self.reason == "paragraph":
+            self.reason = None
+
     def _add_token(self, token_id: int) -> bool:
         tokens = self._tokens
         tokens.append(token_id)
@@ -123,15 +149,15 @@ class LoopGuard:
             return False
         *done, partial = "".join(self._chunks).split(PARAGRAPH_BREAK)
         self._chunks = [partial] if partial else []
-        added = False
         for p in done:
             norm = normalize_paragraph(p)
-            if norm:  # runs of blank lines are not paragraphs
-                self._paragraphs.append(norm)
-                added = True
-        if not added:
-            return False
-        return paragraph_cycle(list(self._paragraphs), self.min_repeats, self.max_paragraph_period) is not None
+            if not norm:  # runs of blank lines are not paragraphs
+                continue
+            self._paragraphs.append(norm)
+            # After each paragraph, not once per chunk: a later paragraph of the same chunk can end the cycle.
+            if paragraph_cycle(list(self._paragraphs), self.min_repeats, self.max_paragraph_period) is not None:
+                return True
+        return False
 
 
 def find_loop(text: str, token_ids: Iterable[int] = (), *, min_repeats: int = 4, ngram: int = 32) -> str | None:
