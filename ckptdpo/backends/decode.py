@@ -46,16 +46,30 @@ class Detokenizer:
         self.tokenizer = tokenizer
         self.prefix_offset = 0
         self.read_offset = 0
+        self.cut = False  # the last window decoded ended in a cut character
 
     def step(self, ids: list[int], end: int | None = None) -> str:
-        """The text completed by the tokens read since the last call, up to `ids[:end]` (default: all of `ids`)."""
+        """The text completed by the tokens read since the last call, up to `ids[:end]` (default: all of `ids`);
+        nothing while the last character is cut (its rest comes with later tokens)."""
         end = len(ids) if end is None else end
         # Decoding from one token back keeps leading spaces (sentencepiece) and joins multi-token UTF-8 characters.
         prefix = self.tokenizer.decode(ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
         full = self.tokenizer.decode(ids[self.prefix_offset : end], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        self.cut = full.endswith("\ufffd")
+        if len(full) > len(prefix) and not self.cut:
             self.prefix_offset, self.read_offset = self.read_offset, end
             return full[len(prefix) :]
+        return ""
+
+    def read(self, ids: list[int]) -> str:
+        """The text completed by all the tokens since the last call: what `step` gives token by token, joined (a
+        character cut at the end holds back only the tokens that carry it, not the text before them)."""
+        end = len(ids)
+        while end > self.read_offset:
+            text = self.step(ids, end)
+            if text or not self.cut:
+                return text
+            end -= 1
         return ""
 
 
@@ -90,6 +104,7 @@ class Row:
     ids: list[int] = field(default_factory=list)
     tail: str = ""
     finish: str | None = None
+    held: bool = False  # the detokenizer holds back text (a character not yet complete) that must be read next
 
 
 def _order_key(prepared: list[Prepared], group_by_route: bool):
@@ -363,13 +378,17 @@ def reserve(cache, extra: int, rows: torch.Tensor | None = None) -> None:
 # --- the host's look at a block of new tokens ------------------------------------------------------------------
 
 
-def advance_block(row: Row, tokens: list[int], stop_len: int, eos_ids: frozenset[int]) -> None:
+def advance_block(
+    row: Row, tokens: list[int], stop_len: int, eos_ids: frozenset[int], newline_ids: frozenset[int] | None = None
+) -> None:
     """Append tokens sampled for an unfinished row, and finish the row at the first token that ends it.
 
     Each token is checked as it would be alone, in this order: EOS ("stop"), a stop string ending in its text
     ("stop"), the loop guard ("loop"), the length limit ("length"); the tokens after the one that ended the row are
     dropped. The block's text is decoded and checked once; only when it holds a stop string or proves a paragraph
-    loop is it decoded again token by token, to find the token that did.
+    loop is it decoded again token by token, to find the token that did. `newline_ids` (`newline_tokens`): a row
+    without stop strings has its text decoded only in blocks that hold one of these, since a paragraph can only end
+    there; the text in between is read with the next such block.
     """
     base = len(row.ids)
     cut = min(len(tokens), row.prep.max_new - base)
@@ -385,7 +404,7 @@ def advance_block(row: Row, tokens: list[int], stop_len: int, eos_ids: frozenset
     elif base + cut >= row.prep.max_new:
         ends.append((cut - 1, 3, "length"))
     if body:
-        ends += _text_ends(row, base, len(body), stop_len)
+        ends += _text_ends(row, base, body, stop_len, newline_ids)
         if row.guard is not None:
             at = row.guard.add_tokens(body)
             if at is not None:
@@ -398,42 +417,61 @@ def advance_block(row: Row, tokens: list[int], stop_len: int, eos_ids: frozenset
         row.finish = reason
 
 
-def _text_ends(row: Row, base: int, count: int, stop_len: int) -> list[tuple[int, int, str]]:
-    """Where the text of the row's last `count` tokens ends the row: a stop string, a paragraph loop."""
+def _text_ends(
+    row: Row, base: int, body: list[int], stop_len: int, newline_ids: frozenset[int] | None
+) -> list[tuple[int, int, str]]:
+    """Where the text of the row's new tokens `body` (from `base` on) ends the row: a stop string, a paragraph loop."""
     stop = row.prep.request.stop
     guard = row.guard if row.guard is not None and row.guard.check_paragraphs else None
     if not stop and guard is None:
         return []
+    if not stop and newline_ids is not None and not row.held and newline_ids.isdisjoint(body):
+        return []
     offsets, tail = (row.detok.prefix_offset, row.detok.read_offset), row.tail
-    delta = row.detok.step(row.ids)
+    delta = row.detok.read(row.ids)
+    row.held = row.detok.read_offset < len(row.ids)
     if not delta:
         return []
     ends: list[tuple[int, int, str]] = []
-    pieces: list[str] | None = None
+    first, pieces = 0, None  # pieces[i]: the text token first + i gives, read token by token
     if stop:
         seen = (tail + delta)[-(stop_len + len(delta)) :]
         if any(s in seen for s in stop):
-            pieces = _pieces(row, offsets, base, count)
-            ends.append((_stop_at(pieces, tail, stop, stop_len), 1, "stop"))
+            first, pieces = _pieces(row, offsets)
+            ends.append((max(_stop_at(pieces, tail, stop, stop_len) + first - base, 0), 1, "stop"))
         row.tail = seen[-stop_len:]
     if guard is not None:
         state = guard.text_state()
         if guard.update(None, delta):
-            pieces = pieces if pieces is not None else _pieces(row, offsets, base, count)
+            if pieces is None:
+                first, pieces = _pieces(row, offsets)
             guard.restore_text(state)
             at = next((i for i, p in enumerate(pieces) if p and guard.update(None, p)), None)
             if at is None:  # a tokenizer whose pieces do not join to the block's text: the block's last token
-                guard.reason, at = "paragraph", count - 1
-            ends.append((at, 2, "loop"))
+                guard.reason, at = "paragraph", len(pieces) - 1
+            ends.append((max(at + first - base, 0), 2, "loop"))
     return ends
 
 
-def _pieces(row: Row, offsets: tuple[int, int], base: int, count: int) -> list[str]:
-    """The text of each of the row's tokens `base .. base+count`, decoded one by one from the detokenizer's state
-    `offsets` (the text `Detokenizer.step` gives token by token)."""
+def _pieces(row: Row, offsets: tuple[int, int]) -> tuple[int, list[str]]:
+    """The text of each of the row's tokens not yet read at the detokenizer state `offsets`, decoded one by one (the
+    text `Detokenizer.step` gives token by token), and the index of the first of them."""
     detok = Detokenizer(row.detok.tokenizer)
     detok.prefix_offset, detok.read_offset = offsets
-    return [detok.step(row.ids, base + i + 1) for i in range(count)]
+    first = detok.read_offset
+    return first, [detok.step(row.ids, end) for end in range(first + 1, len(row.ids) + 1)]
+
+
+def newline_tokens(tokenizer, vocab_size: int) -> frozenset[int]:
+    """The ids whose text holds a line break: the only tokens that can complete a paragraph (see `advance_block`).
+
+    Every id is decoded alone once (a second for a 150k vocabulary). A "\\n" is one byte, whole in any byte-level or
+    byte-fallback token, so a token that gives one in context gives one alone.
+    """
+    ids = [[i] for i in range(min(vocab_size, len(tokenizer)))]
+    fast = getattr(tokenizer, "backend_tokenizer", None)
+    texts = fast.decode_batch(ids, skip_special_tokens=False) if fast is not None else tokenizer.batch_decode(ids)
+    return frozenset(i for i, text in enumerate(texts) if "\n" in text)
 
 
 def _stop_at(pieces: list[str], tail: str, stop: tuple[str, ...], stop_len: int) -> int:
@@ -460,11 +498,13 @@ def decode_rows(
     device: torch.device,
     *,
     compiled: CompiledDecode | None = None,
+    newline_ids: frozenset[int] | None = None,
     block: int | None = None,
 ) -> None:
     """Sample every row to its end; row j starts from prompt `row_src[j]` of the prefill (see the module docstring).
 
-    `block`: decode steps between two looks of the host at the new tokens (default `BLOCK`).
+    `newline_ids`: see `advance_block`. `block`: decode steps between two looks of the host at the new tokens
+    (default `BLOCK`).
     """
     block = block or BLOCK
     src = torch.tensor(row_src, device=device)
@@ -505,7 +545,7 @@ def decode_rows(
             if row.finish is None:
                 n = seq.index(-1) if -1 in seq else len(seq)
                 if n:
-                    advance_block(row, seq[:n], stop_len, eos_ids)
+                    advance_block(row, seq[:n], stop_len, eos_ids, newline_ids)
                 if row.finish is not None:
                     ended.append(j)
         keep_j = [j for j, i in enumerate(active) if rows[i].finish is None]

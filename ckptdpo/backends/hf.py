@@ -44,6 +44,7 @@ from ckptdpo.backends.decode import (
     Row,
     Unit,
     decode_rows,
+    newline_tokens,
     plan_batches,
     prefill_batch,
     supports_prefix_sharing,
@@ -127,6 +128,7 @@ class HFBackend(LocalTokenizerChat):
         self.prefix_reuse = True
         self._can_share = supports_prefix_sharing(self.model)
         self._compiled: CompiledDecode | None = None  # built at the first batch with `cfg.compile`
+        self._newline_ids: frozenset[int] | None = None  # built at the first batch with the loop guard
 
     # --- generation ------------------------------------------------------------------------------------------
 
@@ -214,7 +216,11 @@ class HFBackend(LocalTokenizerChat):
         if self.cfg.compile and self._compiled is None:
             self._compiled = CompiledDecode(self.model)
         compiled = self._compiled if self.cfg.compile else None
-        decode_rows(self.model, pre, rows, row_src, self.eos_ids, self.device, compiled=compiled)
+        if self.cfg.loop_guard and self._newline_ids is None:
+            self._newline_ids = newline_tokens(self.tokenizer, self.vocab_size)
+        decode_rows(
+            self.model, pre, rows, row_src, self.eos_ids, self.device, compiled=compiled, newline_ids=self._newline_ids
+        )
         del pre
         for r in rows:
             text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
