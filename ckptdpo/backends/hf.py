@@ -301,6 +301,15 @@ class HFBackend(LocalTokenizerChat):
             return []
         return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False).input_ids]
 
+    def compile_status(self) -> dict:
+        """What `backend.compile` did so far: on or off, why compiling failed (None: it did not), compiled steps."""
+        compiled = self._compiled
+        return {
+            "compile": bool(self.cfg.compile),
+            "failure": compiled.failure if compiled is not None else None,
+            "compiled_steps": compiled.compiled_steps if compiled is not None else 0,
+        }
+
     def close(self) -> None:
         """Free the model (and GPU memory)."""
         self.model = None  # type: ignore[assignment]

@@ -328,7 +328,8 @@ def test_a_model_that_cannot_be_compiled_says_so_once_and_decodes_the_same(
         assert samples(tiny.generate(requests)) == want
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "no C++ compiler" in warnings[0] and "without compile" in warnings[0]
-    assert tiny._compiled.failure and tiny._compiled.compiled_steps == 0
+    status = tiny.compile_status()
+    assert status["compile"] and "no C++ compiler" in status["failure"] and status["compiled_steps"] == 0
 
 
 def test_static_cache_steps_give_the_same_samples(tiny: HFBackend, compiled: HFBackend, monkeypatch) -> None:
@@ -341,7 +342,8 @@ def test_static_cache_steps_give_the_same_samples(tiny: HFBackend, compiled: HFB
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: lambda **inputs: fn(**inputs))
     assert samples(tiny.generate(requests)) == want
     assert samples(tiny.generate(requests)) == want  # the same static cache, reset and refilled
-    assert tiny._compiled.failure is None and tiny._compiled.compiled_steps > 0
+    status = tiny.compile_status()
+    assert status["failure"] is None and status["compiled_steps"] > 0
 
 
 def test_compile_is_a_config_field() -> None:
