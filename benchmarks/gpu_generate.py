@@ -45,7 +45,7 @@ R1_SHAPE = dict(
     intermediate_size=8960,
     vocab_size=151936,
     max_position_embeddings=131072,
-    rope_theta=10000.0,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     tie_word_embeddings=False,
 )
 TINY_SHAPE = dict(
