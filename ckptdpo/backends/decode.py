@@ -567,6 +567,9 @@ class _ReservedSteps:
 
     def __init__(self, model, pre: Prefill, src: torch.Tensor, longest: int) -> None:
         self.model, self.cache = model, pre.cache
+        # For one new token under sdpa with full attention only, the attention mask is the padding mask itself: it
+        # is handed over as a view of the reserved one, and transformers builds none (a copy of rows x length).
+        self.direct = getattr(model.config, "_attn_implementation", None) == "sdpa" and supports_prefix_sharing(model)
         reserve(self.cache, longest, src)
         width = pre.mask.shape[1]
         self.mask = torch.ones((len(src), width + longest), dtype=torch.bool, device=pre.mask.device)
@@ -578,9 +581,10 @@ class _ReservedSteps:
         self.length += 1
         if self.length > self.mask.shape[1]:  # never on the planned path; see _Reserved.update
             self.mask = torch.cat([self.mask, torch.ones_like(self.mask)], dim=1)
+        mask = self.mask[:, None, None, : self.length] if self.direct else self.mask[:, : self.length]
         out = self.model(
             input_ids=tokens[:, None],
-            attention_mask=self.mask[:, : self.length],
+            attention_mask=mask,
             position_ids=pos[:, None],
             **cache_arg(self.model, self.cache),
             use_cache=True,

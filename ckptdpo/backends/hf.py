@@ -136,9 +136,13 @@ class HFBackend(LocalTokenizerChat):
         """One result per request, in order; a bad request gets `error`, the others still run."""
         results: list[GenerationResult | None] = [None] * len(requests)
         prepared: list[Prepared] = []
+        # Text prompts are tokenized in one call: one call per prompt cost more than a tiny model's decode step.
+        texts = [r.prompt for r in requests if isinstance(r.prompt, str)]
+        encoded = iter(self.tokenizer(texts, add_special_tokens=False).input_ids if texts else [])
         for i, req in enumerate(requests):
+            ids = next(encoded) if isinstance(req.prompt, str) else list(req.prompt)
             try:
-                prepared.append(self._prepare(i, req))
+                prepared.append(self._prepare(i, req, ids))
             except _RequestError as e:
                 results[i] = GenerationResult(
                     samples=[], prompt_tokens=e.prompt_tokens, error=str(e), prompt_tokens_requested=e.prompt_tokens
@@ -163,19 +167,15 @@ class HFBackend(LocalTokenizerChat):
             self.stats.count(res, prompt_tokens_computed=res.prompt_tokens_computed)
         return results  # type: ignore[return-value]
 
-    def _prepare(self, index: int, req: GenerationRequest) -> Prepared:
+    def _prepare(self, index: int, req: GenerationRequest, ids: list[int]) -> Prepared:
         if req.n < 1:
             raise _RequestError(f"n must be >= 1, got {req.n}")
         if req.max_tokens < 1:
             raise _RequestError(f"max_tokens must be >= 1, got {req.max_tokens}")
         if req.temperature < 0 or not 0 < req.top_p <= 1:
             raise _RequestError(f"need temperature >= 0 and 0 < top_p <= 1, got {req.temperature}, {req.top_p}")
-        if isinstance(req.prompt, str):
-            ids = self.tokenizer(req.prompt, add_special_tokens=False).input_ids
-        else:
-            ids = list(req.prompt)
-            if any(not 0 <= t < self.vocab_size for t in ids):
-                raise _RequestError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        if not isinstance(req.prompt, str) and any(not 0 <= t < self.vocab_size for t in ids):
+            raise _RequestError(f"prompt token ids must lie in [0, {self.vocab_size})")
         if not ids:
             raise _RequestError("the prompt is empty")
         if len(ids) >= self.max_len:
@@ -222,8 +222,8 @@ class HFBackend(LocalTokenizerChat):
             self.model, pre, rows, row_src, self.eos_ids, self.device, compiled=compiled, newline_ids=self._newline_ids
         )
         del pre
-        for r in rows:
-            text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode([r.ids for r in rows], skip_special_tokens=True)
+        for r, text in zip(rows, texts, strict=True):
             if r.finish == "stop" and r.prep.request.stop:
                 hits = [text.find(s) for s in r.prep.request.stop if s in text]
                 if hits:

@@ -18,6 +18,8 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 
 PARAGRAPH_BREAK = "\n\n"
+_PRIME = (1 << 61) - 1  # n-gram hashes (LoopGuard._add_token)
+_BASE = 1_000_003
 
 
 def normalize_paragraph(text: str) -> str:
@@ -74,6 +76,10 @@ class LoopGuard:
         self._tokens: list[int] = []
         # hash of each n-gram -> where it last ended; int keys and values keep this to a few MB per 32k tokens
         self._seen: dict[int, int] = {}
+        # The hash of the last n-gram, rolled forward one token at a time (a polynomial modulo a prime): a tuple of
+        # the n-gram hashed afresh at every token cost most of a decode step's per-row Python.
+        self._rolling = 0
+        self._drop = pow(_BASE, ngram - 1, _PRIME)  # what the oldest token of the n-gram weighs
         # the paragraph being written, as chunks: joining only at a paragraph break keeps long paragraphs linear
         self._chunks: list[str] = []
         self._paragraphs: deque[str] = deque(maxlen=max_paragraph_period * min_repeats)
@@ -127,12 +133,15 @@ class LoopGuard:
 
     def _add_token(self, token_id: int) -> bool:
         tokens = self._tokens
-        tokens.append(token_id)
         n = self.ngram
-        if len(tokens) < n:
-            return False
+        rolling = self._rolling
+        if len(tokens) >= n:
+            rolling -= (tokens[-n] + 1) * self._drop
+        tokens.append(token_id)
+        self._rolling = key = (rolling * _BASE + token_id + 1) % _PRIME
         end = len(tokens)
-        key = hash(tuple(tokens[-n:]))
+        if end < n:
+            return False
         prev_end = self._seen.get(key)
         self._seen[key] = end
         # A hash collision only proposes a period; token_period compares the actual tokens.
