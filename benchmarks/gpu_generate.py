@@ -105,22 +105,24 @@ class Report:
         return self.budget_s - (time.perf_counter() - self.start)
 
     def add(self, row: dict) -> None:
+        """Print the row and rewrite the file with every row so far (a run stopped from outside keeps them)."""
         row = {**row, "elapsed_s": round(time.perf_counter() - self.start, 1)}
         self.rows.append(row)
         print(json.dumps(row), flush=True)
-
-    def save(self) -> None:
         out = os.environ.get("OUT")
         if out:
             Path(out, "gpu_generate.json").write_text(json.dumps(self.rows, indent=1) + "\n")
 
 
 def figures(tokens: int, wall: float, steps: int, weight_bytes: int) -> dict:
+    """Tokens/s, wall time per step (prefill included) and the weight bytes read per second at that step time."""
     step_s = wall / steps
+    hbm = weight_bytes / step_s / 1e9
     return {
         "tok_s": round(tokens / wall, 1),
         "step_ms": round(1000 * step_s, 2),
-        "hbm_gb_s": round(weight_bytes / step_s / 1e9, 1),
+        "hbm_gb_s": round(hbm, 1),
+        "hbm_share": round(hbm / H200_HBM_GB_S, 4),  # of an H200's 4.8 TB/s
     }
 
 
@@ -208,7 +210,6 @@ def main(args: argparse.Namespace) -> None:
     else:
         report.add({"measurement": f"{rows_big} rows, no compile, greedy", "skipped": "budget"})
     report.add({"measurement": "done", "left_s": round(report.left(), 1)})
-    report.save()
 
 
 def make_parser() -> argparse.ArgumentParser:
