@@ -6,7 +6,9 @@ Side by side in one run:
    costs its bookkeeping): backend vs `model.generate` at 16, 64 and 512 rows, and per decode step at 512 rows the
    time outside the model's forward, split into sampling and the rest (per-row Python, the host's checks).
 2. Context: time per decode step outside the forward at 16 rows and a 1k, 16k, 32k-token prompt (tiny model): it
-   must not grow with the context (no quadratic bookkeeping).
+   must not grow with the context (no quadratic bookkeeping). A control row runs the 1k prompt with as many bytes
+   read after each forward as the 32k KV cache: a long context's forward evicts the CPU caches, which slows the
+   work after it whatever that work is.
 3. Demo model (SmolLM2-135M-Instruct, float32): backend vs `model.generate` at 16, 64 and 512 rows, greedy (both
    give the same tokens: the cost of the same work) and sampled (t 0.7, top-p 0.95).
 4. Shared prefill: n continuations of one P-token prefix. The backend computes the prefix once and indexes its KV
@@ -14,8 +16,8 @@ Side by side in one run:
    counted by a hook on the model's forward (every call with more than one position is a prefill). Goal: >= 3x fewer.
 
 Tokens/s counts generated tokens up to and including EOS. Each comparison alternates the two sides `--reps` times and
-reports the best of each (a shared machine adds noise of tens of percent). The script runs against older versions of
-the backend too (no `HFBackend.from_model`: the tiny model goes through a temporary directory), for before/after.
+reports the best of each (a shared machine adds noise of tens of percent). The script uses nothing that older
+versions of the backend lack, so it measures them too (before/after).
 
 Usage: python benchmarks/generate_throughput.py [--parts tiny,context,demo,prefill] [--rows 16,64,512] [--reps 3]
 """
@@ -36,6 +38,7 @@ from ckptdpo.backends.base import GenerationRequest
 from ckptdpo.backends.hf import HFBackend
 from ckptdpo.backends.sampling import SamplingParams
 from ckptdpo.configs import backend_config
+from ckptdpo.models import save_random_llama
 
 QUESTIONS = [
     "What is 17 * 23?",
@@ -89,41 +92,18 @@ def synthetic_tokenizer(vocab_size: int):
     )
 
 
-def tiny_model(tokenizer, *, max_positions: int = 40_000, seed: int = 0):
-    """A random 2-layer Llama over `tokenizer`'s vocabulary whose forward costs next to nothing on a CPU; weights
-    drawn wide (initializer_range 1.0) so that its next-token distributions are peaked like a trained model's (at
-    t 0.7, top-p 0.95 the nucleus holds 3 tokens on average)."""
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=True,
-        initializer_range=1.0,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def wrap_backend(model, tokenizer, **settings) -> HFBackend:
-    """The hf backend around an in-memory model (through a temporary directory for versions without
-    `HFBackend.from_model`)."""
-    cfg = backend_config(kind="hf", model="random", device=settings.pop("device", "cpu"), **settings)
-    if hasattr(HFBackend, "from_model"):
-        return HFBackend.from_model(cfg, model, tokenizer, revision="random")
+def tiny_backend(max_positions: int, **settings) -> HFBackend:
+    """The hf backend around a random 2-layer Llama (hidden 32) over `synthetic_tokenizer(512)`, whose forward costs
+    next to nothing on a CPU; weights drawn wide (initializer_range 1.0) so that its next-token distributions are
+    peaked like a trained model's (at t 0.7, top-p 0.95 the nucleus holds 3 tokens on average)."""
+    tokenizer = synthetic_tokenizer(512)
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        save_random_llama(
+            tokenizer, Path(tmp), hidden_size=32, intermediate_size=64, max_positions=max_positions,
+            initializer_range=1.0, bos_token_id=None,
+        )  # fmt: skip
         tokenizer.save_pretrained(tmp)
-        return HFBackend(cfg.model_copy(update={"model": tmp}), home=Path(tmp))
+        return HFBackend(backend_config(kind="hf", model=tmp, device="cpu", **settings), home=Path(tmp))
 
 
 # --- measuring ---------------------------------------------------------------------------------------------------
@@ -136,16 +116,20 @@ class StepClock:
     tensor bookkeeping and the host's per-row work, without the prefill or the set-up before the first step.
     """
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, sweep_bytes: int = 0) -> None:
         self.model = model
         self.calls: list[tuple[float, float]] = []
         self.sampling = 0.0
         self.samplings = 0
         self._forward = model.forward
+        # Read after each forward, inside its time (see context_part).
+        self._sweep = torch.ones(sweep_bytes // 4) if sweep_bytes else None
 
     def _timed_forward(self, *args, **kwargs):
         start = time.perf_counter()
         out = self._forward(*args, **kwargs)
+        if self._sweep is not None:
+            self._sweep.sum()
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is not None and ids.shape[-1] == 1:
             self.calls.append((start, time.perf_counter()))
@@ -250,8 +234,7 @@ def print_comparison(label: str, rows: int, max_new: int, mode_name: str, r: dic
 
 
 def tiny_part(args: argparse.Namespace) -> None:
-    tokenizer = synthetic_tokenizer(512)
-    backend = wrap_backend(tiny_model(tokenizer), tokenizer, **batch_settings(args))
+    backend = tiny_backend(1024, **batch_settings(args))
     prompts = [f"Question {i}: what is {i} plus {2 * i}?\n\n" for i in range(max(args.rows))]
     run_backend(backend, prompts[:4], 4, SAMPLED)  # warm-up: first-call costs land in neither column
     run_generate(backend, prompts[:4], 4, SAMPLED)
@@ -278,34 +261,39 @@ def step_costs(backend: HFBackend, prompts: list[str], max_new: int, mode: dict)
 
 
 def context_part(args: argparse.Namespace) -> None:
-    tokenizer = synthetic_tokenizer(512)
+    """Outside-forward time per step at each context, and at the shortest one again with as many bytes swept
+    through the memory caches after each forward as the longest context's KV cache: a long context's forward
+    evicts the caches, which slows whatever runs after it, bookkeeping or not; the control tells the two apart."""
     contexts = args.contexts
-    backend = wrap_backend(
-        tiny_model(tokenizer, max_positions=max(contexts) + 1024), tokenizer, **batch_settings(args)
-    )
+    backend = tiny_backend(max(contexts) + 1024, **batch_settings(args))
+    cfg = backend.model.config
+    kv_bytes = 2 * cfg.num_hidden_layers * 16 * cfg.num_key_value_heads * cfg.head_dim * max(contexts) * 4
     rng = random.Random(1)
     print(f"\n## context: 16 rows (n = 16 of one prompt), greedy, {args.context_new} new tokens, tiny model (ms/step)")
-    print(f"{'context':>8}{'forward':>10}{'outside':>10}{'sampling':>10}{'rest':>10}")
+    print(f"{'context':>24}{'forward':>10}{'outside':>10}{'sampling':>10}{'rest':>10}")
     results = {}
-    for context in contexts:
+    control = f"{min(contexts)} + {kv_bytes / 1e6:.0f} MB swept"
+    runs = [(c, c, 0) for c in contexts] + [(control, min(contexts), kv_bytes)]
+    for name, context, sweep in runs:
         prompt = tuple(rng.randrange(256) for _ in range(context))
         req = GenerationRequest(prompt, n=16, seed=0, max_tokens=args.context_new, temperature=0.0)
         best = None
         for _ in range(args.reps):
-            clock = StepClock(backend.model)
+            clock = StepClock(backend.model, sweep_bytes=sweep)
             with clock.running():
                 backend.generate([req])
             r = clock.per_step_ms()
             best = r if best is None or r["outside_ms"] < best["outside_ms"] else best
-        results[context] = best
+        results[name] = best
         print(
-            f"{context:>8}{best['forward_ms']:>10.2f}{best['outside_ms']:>10.2f}{best['sampling_ms']:>10.2f}"
+            f"{name:>24}{best['forward_ms']:>10.2f}{best['outside_ms']:>10.2f}{best['sampling_ms']:>10.2f}"
             f"{best['rest_ms']:>10.2f}",
             flush=True,
         )
-    low, high = results[min(contexts)], results[max(contexts)]
+    low, high, swept = results[min(contexts)], results[max(contexts)], results[control]
     print(
-        f"outside the forward at {max(contexts)} / at {min(contexts)}: {high['outside_ms'] / low['outside_ms']:.2f}x"
+        f"outside the forward at {max(contexts)} / at {min(contexts)}: {high['outside_ms'] / low['outside_ms']:.2f}x; "
+        f"/ at {min(contexts)} with the sweep: {high['outside_ms'] / swept['outside_ms']:.2f}x"
     )
 
 

@@ -48,16 +48,15 @@ R1_SHAPE = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     tie_word_embeddings=False,
 )
-TINY_SHAPE = dict(
-    hidden_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    vocab_size=2048,
-    max_position_embeddings=4096,
-    tie_word_embeddings=False,
-)
+TINY_SHAPE = {
+    **R1_SHAPE,
+    "hidden_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "vocab_size": 2048,
+    "max_position_embeddings": 4096,
+}
 R1_SAMPLING = {"temperature": 0.6, "top_p": 0.95}
 H200_HBM_GB_S = 4800.0
 

@@ -24,6 +24,7 @@ from ckptdpo.backends.hf import HFBackend
 from ckptdpo.backends.loopguard import LoopGuard
 from ckptdpo.backends.sampling import NUCLEUS_K, SamplingParams, draw_uniforms, sample_seed
 from ckptdpo.configs import backend_config
+from ckptdpo.models import save_random_llama
 
 CORPUS = [
     "Wait, let me check the sum again.\n\nThe answer is 12.\n\n",
@@ -65,28 +66,16 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def tiny(tokenizer) -> HFBackend:
-    """The hf backend around a random 2-layer Llama (float32, CPU), peaked enough to repeat itself now and then."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        initializer_range=1.0,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+def tiny(tokenizer, tmp_path_factory) -> HFBackend:
+    """The hf backend around a random 2-layer Llama (float32, CPU) with peaked next-token distributions."""
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    save_random_llama(
+        tokenizer, folder, hidden_size=32, intermediate_size=64, max_positions=512, initializer_range=1.0,
         bos_token_id=None,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    settings = dict(kind="hf", model="tiny", device="cpu", loop_min_repeats=2, loop_ngram=4, max_batch_size=64)
-    return HFBackend.from_model(backend_config(**settings), model, tokenizer, revision="tiny")
+    )  # fmt: skip
+    tokenizer.save_pretrained(folder)
+    settings = dict(kind="hf", model=str(folder), device="cpu", loop_min_repeats=2, loop_ngram=4, max_batch_size=64)
+    return HFBackend(backend_config(**settings), home=folder)
 
 
 # --- the host's look at a block: exactly where token-by-token checks end a row -------------------------------------
