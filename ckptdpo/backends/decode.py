@@ -39,11 +39,38 @@ log = logging.getLogger(__name__)
 BLOCK = 16
 
 
+class TextDecoder:
+    """Token ids to text exactly as `tokenizer.decode(ids, skip_special_tokens=True)` gives it, straight through the
+    Rust tokenizer when that is all transformers would do (a fast tokenizer that cleans nothing up): transformers
+    first checks every id in Python, which costs more than the decoding."""
+
+    def __init__(self, tokenizer) -> None:
+        from transformers import PreTrainedTokenizerFast
+
+        fast = getattr(tokenizer, "backend_tokenizer", None)
+        direct = (
+            fast is not None
+            and type(tokenizer)._decode is PreTrainedTokenizerFast._decode
+            and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+        )
+        self.tokenizer, self._fast = tokenizer, fast if direct else None
+
+    def decode(self, ids: list[int]) -> str:
+        if self._fast is not None:
+            return self._fast.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def decode_batch(self, batch: list[list[int]]) -> list[str]:
+        if self._fast is not None:
+            return self._fast.decode_batch(batch, skip_special_tokens=True)
+        return self.tokenizer.batch_decode(batch, skip_special_tokens=True)
+
+
 class Detokenizer:
     """Incremental detokenization: decode a small window ending at the new token, emit only completed text."""
 
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, texts: TextDecoder) -> None:
+        self.texts = texts
         self.prefix_offset = 0
         self.read_offset = 0
         self.cut = False  # the last window decoded ended in a cut character
@@ -53,8 +80,8 @@ class Detokenizer:
         nothing while the last character is cut (its rest comes with later tokens)."""
         end = len(ids) if end is None else end
         # Decoding from one token back keeps leading spaces (sentencepiece) and joins multi-token UTF-8 characters.
-        prefix = self.tokenizer.decode(ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(ids[self.prefix_offset : end], skip_special_tokens=True)
+        prefix = self.texts.decode(ids[self.prefix_offset : self.read_offset])
+        full = self.texts.decode(ids[self.prefix_offset : end])
         self.cut = full.endswith("\ufffd")
         if len(full) > len(prefix) and not self.cut:
             self.prefix_offset, self.read_offset = self.read_offset, end
@@ -456,7 +483,7 @@ def _text_ends(
 def _pieces(row: Row, offsets: tuple[int, int]) -> tuple[int, list[str]]:
     """The text of each of the row's tokens not yet read at the detokenizer state `offsets`, decoded one by one (the
     text `Detokenizer.step` gives token by token), and the index of the first of them."""
-    detok = Detokenizer(row.detok.tokenizer)
+    detok = Detokenizer(row.detok.texts)
     detok.prefix_offset, detok.read_offset = offsets
     first = detok.read_offset
     return first, [detok.step(row.ids, end) for end in range(first + 1, len(row.ids) + 1)]
@@ -515,51 +542,50 @@ def decode_rows(
     pre.cache = None  # its rows are copied into the decode's cache
     logits, pos = pre.logits.index_select(0, src), pre.next_pos.index_select(0, src)
     params = SamplingParams([r.prep.request for r in rows], device)
-    limit = torch.tensor([r.prep.max_new for r in rows], device=device)
-    count = torch.zeros_like(limit)
-    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    is_eos = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
-    is_eos[[t for t in eos_ids if 0 <= t < logits.shape[-1]]] = True
     stop_len = max((len(s) for r in rows for s in r.prep.request.stop), default=0)
-    # On a CPU asking whether every row ended costs nothing; on a GPU it would stall the queue of launched steps.
-    check_each_step = device.type == "cpu"
+    # On a CPU, asking after each step whether every row has ended costs nothing and saves the rest of the block;
+    # on a GPU it would stall the queue of launched steps, so the block runs out (its extra tokens are dropped).
+    is_eos = None
+    if device.type == "cpu":
+        is_eos = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        is_eos[[t for t in eos_ids if 0 <= t < logits.shape[-1]]] = True
     active = list(range(len(rows)))  # rows[active[j]] is batch row j
     while True:
-        k = min(block, max(r.prep.max_new - len(r.ids) for r in (rows[i] for i in active) if r.finish is None))
+        # Each step appends a token to every row; `advance_block` keeps those of a row up to its end.
+        room = [rows[i].prep.max_new - len(rows[i].ids) if rows[i].finish is None else 0 for i in active]
+        k = min(block, max(room))
         uniforms = None if params.all_greedy else draw_uniforms([rows[i] for i in active], k, device)
         out = torch.empty((len(active), k), dtype=torch.long, device=device)
+        if is_eos is not None:
+            done = torch.zeros(len(active), dtype=torch.bool)
+            out_of_room = torch.tensor(room)[None, :] <= torch.arange(1, k + 1)[:, None]  # [step, row]
         for t in range(k):
             tokens = params.sample(logits, None if uniforms is None else uniforms[:, t])
-            out[:, t] = tokens.masked_fill(done, -1)  # -1: the row had ended
-            count += ~done
-            done |= is_eos[tokens] | (count >= limit)
+            out[:, t] = tokens
             if t + 1 == k:
                 break
-            if check_each_step and bool(done.all()):
-                out = out[:, : t + 1]
-                break
-            logits, pos = steps.forward(tokens, pos), pos + 1
-        ended = []
+            if is_eos is not None:
+                done |= is_eos[tokens]
+                if bool((done | out_of_room[t]).all()):
+                    out = out[:, : t + 1]
+                    break
+            logits = steps.forward(tokens, pos)
+            pos += 1
         for j, seq in enumerate(out.tolist()):
             row = rows[active[j]]
             if row.finish is None:
-                n = seq.index(-1) if -1 in seq else len(seq)
-                if n:
-                    advance_block(row, seq[:n], stop_len, eos_ids, newline_ids)
-                if row.finish is not None:
-                    ended.append(j)
+                advance_block(row, seq, stop_len, eos_ids, newline_ids)
         keep_j = [j for j, i in enumerate(active) if rows[i].finish is None]
         if not keep_j:
             break
-        if ended:
-            done[ended] = True
         # Ended rows ride along until they are a quarter of the batch: dropping rows copies the whole KV cache, so
         # it is done in bulk, not row by row (and never on a static cache).
         if len(keep_j) * 4 <= len(active) * 3 and steps.select(keep := torch.tensor(keep_j, device=device)):
-            tokens, pos, done, count, limit = tokens[keep], pos[keep], done[keep], count[keep], limit[keep]
+            tokens, pos = tokens[keep], pos[keep]
             params = params.select(keep)
             active = [active[j] for j in keep_j]
-        logits, pos = steps.forward(tokens, pos), pos + 1
+        logits = steps.forward(tokens, pos)
+        pos += 1
 
 
 class _ReservedSteps:

@@ -42,6 +42,7 @@ from ckptdpo.backends.decode import (
     Detokenizer,
     Prepared,
     Row,
+    TextDecoder,
     Unit,
     decode_rows,
     newline_tokens,
@@ -129,6 +130,7 @@ class HFBackend(LocalTokenizerChat):
         self._can_share = supports_prefix_sharing(self.model)
         self._compiled: CompiledDecode | None = None  # built at the first batch with `cfg.compile`
         self._newline_ids: frozenset[int] | None = None  # built at the first batch with the loop guard
+        self._texts = TextDecoder(tokenizer)
 
     # --- generation ------------------------------------------------------------------------------------------
 
@@ -207,7 +209,7 @@ class HFBackend(LocalTokenizerChat):
                 guard = None
                 if self.cfg.loop_guard:
                     guard = LoopGuard(min_repeats=self.cfg.loop_min_repeats, ngram=self.cfg.loop_ngram)
-                rows.append(_new_row(u.prep, k, seed, guard, self.tokenizer))
+                rows.append(_new_row(u.prep, k, seed, guard, self._texts))
                 row_src.append(prefill[key])
         prompts = [list(p) for p in prefill]
         pre = prefill_batch(self.model, prompts, route_keys, self.pad_id, self.device, share=share)
@@ -222,7 +224,7 @@ class HFBackend(LocalTokenizerChat):
             self.model, pre, rows, row_src, self.eos_ids, self.device, compiled=compiled, newline_ids=self._newline_ids
         )
         del pre
-        texts = self.tokenizer.batch_decode([r.ids for r in rows], skip_special_tokens=True)
+        texts = self._texts.decode_batch([r.ids for r in rows])
         for r, text in zip(rows, texts, strict=True):
             if r.finish == "stop" and r.prep.request.stop:
                 hits = [text.find(s) for s in r.prep.request.stop if s in text]
@@ -317,6 +319,6 @@ class HFBackend(LocalTokenizerChat):
             torch.cuda.empty_cache()
 
 
-def _new_row(prep: Prepared, index: int, seed: int, guard: LoopGuard | None, tokenizer) -> Row:
+def _new_row(prep: Prepared, index: int, seed: int, guard: LoopGuard | None, texts: TextDecoder) -> Row:
     """Sample `index` of a request: its own random stream, loop guard and detokenizer."""
-    return Row(prep, index, random.Random(sample_seed(seed, index)), guard, Detokenizer(tokenizer))
+    return Row(prep, index, random.Random(sample_seed(seed, index)), guard, Detokenizer(texts))

@@ -112,11 +112,28 @@ class LoopGuard:
         row's tokens a block at a time, after their text): they run even when the text already proved a loop, since
         a token loop can be proven at an earlier token of the block.
         """
-        if self.check_tokens:
-            for i, t in enumerate(tokens):
-                if self._add_token(t):
-                    self.reason = self.reason or "ngram"
-                    return i
+        if not self.check_tokens:
+            return None
+        seen, past, n, drop, rolling = self._seen, self._tokens, self.ngram, self._drop, self._rolling
+        for i, token in enumerate(tokens):
+            if len(past) >= n:
+                rolling -= (past[-n] + 1) * drop
+            past.append(token)
+            rolling = (rolling * _BASE + token + 1) % _PRIME
+            end = len(past)
+            if end < n:
+                continue
+            prev_end = seen.get(rolling)
+            seen[rolling] = end
+            # A hash collision only proposes a period; token_period compares the actual tokens.
+            if (
+                prev_end is not None
+                and end - prev_end <= self.max_token_period
+                and token_period(past, end - prev_end, self.min_repeats, n)
+            ):
+                self._rolling, self.reason = rolling, self.reason or "ngram"
+                return i
+        self._rolling = rolling
         return None
 
     def text_state(self) -> tuple[list[str], list[str]]:
@@ -132,24 +149,7 @@ class LoopGuard:
             self.reason = None
 
     def _add_token(self, token_id: int) -> bool:
-        tokens = self._tokens
-        n = self.ngram
-        rolling = self._rolling
-        if len(tokens) >= n:
-            rolling -= (tokens[-n] + 1) * self._drop
-        tokens.append(token_id)
-        self._rolling = key = (rolling * _BASE + token_id + 1) % _PRIME
-        end = len(tokens)
-        if end < n:
-            return False
-        prev_end = self._seen.get(key)
-        self._seen[key] = end
-        # A hash collision only proposes a period; token_period compares the actual tokens.
-        return (
-            prev_end is not None
-            and end - prev_end <= self.max_token_period
-            and token_period(tokens, end - prev_end, self.min_repeats, n)
-        )
+        return self.add_tokens((token_id,)) is not None
 
     def _add_text(self, text: str) -> bool:
         spans_break = bool(self._chunks) and self._chunks[-1].endswith("\n") and text.startswith("\n")

@@ -15,6 +15,7 @@ from ckptdpo.backends.decode import (
     Detokenizer,
     Prepared,
     Row,
+    TextDecoder,
     advance_block,
     newline_tokens,
     prefill_batch,
@@ -107,7 +108,7 @@ def advance_one(row: Row, token: int, stop_len: int, eos_ids: frozenset[int]) ->
 def new_row(tokenizer, stop: tuple[str, ...], max_new: int, guard: bool) -> Row:
     req = GenerationRequest((1,), max_tokens=max_new, stop=stop)
     loop = LoopGuard(min_repeats=2, ngram=4) if guard else None
-    return Row(Prepared(0, [1], max_new, req), 0, random.Random(0), loop, Detokenizer(tokenizer))
+    return Row(Prepared(0, [1], max_new, req), 0, random.Random(0), loop, Detokenizer(TextDecoder(tokenizer)))
 
 
 def test_blocks_end_each_row_where_token_by_token_checks_do(tokenizer) -> None:
@@ -138,6 +139,19 @@ def test_blocks_end_each_row_where_token_by_token_checks_do(tokenizer) -> None:
         endings[str(want.finish)] = endings.get(str(want.finish), 0) + 1
     # Every way of ending was met (and rows that ran out of tokens unfinished).
     assert set(endings) == {"stop", "loop", "length", "None"} and min(endings.values()) >= 10
+
+
+def test_text_decoder_gives_what_the_tokenizer_gives(tokenizer) -> None:
+    ids = [tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id, 7] for text in CORPUS]
+    want = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    texts = TextDecoder(tokenizer)
+    assert texts._fast is not None  # straight through the Rust tokenizer
+    assert texts.decode_batch(ids) == want and [texts.decode(i) for i in ids] == want
+    tokenizer.clean_up_tokenization_spaces = True
+    try:
+        assert TextDecoder(tokenizer)._fast is None  # a clean-up only transformers does: through transformers
+    finally:
+        tokenizer.clean_up_tokenization_spaces = False
 
 
 def test_newline_tokens_are_those_whose_text_breaks_a_line(tokenizer) -> None:
@@ -196,8 +210,8 @@ def test_a_row_samples_as_alone_whatever_the_top_p_of_its_batch() -> None:
         assert kept.sample(logits[[0, 3]], [u[0], u[3]]).tolist() == [int(picked[0]), int(picked[3])]
 
 
-def test_uniforms_drawn_ahead_are_each_rows_own_stream() -> None:
-    rows = [new_row(None, (), 4, False) for _ in range(3)]
+def test_uniforms_drawn_ahead_are_each_rows_own_stream(tokenizer) -> None:
+    rows = [new_row(tokenizer, (), 4, False) for _ in range(3)]
     for i, r in enumerate(rows):
         r.rng = random.Random(sample_seed(7, i))
     rows[1].finish = "stop"
