@@ -119,7 +119,7 @@ def long_context(model_dir: Path, home: Path, context: int, batch: int, steps: i
     try:
         for _ in range(2):
             for name in rates:
-                decode.reserve = real_reserve if name == "reserved" else (lambda cache, extra: None)
+                decode.reserve = real_reserve if name == "reserved" else _select_only
                 t0 = time.perf_counter()
                 (res,) = backend.generate([req])
                 rates[name].append(sum(s.num_tokens for s in res.samples) / (time.perf_counter() - t0))
@@ -129,6 +129,12 @@ def long_context(model_dir: Path, home: Path, context: int, batch: int, steps: i
     print(f"long context {context} tokens x {batch} rows, {steps} steps (prefill included), float32, 1 thread:")
     print(f"  KV reserved {r:.1f} tok/s, DynamicLayer cat {c:.1f} tok/s: {r / c:.2f}x")
     backend.close()
+
+
+def _select_only(cache, extra: int, rows=None) -> None:
+    """`decode.reserve` without the reservation: the rows are picked and the layers stay DynamicLayers (torch.cat)."""
+    if rows is not None:
+        cache.batch_select_indices(rows)
 
 
 def main() -> None:

@@ -6,13 +6,23 @@ in lexicographic token order, keeps one KV cache, and for each prompt crops that
 prefix with the previous prompt and runs only the rest: the prompts' common parts are computed once (the order is
 a depth-first walk of their token trie, which computes each trie node exactly once). Prefixes are compared as
 token ids, not text, because a prefix cut before "Wait" can end in a different token than the same text followed
-by more (BPE merges "\\n\\n" differently when text follows).
+by more (BPE merges "\\n\\n" differently when text follows). Only the prompts of one route key are chained so
+(`prefill_batch`); all other prompts of a batch share one padded forward, since a chain costs a forward per prompt.
+
+Decoding runs in blocks of `BLOCK` steps. Within a block everything stays in tensors: sampling (each row's uniforms
+drawn ahead from its own stream), end of sequence and the length limit, the next forward; nothing waits for the
+host. After a block the host reads the new tokens once and checks stop strings and the loop guard for each row
+(`advance_block`), which finishes a row exactly at the token where checking token by token would have (the tokens
+computed after it are dropped). The attention mask and the KV cache are reserved for the whole decode, so a step's
+bookkeeping costs the same at token 30,000 as at token 30. With `backend.compile` the KV cache is static and the
+step goes through torch.compile (`CompiledDecode`: CUDA graphs on a GPU).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import random
 from dataclasses import dataclass, field
 
@@ -20,24 +30,73 @@ import torch
 
 from ckptdpo.backends.base import GenerationRequest
 from ckptdpo.backends.loopguard import LoopGuard
-from ckptdpo.backends.sampling import SamplingParams, left_pad_positions
+from ckptdpo.backends.sampling import SamplingParams, draw_uniforms, left_pad_positions
+
+log = logging.getLogger(__name__)
+
+# Decode steps between two looks of the host at the new tokens: enough to make the per-row Python of a step small,
+# few enough that a row ended by a stop string or the loop guard computes little past its end.
+BLOCK = 16
+
+
+class TextDecoder:
+    """Token ids to text exactly as `tokenizer.decode(ids, skip_special_tokens=True)` gives it, straight through the
+    Rust tokenizer when that is all transformers would do (a fast tokenizer that cleans nothing up): transformers
+    first checks every id in Python, which costs more than the decoding."""
+
+    def __init__(self, tokenizer) -> None:
+        from transformers import PreTrainedTokenizerFast
+
+        fast = getattr(tokenizer, "backend_tokenizer", None)
+        direct = (
+            fast is not None
+            and type(tokenizer)._decode is PreTrainedTokenizerFast._decode
+            and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+        )
+        self.tokenizer, self._fast = tokenizer, fast if direct else None
+
+    def decode(self, ids: list[int]) -> str:
+        if self._fast is not None:
+            return self._fast.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def decode_batch(self, batch: list[list[int]]) -> list[str]:
+        if self._fast is not None:
+            return self._fast.decode_batch(batch, skip_special_tokens=True)
+        return self.tokenizer.batch_decode(batch, skip_special_tokens=True)
 
 
 class Detokenizer:
     """Incremental detokenization: decode a small window ending at the new token, emit only completed text."""
 
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, texts: TextDecoder) -> None:
+        self.texts = texts
         self.prefix_offset = 0
         self.read_offset = 0
+        self.cut = False  # the last window decoded ended in a cut character
 
-    def step(self, ids: list[int]) -> str:
+    def step(self, ids: list[int], end: int | None = None) -> str:
+        """The text completed by the tokens read since the last call, up to `ids[:end]` (default: all of `ids`);
+        nothing while the last character is cut (its rest comes with later tokens)."""
+        end = len(ids) if end is None else end
         # Decoding from one token back keeps leading spaces (sentencepiece) and joins multi-token UTF-8 characters.
-        prefix = self.tokenizer.decode(ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(ids[self.prefix_offset :], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+        prefix = self.texts.decode(ids[self.prefix_offset : self.read_offset])
+        full = self.texts.decode(ids[self.prefix_offset : end])
+        self.cut = full.endswith("\ufffd")
+        if len(full) > len(prefix) and not self.cut:
+            self.prefix_offset, self.read_offset = self.read_offset, end
             return full[len(prefix) :]
+        return ""
+
+    def read(self, ids: list[int]) -> str:
+        """The text completed by all the tokens since the last call: what `step` gives token by token, joined (a
+        character cut at the end holds back only the tokens that carry it, not the text before them)."""
+        end = len(ids)
+        while end > self.read_offset:
+            text = self.step(ids, end)
+            if text or not self.cut:
+                return text
+            end -= 1
         return ""
 
 
@@ -72,6 +131,7 @@ class Row:
     ids: list[int] = field(default_factory=list)
     tail: str = ""
     finish: str | None = None
+    held: bool = False  # the detokenizer holds back text (a character not yet complete) that must be read next
 
 
 def _order_key(prepared: list[Prepared], group_by_route: bool):
@@ -232,6 +292,55 @@ def prefill_shared(model, prompts: list[list[int]], device: torch.device) -> Pre
     return Prefill(cache, torch.stack(logits), mask, next_pos, computed)  # type: ignore[arg-type]
 
 
+def prefill_batch(
+    model, prompts: list[list[int]], route_keys: list[str | None], pad_id: int, device: torch.device, *, share: bool
+) -> Prefill:
+    """The prefill of a batch's distinct prompts: with `share`, the prompts of one route key share their common
+    prefixes (`prefill_shared`); every other prompt runs in one padded forward (`prefill_padded`)."""
+    groups: dict[object, list[int]] = {}
+    for i, key in enumerate(route_keys):
+        groups.setdefault(key if share and key is not None else (None, i), []).append(i)
+    chains = [g for g in groups.values() if len(g) > 1]
+    plain = sorted(i for g in groups.values() if len(g) == 1 for i in g)
+    parts = [(plain, prefill_padded(model, [prompts[i] for i in plain], pad_id, device))] if plain else []
+    parts += [(g, prefill_shared(model, [prompts[i] for i in g], device)) for g in chains]
+    return merge_prefills(parts)
+
+
+def merge_prefills(parts: list[tuple[list[int], Prefill]]) -> Prefill:
+    """One prefill from parts that each hold some of the prompts (`parts[k][0]`: which), left-padded to one width."""
+    from transformers import DynamicCache
+
+    order = [i for idx, _ in parts for i in idx]
+    if len(parts) == 1 and order == sorted(order):
+        return parts[0][1]
+    where = torch.tensor(sorted(range(len(order)), key=order.__getitem__))
+    width = max(p.mask.shape[1] for _, p in parts)
+
+    def stack(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+        # Pad each part on the left of `dim` to the common width, join the parts, put the prompts back in order.
+        padded = []
+        for t in tensors:
+            pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [width - t.shape[dim], 0]
+            padded.append(torch.nn.functional.pad(t, pad))
+        joined = torch.cat(padded)
+        return joined.index_select(0, where.to(joined.device))
+
+    pres = [p for _, p in parts]
+    layers = []
+    for li in range(len(pres[0].cache.layers)):
+        keys = stack([p.cache.layers[li].keys for p in pres], 2)
+        values = stack([p.cache.layers[li].values for p in pres], 2)
+        layers.append((keys, values))
+    mask = stack([p.mask for p in pres], 1)
+    logits = torch.cat([p.logits for p in pres]).index_select(0, where.to(pres[0].logits.device))
+    next_pos = torch.cat([p.next_pos for p in pres]).index_select(0, where.to(pres[0].next_pos.device))
+    computed = [0] * len(order)
+    for i, n in zip(order, [n for p in pres for n in p.computed], strict=True):
+        computed[i] = n
+    return Prefill(DynamicCache(ddp_cache_data=layers), logits, mask, next_pos, computed)
+
+
 class _Reserved:
     """A full-attention KV layer that writes each step in place into a buffer reserved for the whole decode.
 
@@ -266,88 +375,343 @@ def _reserved_class() -> type:
     return type("ReservedLayer", (_Reserved, DynamicLayer), {})
 
 
-def reserved_layer(layer, capacity: int):
-    """A reserved copy of a filled DynamicLayer with room for `capacity` positions."""
+def reserved_layer(layer, capacity: int, rows: torch.Tensor | None = None):
+    """A reserved copy of a filled DynamicLayer with room for `capacity` positions (of its batch rows `rows`)."""
     new = _reserved_class()()
-    b, h, n, d = layer.keys.shape
-    new._k = layer.keys.new_empty((b, h, max(capacity, n), d))
-    new._v = layer.values.new_empty((b, h, max(capacity, n), layer.values.shape[-1]))
-    new._k[:, :, :n], new._v[:, :, :n] = layer.keys, layer.values
-    new._n, new.is_initialized, new.device = n, True, layer.keys.device
+    keys, values = layer.keys, layer.values
+    if rows is not None:
+        keys, values = keys.index_select(0, rows), values.index_select(0, rows)
+    b, h, n, d = keys.shape
+    new._k = keys.new_empty((b, h, max(capacity, n), d))
+    new._v = values.new_empty((b, h, max(capacity, n), values.shape[-1]))
+    new._k[:, :, :n], new._v[:, :, :n] = keys, values
+    new._n, new.is_initialized, new.device = n, True, keys.device
     new._views()
     return new
 
 
-def reserve(cache, extra: int) -> None:
-    """Give every plain full-attention layer of `cache` room for `extra` more positions, written in place."""
+def reserve(cache, extra: int, rows: torch.Tensor | None = None) -> None:
+    """Give every plain full-attention layer of `cache` room for `extra` more positions, written in place; with
+    `rows`, keep (and repeat) those batch rows, in that order."""
     from transformers.cache_utils import DynamicLayer
 
     for i, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel():
-            cache.layers[i] = reserved_layer(layer, layer.keys.shape[-2] + extra)
+            cache.layers[i] = reserved_layer(layer, layer.keys.shape[-2] + extra, rows)
+        elif rows is not None:
+            layer.batch_select_indices(rows)
 
 
-def advance(row: Row, token: int, stop_len: int, eos_ids: frozenset[int]) -> bool:
-    """Append a sampled token to an unfinished row and decide whether it finished; True when it is finished."""
-    if row.finish is not None:
-        return True
-    row.ids.append(token)
-    if token in eos_ids:
-        row.finish = "stop"
-        return True
-    delta = row.detok.step(row.ids)
+# --- the host's look at a block of new tokens ------------------------------------------------------------------
+
+
+def advance_block(
+    row: Row, tokens: list[int], stop_len: int, eos_ids: frozenset[int], newline_ids: frozenset[int] | None = None
+) -> None:
+    """Append tokens sampled for an unfinished row, and finish the row at the first token that ends it.
+
+    Each token is checked as it would be alone, in this order: EOS ("stop"), a stop string ending in its text
+    ("stop"), the loop guard ("loop"), the length limit ("length"); the tokens after the one that ended the row are
+    dropped. The block's text is decoded and checked once; only when it holds a stop string or proves a paragraph
+    loop is it decoded again token by token, to find the token that did. `newline_ids` (`newline_tokens`): a row
+    without stop strings has its text decoded only in blocks that hold one of these, since a paragraph can only end
+    there; the text in between is read with the next such block.
+    """
+    base = len(row.ids)
+    cut = min(len(tokens), row.prep.max_new - base)
+    if cut <= 0:
+        return
+    eos = next((i for i in range(cut) if tokens[i] in eos_ids), None)
+    body = tokens[: cut if eos is None else eos]
+    row.ids.extend(body)
+    # (token index, rank, finish reason): the earliest token ends the row; at one token, the lowest rank.
+    ends: list[tuple[int, int, str]] = []
+    if eos is not None:
+        ends.append((eos, 0, "stop"))
+    elif base + cut >= row.prep.max_new:
+        ends.append((cut - 1, 3, "length"))
+    if body:
+        ends += _text_ends(row, base, body, stop_len, newline_ids)
+        if row.guard is not None:
+            at = row.guard.add_tokens(body)
+            if at is not None:
+                ends.append((at, 2, "loop"))
+    if ends:
+        at, _, reason = min(ends)
+        del row.ids[base + at + 1 :]
+        if at == eos:
+            row.ids.append(tokens[at])
+        row.finish = reason
+
+
+def _text_ends(
+    row: Row, base: int, body: list[int], stop_len: int, newline_ids: frozenset[int] | None
+) -> list[tuple[int, int, str]]:
+    """Where the text of the row's new tokens `body` (from `base` on) ends the row: a stop string, a paragraph loop."""
     stop = row.prep.request.stop
-    if stop and delta:
-        # Only a stop string that ends inside the new text can be new; keep just enough tail to see it.
-        row.tail = (row.tail + delta)[-(stop_len + len(delta)) :]
-        if any(s in row.tail for s in stop):
-            row.finish = "stop"
-            return True
-        row.tail = row.tail[-stop_len:]
-    if row.guard is not None and row.guard.update(token, delta):
-        row.finish = "loop"
-        return True
-    if len(row.ids) >= row.prep.max_new:
-        row.finish = "length"
-        return True
-    return False
+    guard = row.guard if row.guard is not None and row.guard.check_paragraphs else None
+    if not stop and guard is None:
+        return []
+    if not stop and newline_ids is not None and not row.held and newline_ids.isdisjoint(body):
+        return []
+    offsets, tail = (row.detok.prefix_offset, row.detok.read_offset), row.tail
+    delta = row.detok.read(row.ids)
+    row.held = row.detok.read_offset < len(row.ids)
+    if not delta:
+        return []
+    ends: list[tuple[int, int, str]] = []
+    first, pieces = 0, None  # pieces[i]: the text token first + i gives, read token by token
+    if stop:
+        seen = (tail + delta)[-(stop_len + len(delta)) :]
+        if any(s in seen for s in stop):
+            first, pieces = _pieces(row, offsets)
+            ends.append((max(_stop_at(pieces, tail, stop, stop_len) + first - base, 0), 1, "stop"))
+        row.tail = seen[-stop_len:]
+    if guard is not None:
+        state = guard.text_state()
+        if guard.update(None, delta):
+            if pieces is None:
+                first, pieces = _pieces(row, offsets)
+            guard.restore_text(state)
+            at = next((i for i, p in enumerate(pieces) if p and guard.update(None, p)), None)
+            if at is None:  # a tokenizer whose pieces do not join to the block's text: the block's last token
+                guard.reason, at = "paragraph", len(pieces) - 1
+            ends.append((max(at + first - base, 0), 2, "loop"))
+    return ends
+
+
+def _pieces(row: Row, offsets: tuple[int, int]) -> tuple[int, list[str]]:
+    """The text of each of the row's tokens not yet read at the detokenizer state `offsets`, decoded one by one (the
+    text `Detokenizer.step` gives token by token), and the index of the first of them."""
+    detok = Detokenizer(row.detok.texts)
+    detok.prefix_offset, detok.read_offset = offsets
+    first = detok.read_offset
+    return first, [detok.step(row.ids, end) for end in range(first + 1, len(row.ids) + 1)]
+
+
+def newline_tokens(tokenizer, vocab_size: int) -> frozenset[int]:
+    """The ids whose text holds a line break: the only tokens that can complete a paragraph (see `advance_block`).
+
+    Every id is decoded alone once (a second for a 150k vocabulary). A "\\n" is one byte, whole in any byte-level or
+    byte-fallback token, so a token that gives one in context gives one alone.
+    """
+    ids = [[i] for i in range(min(vocab_size, len(tokenizer)))]
+    fast = getattr(tokenizer, "backend_tokenizer", None)
+    texts = fast.decode_batch(ids, skip_special_tokens=False) if fast is not None else tokenizer.batch_decode(ids)
+    return frozenset(i for i, text in enumerate(texts) if "\n" in text)
+
+
+def _stop_at(pieces: list[str], tail: str, stop: tuple[str, ...], stop_len: int) -> int:
+    """The index of the piece whose text completes a stop string (the last one when none does)."""
+    for i, piece in enumerate(pieces):
+        if piece:
+            tail = (tail + piece)[-(stop_len + len(piece)) :]
+            if any(s in tail for s in stop):
+                return i
+            tail = tail[-stop_len:]
+    return len(pieces) - 1
+
+
+# --- the decode loop ---------------------------------------------------------------------------------------------
 
 
 @torch.inference_mode()
 def decode_rows(
-    model, pre: Prefill, rows: list[Row], row_src: list[int], eos_ids: frozenset[int], device: torch.device
+    model,
+    pre: Prefill,
+    rows: list[Row],
+    row_src: list[int],
+    eos_ids: frozenset[int],
+    device: torch.device,
+    *,
+    compiled: CompiledDecode | None = None,
+    newline_ids: frozenset[int] | None = None,
+    block: int | None = None,
 ) -> None:
-    """Sample every row to its end; row j starts from prompt `row_src[j]` of the prefill."""
-    cache = pre.cache
-    reserve(cache, max(r.prep.max_new for r in rows))
+    """Sample every row to its end; row j starts from prompt `row_src[j]` of the prefill (see the module docstring).
+
+    `newline_ids`: see `advance_block`. `block`: decode steps between two looks of the host at the new tokens
+    (default `BLOCK`).
+    """
+    block = block or BLOCK
     src = torch.tensor(row_src, device=device)
-    cache.batch_select_indices(src)
-    logits, mask, next_pos = pre.logits.index_select(0, src), pre.mask.index_select(0, src), pre.next_pos[src]
+    longest = max(r.prep.max_new for r in rows)
+    steps = compiled.steps(pre, src, longest) if compiled is not None else None
+    if steps is None:
+        steps = _ReservedSteps(model, pre, src, longest)
+    pre.cache = None  # its rows are copied into the decode's cache
+    logits, pos = pre.logits.index_select(0, src), pre.next_pos.index_select(0, src)
     params = SamplingParams([r.prep.request for r in rows], device)
-    active = list(range(len(rows)))  # rows[active[j]] is batch row j
     stop_len = max((len(s) for r in rows for s in r.prep.request.stop), default=0)
+    # On a CPU, asking after each step whether every row has ended costs nothing and saves the rest of the block;
+    # on a GPU it would stall the queue of launched steps, so the block runs out (its extra tokens are dropped).
+    is_eos = None
+    if device.type == "cpu":
+        is_eos = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        is_eos[[t for t in eos_ids if 0 <= t < logits.shape[-1]]] = True
+    active = list(range(len(rows)))  # rows[active[j]] is batch row j
     while True:
-        tokens = params.sample(logits, [rows[i].rng.random() for i in active]).tolist()
-        done = [j for j, i in enumerate(active) if advance(rows[i], tokens[j], stop_len, eos_ids)]
-        if len(done) == len(active):
+        # Each step appends a token to every row; `advance_block` keeps those of a row up to its end.
+        room = [rows[i].prep.max_new - len(rows[i].ids) if rows[i].finish is None else 0 for i in active]
+        k = min(block, max(room))
+        uniforms = None if params.all_greedy else draw_uniforms([rows[i] for i in active], k, device)
+        out = torch.empty((len(active), k), dtype=torch.long, device=device)
+        if is_eos is not None:
+            done = torch.zeros(len(active), dtype=torch.bool)
+            out_of_room = torch.tensor(room)[None, :] <= torch.arange(1, k + 1)[:, None]  # [step, row]
+        for t in range(k):
+            tokens = params.sample(logits, None if uniforms is None else uniforms[:, t])
+            out[:, t] = tokens
+            if t + 1 == k:
+                break
+            if is_eos is not None:
+                done |= is_eos[tokens]
+                if bool((done | out_of_room[t]).all()):
+                    out = out[:, : t + 1]
+                    break
+            logits = steps.forward(tokens, pos)
+            pos += 1
+        for j, seq in enumerate(out.tolist()):
+            row = rows[active[j]]
+            if row.finish is None:
+                advance_block(row, seq, stop_len, eos_ids, newline_ids)
+        keep_j = [j for j, i in enumerate(active) if rows[i].finish is None]
+        if not keep_j:
             break
-        # Finished rows keep riding along (fed their last token) until they are a quarter of the batch: dropping a
-        # row copies the whole KV cache, so it is worth doing in bulk, not row by row.
-        step_tokens = torch.tensor(tokens, device=device)
-        if done and len(done) * 4 >= len(active):
-            keep_j = [j for j, i in enumerate(active) if rows[i].finish is None]
-            keep = torch.tensor(keep_j, device=device)
-            cache.batch_select_indices(keep)
-            mask, next_pos, step_tokens = mask[keep], next_pos[keep], step_tokens[keep]
+        # Ended rows ride along until they are a quarter of the batch: dropping rows copies the whole KV cache, so
+        # it is done in bulk, not row by row (and never on a static cache).
+        if len(keep_j) * 4 <= len(active) * 3 and steps.select(keep := torch.tensor(keep_j, device=device)):
+            tokens, pos = tokens[keep], pos[keep]
             params = params.select(keep)
             active = [active[j] for j in keep_j]
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        out = model(
-            input_ids=step_tokens[:, None],
+        logits = steps.forward(tokens, pos)
+        pos += 1
+
+
+class _ReservedSteps:
+    """Decode steps on the prefill's cache, reserved for the whole decode, with an attention mask reserved too."""
+
+    def __init__(self, model, pre: Prefill, src: torch.Tensor, longest: int) -> None:
+        self.model, self.cache = model, pre.cache
+        # For one new token under sdpa with full attention only, the attention mask is the padding mask itself: it
+        # is handed over as a view of the reserved one, and transformers builds none (a copy of rows x length).
+        self.direct = getattr(model.config, "_attn_implementation", None) == "sdpa" and supports_prefix_sharing(model)
+        reserve(self.cache, longest, src)
+        width = pre.mask.shape[1]
+        self.mask = torch.ones((len(src), width + longest), dtype=torch.bool, device=pre.mask.device)
+        self.mask[:, :width] = pre.mask.index_select(0, src).bool()
+        self.length = width
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The next logits [rows, V] (float32) after feeding each row its token at its position."""
+        self.length += 1
+        if self.length > self.mask.shape[1]:  # never on the planned path; see _Reserved.update
+            self.mask = torch.cat([self.mask, torch.ones_like(self.mask)], dim=1)
+        mask = self.mask[:, None, None, : self.length] if self.direct else self.mask[:, : self.length]
+        out = self.model(
+            input_ids=tokens[:, None],
             attention_mask=mask,
-            position_ids=next_pos[:, None],
-            **cache_arg(model, cache),
+            position_ids=pos[:, None],
+            **cache_arg(self.model, self.cache),
             use_cache=True,
         )
-        logits = out.logits[:, -1, :].float()
-        next_pos = next_pos + 1
+        return out.logits[:, -1, :].float()
+
+    def select(self, keep: torch.Tensor) -> bool:
+        """Keep only the batch rows `keep`; True (a reserved cache can drop rows)."""
+        self.cache.batch_select_indices(keep)
+        self.mask = self.mask[keep]
+        return True
+
+
+class CompiledDecode:
+    """`backend.compile`: decode steps on a static KV cache through `torch.compile` (CUDA graphs on a GPU).
+
+    One per backend: the compiled step and the last static cache are kept for the next batch of the same shape (the
+    cache's length is rounded up to a power of two, so nearby lengths share one compiled step). A static cache
+    keeps its rows to the end of a batch. When the model cannot be compiled, this says so once in the log and the
+    backend decodes without it.
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.failure: str | None = None  # why compiling failed, once it did
+        self.compiled_steps = 0  # steps that ran compiled (a benchmark reports it)
+        self._fn = None
+        self._cache = None
+        self._cache_key: tuple | None = None
+        if not supports_prefix_sharing(model):
+            self._fail("its KV cache has layers other than full attention (sliding window or recurrent)")
+
+    def _fail(self, why: str) -> None:
+        self.failure, self._fn = why, None
+        log.warning("backend.compile: cannot compile the decode step (%s); decoding without compile", why)
+
+    def steps(self, pre: Prefill, src: torch.Tensor, longest: int) -> _StaticSteps | None:
+        """Decode steps for this batch on a static cache holding its rows, or None when compiling failed."""
+        if self.failure is not None:
+            return None
+        from transformers import StaticCache
+
+        layers = pre.cache.layers
+        width = pre.mask.shape[1]
+        capacity = max(256, 1 << (width + longest - 1).bit_length())
+        key = (len(src), capacity, layers[0].keys.dtype, layers[0].keys.device)
+        if self._cache_key != key:
+            self._cache, self._cache_key = None, None  # free the old one first
+            self._cache, self._cache_key = StaticCache(config=self.model.config, max_cache_len=capacity), key
+        else:
+            for layer in self._cache.layers:
+                layer.reset()
+        for layer, filled in zip(self._cache.layers, layers, strict=True):
+            layer.update(filled.keys.index_select(0, src), filled.values.index_select(0, src))
+        mask = torch.ones((len(src), capacity), dtype=torch.bool, device=pre.mask.device)
+        mask[:, :width] = pre.mask.index_select(0, src).bool()
+        if self._fn is None:
+            mode = "reduce-overhead" if mask.device.type == "cuda" else None
+            try:
+                self._fn = torch.compile(self.model.__call__, mode=mode, dynamic=False)
+            except Exception as e:  # noqa: BLE001 - compiling is an option; decoding goes on without it
+                self._fail(_describe(e))
+        return _StaticSteps(self, self._cache, mask, width)
+
+    def forward(self, cache, length: int, **inputs) -> torch.Tensor:
+        """One step through the compiled model (eager once compiling failed)."""
+        if self._fn is not None:
+            try:
+                if inputs["input_ids"].device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()
+                out = self._fn(**inputs, **cache_arg(self.model, cache), use_cache=True)
+                self.compiled_steps += 1
+                # A copy: a CUDA graph's outputs are overwritten by its next replay.
+                return out.logits[:, -1, :].to(torch.float32, copy=True)
+            except Exception as e:  # noqa: BLE001 - any failure to compile or replay falls back to eager steps
+                self._fail(_describe(e))
+                for layer in cache.layers:  # undo a partial step, if any: the eager step writes the same position
+                    layer.cumulative_length.fill_(length)
+        out = self.model(**inputs, **cache_arg(self.model, cache), use_cache=True)
+        return out.logits[:, -1, :].float()
+
+
+class _StaticSteps:
+    """Decode steps of one batch on a `CompiledDecode`'s static cache."""
+
+    def __init__(self, owner: CompiledDecode, cache, mask: torch.Tensor, width: int) -> None:
+        self.owner, self.cache, self.mask, self.length = owner, cache, mask, width
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The next logits [rows, V] (float32) after feeding each row its token at its position."""
+        logits = self.owner.forward(
+            self.cache, self.length, input_ids=tokens[:, None], attention_mask=self.mask, position_ids=pos[:, None]
+        )
+        self.length += 1
+        return logits
+
+    def select(self, keep: torch.Tensor) -> bool:
+        """False: a static cache keeps its rows (a new shape would compile again)."""
+        return False
+
+
+def _describe(e: Exception) -> str:
+    """An exception in one short line, for the log."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"

@@ -5,13 +5,16 @@ one prefill (the prompt's KV cache is computed once and indexed out to `n` rows)
 stream, stop strings and the loop guard end single rows, and finished rows leave the batch. Requests that share a
 `route_key` (the checkpoints of one trajectory) are batched together, and the common token prefixes of a batch's
 prompts are computed once (`decode.prefill_shared`; `prefix_reuse = False` prefills each prompt in full); each
-result reports the prompt tokens it requested and the ones it computed. The decode's KV cache is reserved up front
-and written in place (`decode.reserve`), not concatenated every step.
+result reports the prompt tokens it requested and the ones it computed. The decode's KV cache and attention mask are
+reserved up front and written in place, not concatenated every step, and the host looks at the new tokens once per
+block of steps (`decode.decode_rows`). `backend.compile` decodes on a static cache through torch.compile.
 
 Reproducibility: each sample draws its randomness from its own stream, seeded from (request seed, sample index),
-one uniform number per generated token (inverse-CDF sampling). The same requests in the same batch composition give
-the same outputs on the same hardware and library versions; in another composition the random numbers are still the
-same, but padding changes floating-point sums, which can rarely flip a near tie between two tokens.
+one uniform number per generated token (inverse-CDF sampling; drawn a block of steps ahead, the same numbers). The
+same requests in the same batch composition give the same outputs on the same hardware and library versions; in
+another composition the random numbers are still the same, but padding changes floating-point sums, which can
+rarely flip a near tie between two tokens. `backend.compile` gives the same numbers to a compiled model, whose sums
+can differ in the same way.
 
 Prompts are taken verbatim: text is tokenized without adding special tokens (a chat prompt already carries the
 template's BOS), token ids are used as given.
@@ -35,14 +38,16 @@ from ckptdpo.backends.base import (
     Sample,
 )
 from ckptdpo.backends.decode import (
+    CompiledDecode,
     Detokenizer,
     Prepared,
     Row,
+    TextDecoder,
     Unit,
     decode_rows,
+    newline_tokens,
     plan_batches,
-    prefill_padded,
-    prefill_shared,
+    prefill_batch,
     supports_prefix_sharing,
 )
 from ckptdpo.backends.loopguard import LoopGuard
@@ -70,32 +75,45 @@ class HFBackend(LocalTokenizerChat):
     def __init__(self, cfg: BackendConfig, home: Path, *, offline: bool = False) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.cfg = cfg
-        if cfg.threads:
-            # On a small CPU shared with a Prefect server and verifier workers, OpenMP threads that spin-wait for
-            # each other lose far more than they gain (measured: 4 tok/s with 2 threads, ~30 with 1 on 2 cores).
-            torch.set_num_threads(cfg.threads)
         ref = resolve_model(cfg.model, Path(home), offline=offline)
-        if cfg.device == "auto":
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(cfg.device)
         dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
         revision = cfg.revision if not Path(ref).exists() else None
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision)
-            self.model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, revision=revision)
+            tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision)
+            model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, revision=revision)
         except OSError as e:
             raise UserError(
                 f"cannot load model '{cfg.model}' (resolved to {ref}): {' '.join(str(e).split())[:300]}; "
                 "set backend.model to a local path, 'demo' (after `ckptdpo models pull-demo`), or a reachable hub id."
             ) from None
+        revision = model_revision(cfg.revision, ref, getattr(model.config, "_commit_hash", None))
+        self._adopt(cfg, model, tokenizer, revision)
+
+    @classmethod
+    def from_model(cls, cfg: BackendConfig, model, tokenizer, revision: str) -> HFBackend:
+        """A backend around a model already in memory (benchmarks and tests build random ones); `cfg.model` only
+        names it."""
+        backend = cls.__new__(cls)
+        backend._adopt(cfg, model, tokenizer, revision)
+        return backend
+
+    def _adopt(self, cfg: BackendConfig, model, tokenizer, revision: str) -> None:
+        self.cfg = cfg
+        if cfg.threads:
+            # On a small CPU shared with a Prefect server and verifier workers, OpenMP threads that spin-wait for
+            # each other lose far more than they gain (measured: 4 tok/s with 2 threads, ~30 with 1 on 2 cores).
+            torch.set_num_threads(cfg.threads)
+        if cfg.device == "auto":
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(cfg.device)
         # Half precision on CPU is slow or unsupported in places; float32 is the safe CPU default.
-        if self.device.type == "cpu" and cfg.dtype == "auto" and self.model.dtype in (torch.float16, torch.bfloat16):
-            self.model = self.model.float()
-        self.model.to(self.device).eval()
+        if self.device.type == "cpu" and cfg.dtype == "auto" and model.dtype in (torch.float16, torch.bfloat16):
+            model = model.float()
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
         self.model_id = cfg.model
-        self.revision = model_revision(cfg.revision, ref, getattr(self.model.config, "_commit_hash", None))
+        self.revision = revision
         self.stats = BackendStats()
         self.max_len = cfg.max_model_len or getattr(self.model.config, "max_position_embeddings", None) or 4096
         eos = self.model.generation_config.eos_token_id
@@ -110,6 +128,9 @@ class HFBackend(LocalTokenizerChat):
         # benchmark or test can compare with per-request prefill.
         self.prefix_reuse = True
         self._can_share = supports_prefix_sharing(self.model)
+        self._compiled: CompiledDecode | None = None  # built at the first batch with `cfg.compile`
+        self._newline_ids: frozenset[int] | None = None  # built at the first batch with the loop guard
+        self._texts = TextDecoder(tokenizer)
 
     # --- generation ------------------------------------------------------------------------------------------
 
@@ -117,9 +138,13 @@ class HFBackend(LocalTokenizerChat):
         """One result per request, in order; a bad request gets `error`, the others still run."""
         results: list[GenerationResult | None] = [None] * len(requests)
         prepared: list[Prepared] = []
+        # Text prompts are tokenized in one call: one call per prompt cost more than a tiny model's decode step.
+        texts = [r.prompt for r in requests if isinstance(r.prompt, str)]
+        encoded = iter(self.tokenizer(texts, add_special_tokens=False).input_ids if texts else [])
         for i, req in enumerate(requests):
+            ids = next(encoded) if isinstance(req.prompt, str) else list(req.prompt)
             try:
-                prepared.append(self._prepare(i, req))
+                prepared.append(self._prepare(i, req, ids))
             except _RequestError as e:
                 results[i] = GenerationResult(
                     samples=[], prompt_tokens=e.prompt_tokens, error=str(e), prompt_tokens_requested=e.prompt_tokens
@@ -144,19 +169,15 @@ class HFBackend(LocalTokenizerChat):
             self.stats.count(res, prompt_tokens_computed=res.prompt_tokens_computed)
         return results  # type: ignore[return-value]
 
-    def _prepare(self, index: int, req: GenerationRequest) -> Prepared:
+    def _prepare(self, index: int, req: GenerationRequest, ids: list[int]) -> Prepared:
         if req.n < 1:
             raise _RequestError(f"n must be >= 1, got {req.n}")
         if req.max_tokens < 1:
             raise _RequestError(f"max_tokens must be >= 1, got {req.max_tokens}")
         if req.temperature < 0 or not 0 < req.top_p <= 1:
             raise _RequestError(f"need temperature >= 0 and 0 < top_p <= 1, got {req.temperature}, {req.top_p}")
-        if isinstance(req.prompt, str):
-            ids = self.tokenizer(req.prompt, add_special_tokens=False).input_ids
-        else:
-            ids = list(req.prompt)
-            if any(not 0 <= t < self.vocab_size for t in ids):
-                raise _RequestError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        if not isinstance(req.prompt, str) and any(not 0 <= t < self.vocab_size for t in ids):
+            raise _RequestError(f"prompt token ids must lie in [0, {self.vocab_size})")
         if not ids:
             raise _RequestError("the prompt is empty")
         if len(ids) >= self.max_len:
@@ -173,6 +194,7 @@ class HFBackend(LocalTokenizerChat):
         # One prefill row per distinct prompt: the n samples of a request, and identical prompts, share it.
         prefill: dict[tuple[int, ...], int] = {}
         owner: list[int] = []  # the request whose result counts the prompt's computed tokens
+        route_keys: list[str | None] = []
         row_src: list[int] = []
         rows: list[Row] = []
         for u in units:
@@ -180,25 +202,30 @@ class HFBackend(LocalTokenizerChat):
             if key not in prefill:
                 prefill[key] = len(prefill)
                 owner.append(u.prep.index)
+                route_keys.append(u.prep.request.route_key)
             req = u.prep.request
             seed = req.seed if req.seed is not None else secrets.randbits(63)
             for k in range(u.start, u.start + u.count):
                 guard = None
                 if self.cfg.loop_guard:
                     guard = LoopGuard(min_repeats=self.cfg.loop_min_repeats, ngram=self.cfg.loop_ngram)
-                rows.append(_new_row(u.prep, k, seed, guard, self.tokenizer))
+                rows.append(_new_row(u.prep, k, seed, guard, self._texts))
                 row_src.append(prefill[key])
         prompts = [list(p) for p in prefill]
-        if share and len(prompts) > 1:
-            pre = prefill_shared(self.model, prompts, self.device)
-        else:
-            pre = prefill_padded(self.model, prompts, self.pad_id, self.device)
+        pre = prefill_batch(self.model, prompts, route_keys, self.pad_id, self.device, share=share)
         for i, n in zip(owner, pre.computed, strict=True):
             computed[i] += n
-        decode_rows(self.model, pre, rows, row_src, self.eos_ids, self.device)
+        if self.cfg.compile and self._compiled is None:
+            self._compiled = CompiledDecode(self.model)
+        compiled = self._compiled if self.cfg.compile else None
+        if self.cfg.loop_guard and self._newline_ids is None:
+            self._newline_ids = newline_tokens(self.tokenizer, self.vocab_size)
+        decode_rows(
+            self.model, pre, rows, row_src, self.eos_ids, self.device, compiled=compiled, newline_ids=self._newline_ids
+        )
         del pre
-        for r in rows:
-            text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
+        texts = self._texts.decode_batch([r.ids for r in rows])
+        for r, text in zip(rows, texts, strict=True):
             if r.finish == "stop" and r.prep.request.stop:
                 hits = [text.find(s) for s in r.prep.request.stop if s in text]
                 if hits:
@@ -276,6 +303,15 @@ class HFBackend(LocalTokenizerChat):
             return []
         return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False).input_ids]
 
+    def compile_status(self) -> dict:
+        """What `backend.compile` did so far: on or off, why compiling failed (None: it did not), compiled steps."""
+        compiled = self._compiled
+        return {
+            "compile": bool(self.cfg.compile),
+            "failure": compiled.failure if compiled is not None else None,
+            "compiled_steps": compiled.compiled_steps if compiled is not None else 0,
+        }
+
     def close(self) -> None:
         """Free the model (and GPU memory)."""
         self.model = None  # type: ignore[assignment]
@@ -283,6 +319,6 @@ class HFBackend(LocalTokenizerChat):
             torch.cuda.empty_cache()
 
 
-def _new_row(prep: Prepared, index: int, seed: int, guard: LoopGuard | None, tokenizer) -> Row:
+def _new_row(prep: Prepared, index: int, seed: int, guard: LoopGuard | None, texts: TextDecoder) -> Row:
     """Sample `index` of a request: its own random stream, loop guard and detokenizer."""
-    return Row(prep, index, random.Random(sample_seed(seed, index)), guard, Detokenizer(tokenizer))
+    return Row(prep, index, random.Random(sample_seed(seed, index)), guard, Detokenizer(texts))

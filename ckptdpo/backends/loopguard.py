@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 PARAGRAPH_BREAK = "\n\n"
+_PRIME = (1 << 61) - 1  # n-gram hashes (LoopGuard._add_token)
+_BASE = 1_000_003
 
 
 def normalize_paragraph(text: str) -> str:
@@ -74,6 +76,10 @@ class LoopGuard:
         self._tokens: list[int] = []
         # hash of each n-gram -> where it last ended; int keys and values keep this to a few MB per 32k tokens
         self._seen: dict[int, int] = {}
+        # The hash of the last n-gram, rolled forward one token at a time (a polynomial modulo a prime): a tuple of
+        # the n-gram hashed afresh at every token cost most of a decode step's per-row Python.
+        self._rolling = 0
+        self._drop = pow(_BASE, ngram - 1, _PRIME)  # what the oldest token of the n-gram weighs
         # the paragraph being written, as chunks: joining only at a paragraph break keeps long paragraphs linear
         self._chunks: list[str] = []
         self._paragraphs: deque[str] = deque(maxlen=max_paragraph_period * min_repeats)
@@ -99,22 +105,51 @@ class LoopGuard:
                 return True
         return self.update(None, text) if text else self.looping
 
+    def add_tokens(self, tokens: Sequence[int]) -> int | None:
+        """Add tokens without their text; the index of the first that proves a token loop, or None.
+
+        The token checks of `update`, token by token, in one call (the hf backend's decode loop hands over each
+        row's tokens a block at a time, after their text): they run even when the text already proved a loop, since
+        a token loop can be proven at an earlier token of the block.
+        """
+        if not self.check_tokens:
+            return None
+        seen, past, n, drop, rolling = self._seen, self._tokens, self.ngram, self._drop, self._rolling
+        for i, token in enumerate(tokens):
+            if len(past) >= n:
+                rolling -= (past[-n] + 1) * drop
+            past.append(token)
+            rolling = (rolling * _BASE + token + 1) % _PRIME
+            end = len(past)
+            if end < n:
+                continue
+            prev_end = seen.get(rolling)
+            seen[rolling] = end
+            # A hash collision only proposes a period; token_period compares the actual tokens.
+            if (
+                prev_end is not None
+                and end - prev_end <= self.max_token_period
+                and token_period(past, end - prev_end, self.min_repeats, n)
+            ):
+                self._rolling, self.reason = rolling, self.reason or "ngram"
+                return i
+        self._rolling = rolling
+        return None
+
+    def text_state(self) -> tuple[list[str], list[str]]:
+        """The paragraph check's state, to be put back by `restore_text` (a decode loop checks a block's text at
+        once and, only when it proves a loop, again piece by piece to find the token that did)."""
+        return list(self._chunks), list(self._paragraphs)
+
+    def restore_text(self, state: tuple[list[str], list[str]]) -> None:
+        """Put back a `text_state`, and forget a paragraph loop seen since."""
+        self._chunks = list(state[0])
+        self._paragraphs = deque(state[1], maxlen=self._paragraphs.maxlen)
+        if self.reason == "paragraph":
+            self.reason = None
+
     def _add_token(self, token_id: int) -> bool:
-        tokens = self._tokens
-        tokens.append(token_id)
-        n = self.ngram
-        if len(tokens) < n:
-            return False
-        end = len(tokens)
-        key = hash(tuple(tokens[-n:]))
-        prev_end = self._seen.get(key)
-        self._seen[key] = end
-        # A hash collision only proposes a period; token_period compares the actual tokens.
-        return (
-            prev_end is not None
-            and end - prev_end <= self.max_token_period
-            and token_period(tokens, end - prev_end, self.min_repeats, n)
-        )
+        return self.add_tokens((token_id,)) is not None
 
     def _add_text(self, text: str) -> bool:
         spans_break = bool(self._chunks) and self._chunks[-1].endswith("\n") and text.startswith("\n")
@@ -123,15 +158,15 @@ class LoopGuard:
             return False
         *done, partial = "".join(self._chunks).split(PARAGRAPH_BREAK)
         self._chunks = [partial] if partial else []
-        added = False
         for p in done:
             norm = normalize_paragraph(p)
-            if norm:  # runs of blank lines are not paragraphs
-                self._paragraphs.append(norm)
-                added = True
-        if not added:
-            return False
-        return paragraph_cycle(list(self._paragraphs), self.min_repeats, self.max_paragraph_period) is not None
+            if not norm:  # runs of blank lines are not paragraphs
+                continue
+            self._paragraphs.append(norm)
+            # After each paragraph, not once per chunk: a later paragraph of the same chunk can end the cycle.
+            if paragraph_cycle(list(self._paragraphs), self.min_repeats, self.max_paragraph_period) is not None:
+                return True
+        return False
 
 
 def find_loop(text: str, token_ids: Iterable[int] = (), *, min_repeats: int = 4, ngram: int = 32) -> str | None:

@@ -30,6 +30,11 @@ class HFBackendConfig(_BackendBase):
     max_batch_size: int = Field(16, ge=1, description="max sequences per forward batch")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU (default: torch's)")
     max_model_len: int | None = Field(None, ge=1, description="context length override")
+    compile: bool = Field(
+        False,
+        description="decode on a static KV cache through torch.compile (CUDA graphs on a GPU); the first batch of "
+        "each shape pays the compilation, and a model that cannot be compiled decodes without it",
+    )
 
 
 class VLLMBackendConfig(_BackendBase):

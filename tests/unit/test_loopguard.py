@@ -132,3 +132,36 @@ def test_a_pure_token_loop_is_always_caught(prefix: list[int], block: list[int])
     tripped = next((i for i, t in enumerate(stream, 1) if guard.update(t)), None)
     assert tripped is not None
     assert tripped <= len(prefix) + max(8, len(block)) * 3 + len(block)
+
+
+def test_a_chunk_of_several_paragraphs_is_checked_after_each() -> None:
+    # The fourth copy completes the loop; a fifth, different paragraph in the same chunk must not hide it.
+    guard = LoopGuard(min_repeats=4)
+    assert guard.update(None, "Same.\n\n" * 4 + "Other.\n\n")
+    assert guard.reason == "paragraph"
+
+
+def test_add_tokens_finds_the_token_update_would_stop_at() -> None:
+    rng = random.Random(3)
+    stream = [rng.randrange(1000) for _ in range(40)] + [7, 8, 9] * 60
+    one_by_one = LoopGuard(min_repeats=3, ngram=8)
+    want = next(i for i, t in enumerate(stream) if one_by_one.update(t))
+    blocks = LoopGuard(min_repeats=3, ngram=8)
+    seen = None
+    for start in range(0, len(stream), 16):
+        at = blocks.add_tokens(stream[start : start + 16])
+        if at is not None:
+            seen = start + at
+            break
+    assert seen == want and blocks.reason == "ngram"
+
+
+def test_text_state_puts_the_paragraph_check_back() -> None:
+    guard = LoopGuard(min_repeats=2)
+    guard.update(None, "Same.\n\nSame")
+    state = guard.text_state()
+    assert guard.update(None, ".\n\n") and guard.reason == "paragraph"
+    guard.restore_text(state)
+    assert not guard.looping
+    assert guard.update(None, ".\n") is False
+    assert guard.update(None, "\n")  # the same loop, found again from the restored state
