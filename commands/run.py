@@ -147,6 +147,9 @@ def run_command(args: argparse.Namespace, home: Path) -> int:
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
         if not stages:
             raise UserError(f"--stages {args.stages!r} names no stage; list stages like generate,verify.")
+        twice = sorted({s for s in stages if stages.count(s) > 1})
+        if twice:
+            raise UserError(f"--stages {args.stages}: {', '.join(twice)} named twice; name each stage once.")
     run_recipe(Path(args.recipe), Path(args.run_dir), _overrides(args), stages, home)
     return 0
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 import ckptdpo.configs.stages as st
 from ckptdpo.configs.backend import BACKEND_CLASSES, BACKEND_KINDS, BackendConfig, HFBackendConfig
@@ -34,6 +34,14 @@ class Recipe(_Config):
     refresh: st.RefreshConfig = Field(default_factory=st.RefreshConfig)
     task_runner: st.TaskRunnerConfig = Field(default_factory=st.TaskRunnerConfig)
     failure_budget: st.FailureBudgetConfig = Field(default_factory=st.FailureBudgetConfig)
+
+    @field_validator("stages")
+    @classmethod
+    def _each_stage_once(cls, v: list[str]) -> list[str]:
+        twice = sorted({s for s in v if v.count(s) > 1})
+        if twice:
+            raise ValueError(f"names {', '.join(twice)} twice; list each stage once (they run in pipeline order)")
+        return v
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
@@ -96,6 +104,8 @@ def describe_validation_error(e: ValidationError, source: str) -> str:
             parts.append(f"{source}: unknown key '{loc}'{where}; remove it or check its spelling.")
         elif err["type"] == "missing":
             parts.append(f"{source}: required key '{loc}' is missing; add it.")
+        elif err["type"] == "recipe":  # a model-level rule naming its fields as {at}name (configs.base.recipe_error)
+            parts.append(f"{source}: {err['ctx']['template'].replace('{at}', f'{loc}.' if loc else '')}.")
         else:
             parts.append(f"{source}: field '{loc}' {err['msg'].lower()} (got {err.get('input')!r}); fix the value.")
     return " ".join(parts)
@@ -131,6 +141,11 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, path: Path) -> None:
         # Switching a backend's kind drops the settings the new kind does not have (a fake `script` on hf, say).
         fields = BACKEND_CLASSES[value].model_fields
         for name in [k for k in node if k not in fields]:
+            del node[name]
+    problems = parts[:-1] == ["problems"] or (len(parts) == 4 and parts[:2] == ["eval", "benchmarks"])
+    if problems and parts[-1] == "source" and value in st.SOURCE_SETTINGS and node.get("source") != value:
+        # Likewise a problem source: the old source's settings (demo.yaml's num_problems, say) would do nothing.
+        for name in [k for k in node if k not in st.SOURCE_SETTINGS[value]]:
             del node[name]
     node[parts[-1]] = value
 

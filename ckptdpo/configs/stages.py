@@ -9,7 +9,16 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ckptdpo.configs.backend import BackendConfig
-from ckptdpo.configs.base import _Config
+from ckptdpo.configs.base import (
+    MAX_COUNT,
+    MAX_SAMPLES,
+    MAX_SHARD_ITEMS,
+    MAX_SHARD_TOKENS,
+    MAX_TOKENS,
+    _Config,
+    recipe_error,
+    refuse_unused,
+)
 
 STAGES = ("generate", "verify", "checkpoints", "resample", "dto", "train", "eval")
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -47,7 +56,7 @@ class ProblemsConfig(_Config):
     answer_format: Literal["plain", "gsm8k"] = Field("plain", description="gsm8k: gold is the text after '####'")
     limit: int | None = Field(None, ge=1, description="keep only the first N problems")
     skip_invalid: bool = Field(False, description="count and skip rows with a missing problem or answer")
-    num_problems: int = Field(64, ge=1, description="demo generator: number of problems")
+    num_problems: int = Field(64, ge=1, le=MAX_COUNT, description="demo generator: number of problems")
     seed: int = Field(0, description="demo generator seed")
     demo_mix: dict[int, float] | None = Field(None, description="demo generator: level (1-5) -> weight; calibrated")
     shuffle_choices: bool = Field(True, description="choice sources: shuffle the choices (seeded by seed and id)")
@@ -68,10 +77,30 @@ class ProblemsConfig(_Config):
             object.__setattr__(self, "kind", implied)
         elif self.kind != implied:
             raise ValueError(f"problems.kind {self.kind!r} does not fit source {self.source!r} (it is {implied!r})")
+        read = SOURCE_SETTINGS[self.source]
+        unused = [name for name in type(self).model_fields if name not in read and name not in ("source", "kind")]
+        fix = (
+            "set {at}source to one that reads it or remove NAME"
+            if self.source != "demo"
+            else ("set {at}source: file (or hf) to read problems from {at}path, or remove NAME")
+        )
+        refuse_unused(self, unused, f"{{at}}source is {self.source!r}, which never reads it", fix)
         return self
 
 
 _SOURCE_KINDS = {"humaneval": "code", "mbpp": "code", "livecodebench": "code", "gpqa": "choice", "arc": "choice"}
+_TABLE_FIELDS = {"path", "id_field", "problem_field", "answer_field", "answer_format", "limit", "skip_invalid"}
+# The settings each problem source reads (besides source and kind); any other one set to a value would do nothing.
+SOURCE_SETTINGS: dict[str, set[str]] = {
+    "demo": {"num_problems", "seed", "demo_mix", "limit"},
+    "file": _TABLE_FIELDS,
+    "hf": _TABLE_FIELDS | {"split", "subset"},
+    "humaneval": {"path", "limit"},
+    "mbpp": {"path", "split", "limit"},
+    "livecodebench": {"path", "subset", "limit"},
+    "gpqa": {"path", "seed", "shuffle_choices", "limit"},
+    "arc": {"path", "seed", "shuffle_choices", "limit"},
+}
 
 
 class FewShotExample(_Config):
@@ -84,14 +113,14 @@ class FewShotExample(_Config):
 class GenerateConfig(_Config):
     """Sampling trajectories from the policy."""
 
-    num_samples: int = Field(4, ge=1, description="samples per problem (vLLM's n)")
+    num_samples: int = Field(4, ge=1, le=MAX_SAMPLES, description="samples per problem (vLLM's n)")
     temperature: float = Field(0.6, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     top_k: int = Field(-1, description="-1 disables top-k")
-    max_tokens: int = Field(32768, ge=1, description="max new tokens per sample")
+    max_tokens: int = Field(32768, ge=1, le=MAX_TOKENS, description="max new tokens per sample")
     seed: int = Field(0, description="base seed; per-request seeds derive from it and the content")
     stop: list[str] = Field(default_factory=list, description="stop strings")
-    shard_size: int = Field(256, ge=1, description="problems per shard (one task run per shard)")
+    shard_size: int = Field(256, ge=1, le=MAX_SHARD_ITEMS, description="problems per shard (one task run per shard)")
     few_shot: list[FewShotExample] = Field(
         default_factory=list, description="worked examples shown before each problem (chat turns); none by default"
     )
@@ -111,6 +140,11 @@ class GenerateConfig(_Config):
         if any(not s for s in v):
             raise ValueError("must not contain an empty string (vLLM refuses one)")
         return v
+
+    @model_validator(mode="after")
+    def _planned_shard(self) -> GenerateConfig:
+        check_shard_text(self.shard_size, self.num_samples, self.max_tokens)
+        return self
 
 
 class VerifyConfig(_Config):
@@ -144,12 +178,14 @@ class ResampleConfig(_Config):
     policy: Literal["seed", "uniform", "all", "decile", "front"] = Field("seed", description="checkpoint schedule")
     r2w: bool = Field(True, description="build Right-to-Wrong pairs from correct trajectories")
     w2r: bool = Field(True, description="build Wrong-to-Right pairs from wrong trajectories")
-    max_rounds: int = Field(3, ge=1, description="resampling rounds")
+    max_rounds: int = Field(3, ge=1, le=MAX_COUNT, description="resampling rounds")
     token_budget: int | None = Field(None, ge=1, description="stop after this many generated tokens in total")
-    max_attempts: int = Field(8, ge=1, description="draws per (trajectory, checkpoint) over all rounds")
+    max_attempts: int = Field(
+        8, ge=1, le=MAX_SAMPLES, description="draws per (trajectory, checkpoint) over all rounds"
+    )
     temperature: float = Field(0.6, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
-    max_tokens: int = Field(32768, ge=1, description="max new tokens per continuation")
+    max_tokens: int = Field(32768, ge=1, le=MAX_TOKENS, description="max new tokens per continuation")
     seed: int = Field(1, description="base seed for continuations")
     max_pair_tokens: int | None = Field(None, ge=1, description="drop pairs whose prompt+longer side exceed this")
     prefer_fitting_prefixes: bool = Field(True, description="skip checkpoints whose prefix cannot fit a pair")
@@ -175,9 +211,9 @@ class JudgeConfig(_Config):
     """The judge LLM used by DTO pruning."""
 
     backend: BackendConfig | None = Field(None, description="judge backend; default: the policy backend")
-    max_tokens: int = Field(64, ge=1)
+    max_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
     temperature: float = Field(0.0, ge=0)
-    max_segments: int = Field(64, ge=1, description="judge at most this many segments per trajectory")
+    max_segments: int = Field(64, ge=1, le=MAX_COUNT, description="judge at most this many segments per trajectory")
     max_context_chars: int = Field(8000, ge=0, description="preceding reasoning shown to the judge (its tail)")
     reply_format: Literal["json", "yes_no"] = Field(
         "json", description="json: three yes/no keys in one object; yes_no: one word, for small judges"
@@ -194,11 +230,13 @@ class DTOConfig(_Config):
 
     probe: Literal["sample", "likelihood"] = Field("likelihood", description="how to estimate exit probability")
     threshold: float = Field(0.5, ge=0, le=1, description="exit at the first checkpoint at or above this")
-    probe_samples: int = Field(4, ge=1, description="probe=sample: continuations per checkpoint")
-    probe_max_tokens: int = Field(32, ge=1)
+    probe_samples: int = Field(4, ge=1, le=MAX_SAMPLES, description="probe=sample: continuations per checkpoint")
+    probe_max_tokens: int = Field(32, ge=1, le=MAX_TOKENS)
     probe_temperature: float = Field(0.6, ge=0, description="probe=sample: sampling temperature")
     probe_top_p: float = Field(0.95, gt=0, le=1, description="probe=sample: nucleus sampling")
-    max_probes: int = Field(64, ge=1, description="probe at most this many positions per trajectory (spread)")
+    max_probes: int = Field(
+        64, ge=1, le=MAX_COUNT, description="probe at most this many positions per trajectory (spread)"
+    )
     seed: int = Field(2, description="base seed for sampled probes")
     min_checkpoints: int = Field(2, ge=0, description="use paragraph breaks when fewer checkpoints than this")
     exit_must_shorten: bool = Field(
@@ -217,6 +255,14 @@ class DTOConfig(_Config):
     def _temperature(cls, v: float, info: ValidationInfo) -> float:
         return _vllm_temperature(v, info.data.get("probe_samples"), "probe_samples")
 
+    @model_validator(mode="after")
+    def _probe_settings_used(self) -> DTOConfig:
+        if self.probe == "likelihood":
+            names = ("probe_samples", "probe_max_tokens", "probe_temperature", "probe_top_p", "seed")
+            refuse_unused(self, names, "{at}probe is 'likelihood' (it scores the answer, samples nothing)",
+                          "set {at}probe: sample to sample probes, or remove NAME")  # fmt: skip
+        return self
+
 
 class TrainConfig(_Config):
     """TRL DPO / SimPO training on pair shards."""
@@ -231,7 +277,9 @@ class TrainConfig(_Config):
     max_steps: int = Field(-1, description="-1: epochs decide")
     per_device_train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    max_length: int = Field(4096, ge=8, description="tokens of prompt + longer completion; never silently cut")
+    max_length: int = Field(
+        4096, ge=8, le=MAX_TOKENS, description="tokens of prompt + longer completion; never silently cut"
+    )
     truncation: Literal["drop", "keep_end"] = Field(
         "drop", description="rows over max_length: drop them, or keep_end: cut the start of the prompt"
     )
@@ -271,6 +319,14 @@ class TrainConfig(_Config):
             raise ValueError(f"train.machine_rank {self.machine_rank} must be below train.num_machines")
         if self.num_machines > 1 and not self.main_process_ip:
             raise ValueError("train.num_machines > 1 needs train.main_process_ip (the address of machine 0)")
+        if not self.lora:
+            lora = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+            refuse_unused(self, lora, "{at}lora is false", "set {at}lora: true to train an adapter, or remove NAME")
+        if self.loss == "simpo":
+            refuse_unused(self, ("loss_type", "precompute_ref_log_probs"), "{at}loss is 'simpo' (no reference model)",
+                          "set {at}loss: dpo to use it, or remove NAME")  # fmt: skip
+        else:
+            refuse_unused(self, ("gamma_beta_ratio",), "{at}loss is 'dpo'", "set {at}loss: simpo, or remove NAME")
         return self
 
 
@@ -287,13 +343,13 @@ class EvalConfig(_Config):
     backends: dict[str, BackendConfig] = Field(
         default_factory=dict, description="model name -> its whole backend config, when not the recipe's backend"
     )
-    num_samples: int = Field(16, ge=1, description="samples per problem")
+    num_samples: int = Field(16, ge=1, le=MAX_SAMPLES, description="samples per problem")
     k: list[int] = Field(default_factory=lambda: [1, 4, 8, 16], description="pass@k / cons@k; k > num_samples skipped")
     temperature: float = Field(0.6, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
-    max_tokens: int = Field(32768, ge=1)
+    max_tokens: int = Field(32768, ge=1, le=MAX_TOKENS)
     seed: int = Field(1234)
-    shard_size: int = Field(64, ge=1, description="problems per eval shard")
+    shard_size: int = Field(64, ge=1, le=MAX_SHARD_ITEMS, description="problems per eval shard")
     exclude_training_problems: bool = Field(True, description="drop benchmark problems the run trained on")
     aes_alpha: float = Field(1.0, ge=0, description="AES weight of the relative length reduction")
     aes_beta: float = Field(3.0, ge=0, description="AES weight of a relative accuracy gain")
@@ -337,6 +393,7 @@ class EvalConfig(_Config):
         unknown = sorted(set(self.backends) - set(names))
         if unknown:
             raise ValueError(f"backends names models {unknown} that are not in models {names}")
+        check_shard_text(self.shard_size, self.num_samples, self.max_tokens)
         return self
 
 
@@ -387,12 +444,35 @@ class TaskRunnerConfig(_Config):
     address: str | None = Field(
         None, description="dask: 'tcp://host:8786'; ray: 'ray://host:10001' or 'auto'; none: a local cluster per flow"
     )
-    max_workers: int | None = Field(None, ge=1, description="thread: pool size; dask without address: local workers")
+    max_workers: int | None = Field(
+        None, ge=1, le=MAX_SHARD_ITEMS, description="thread: pool size; dask without address: local workers"
+    )
     max_in_flight: int = Field(
-        2, ge=1, description="shard tasks submitted at once per stage; each holds one shard in memory"
+        2, ge=1, le=MAX_SHARD_ITEMS, description="shard tasks submitted at once per stage; each holds one shard"
     )
     retries: int = Field(2, ge=0, description="retries of a failed shard task (after the backend's own retries)")
     retry_delay_s: list[float] = Field(
         default_factory=lambda: [5.0, 30.0], description="delay before each retry of a shard task (last one repeats)"
     )
     task_timeout_s: float | None = Field(None, gt=0, description="wall-clock limit of one shard task; none: no limit")
+
+    @model_validator(mode="after")
+    def _settings_used(self) -> TaskRunnerConfig:
+        if self.kind == "thread":
+            refuse_unused(self, ("address",), "{at}kind is 'thread' (no cluster)",
+                          "set {at}kind: dask or ray to reach a cluster, or remove NAME")  # fmt: skip
+        if self.kind == "ray":
+            refuse_unused(self, ("max_workers",), "{at}kind is 'ray' (Ray sizes its own workers)", "remove NAME")
+        return self
+
+
+def check_shard_text(shard_size: int, num_samples: int, max_tokens: int) -> None:
+    """Refuse a shard whose planned text is absurd: one shard task holds shard_size x num_samples samples of up to
+    max_tokens tokens, so memory follows the shard, never the whole stage, only while this stays bounded."""
+    tokens = shard_size * num_samples * max_tokens
+    if tokens > MAX_SHARD_TOKENS:
+        fit = max(1, MAX_SHARD_TOKENS // (num_samples * max_tokens))
+        raise recipe_error(
+            f"one shard would hold {{at}}shard_size x {{at}}num_samples x {{at}}max_tokens = {tokens:,} tokens of "
+            f"text (at most {MAX_SHARD_TOKENS:,}); set {{at}}shard_size to {fit} or less"
+        )
