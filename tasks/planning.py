@@ -115,7 +115,9 @@ def check_requests(what: str, index: int, ids: list[str], errors: list[str], bud
     it, a later run again); within it, the ids to list in the manifest so the next run retries them."""
     if not ids:
         return {}
-    reasons = "; ".join(sorted(set(errors)))[:300]
+    # A result without samples and without an error (a backend that broke its protocol) still gets a reason.
+    silent = [f"{len(ids) - len(errors)} returned no sample and no error"] if len(ids) > len(errors) else []
+    reasons = "; ".join(sorted(set(errors)) + silent)[:300]
     get_run_logger().warning("%s shard %d: %d request(s) failed: %s", what, index, len(ids), reasons)
     if len(ids) > budget:
         raise RuntimeError(f"{what} shard {index}: {len(ids)} request(s) failed (failure budget {budget}): {reasons}")
