@@ -376,3 +376,63 @@ def test_fewer_choices_than_asked_fail_the_shard_with_the_reason_after_the_colon
     assert r.returncode == 1, r.stderr
     reason = re.search(r"request\(s\) failed \(failure budget 0\): (\S.*)", r.stderr)
     assert reason and "choice" in reason.group(1), r.stderr
+
+
+# --- a full disk: one line, no temporary file left, and the rerun after freeing space completes --------------------
+
+
+def _mount_namespace() -> list[str] | None:
+    """A command prefix giving a private mount namespace where a tmpfs can be mounted (root, or a user namespace)."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        return None
+    prefix = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-r", "-m"]
+    probe = subprocess.run([*prefix, "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
+    return prefix if probe.returncode == 0 else None
+
+
+def test_a_full_disk_fails_in_one_line_leaves_no_temporary_file_and_the_rerun_completes(tmp_path: Path):
+    """The run directory on a 2 MB tmpfs, filled after the second generate shard: the real write path hits ENOSPC."""
+    prefix = _mount_namespace()
+    if prefix is None:
+        pytest.skip("cannot mount a tmpfs here (needs root or user namespaces)")
+    script = {**SCRIPT, "problems": dict(SCRIPT["problems"]), "delay_s": 0.3}
+    problems = list(PROBLEMS)
+    for i in range(20):
+        script["problems"][f"Copy {i}: what is 2 + 3?"] = {"samples": SCRIPT["problems"]["What is 2 + 3?"]["samples"]}
+        problems.append({"id": f"c{i}", "problem": f"Copy {i}: what is 2 + 3?", "answer": "5"})
+    recipe = write_fake_recipe(tmp_path, script, problems, stages=["generate", "verify"])
+    reference = tmp_path / "reference"
+    assert run(recipe, reference).returncode == 0
+    disk, out = tmp_path / "disk", tmp_path / "out"
+    disk.mkdir()
+    out.mkdir()
+    cli = f"{sys.executable} -m commands run {recipe} --run-dir {disk}/run"
+    steps = f"""
+        mount -t tmpfs -o size=2m tmpfs {disk}
+        {cli} --set task_runner.retries=0 > {out}/first.txt 2>&1 &
+        pid=$!
+        while [ ! -e {disk}/run/generate/part-00001.parquet ] && kill -0 $pid 2>/dev/null; do sleep 0.05; done
+        dd if=/dev/zero of={disk}/filler bs=4k 2>/dev/null
+        wait $pid; echo $? > {out}/first.rc
+        ls -aR {disk}/run > {out}/first.ls
+        rm {disk}/filler
+        {cli} > {out}/second.txt 2>&1; echo $? > {out}/second.rc
+        ls -aR {disk}/run > {out}/second.ls
+        cp -r {disk}/run {out}/run
+    """
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    subprocess.run([*prefix, "bash", "-c", steps], env=env, timeout=900, check=True)
+    first = (out / "first.txt").read_text()
+    assert (out / "first.rc").read_text().strip() == "1", first
+    last = first.strip().splitlines()[-1]
+    assert last.startswith("error: no space left on the device writing ") and ".parquet" in last, first
+    assert "Traceback" not in first, first  # the traceback only with -v
+    assert ".tmp-" not in (out / "first.ls").read_text()  # the failed write removed its temporary file
+    assert read_manifest(out / "run" / "generate") is not None
+    assert (out / "second.rc").read_text().strip() == "0", (out / "second.txt").read_text()
+    assert ".tmp-" not in (out / "second.ls").read_text()
+    for stage in ("generate", "verify"):
+        got = [s["sha256"] for s in read_manifest(out / "run" / stage)["shards"]]
+        assert got == [s["sha256"] for s in read_manifest(reference / stage)["shards"]], stage
