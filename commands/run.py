@@ -149,7 +149,7 @@ def run_command(args: argparse.Namespace, home: Path) -> int:
             raise UserError(f"--stages {args.stages!r} names no stage; list stages like generate,verify.")
         twice = sorted({s for s in stages if stages.count(s) > 1})
         if twice:
-            raise UserError(f"--stages {args.stages}: {', '.join(twice)} named twice; name each stage once.")
+            raise UserError(f"--stages names {', '.join(twice)} more than once; name each stage once.")
     run_recipe(Path(args.recipe), Path(args.run_dir), _overrides(args), stages, home)
     return 0
 

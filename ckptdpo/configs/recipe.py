@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError
 
 import ckptdpo.configs.stages as st
 from ckptdpo.configs.backend import BACKEND_CLASSES, BACKEND_KINDS, BackendConfig, HFBackendConfig
@@ -34,14 +34,6 @@ class Recipe(_Config):
     refresh: st.RefreshConfig = Field(default_factory=st.RefreshConfig)
     task_runner: st.TaskRunnerConfig = Field(default_factory=st.TaskRunnerConfig)
     failure_budget: st.FailureBudgetConfig = Field(default_factory=st.FailureBudgetConfig)
-
-    @field_validator("stages")
-    @classmethod
-    def _each_stage_once(cls, v: list[str]) -> list[str]:
-        twice = sorted({s for s in v if v.count(s) > 1})
-        if twice:
-            raise ValueError(f"names {', '.join(twice)} twice; list each stage once (they run in pipeline order)")
-        return v
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:

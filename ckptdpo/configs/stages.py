@@ -36,6 +36,18 @@ def _vllm_temperature(value: float, n: int | None = None, n_field: str = "") -> 
     return value
 
 
+def check_shard_text(shard_size: int, num_samples: int, max_tokens: int) -> None:
+    """Refuse a shard whose planned text is absurd: one shard task holds shard_size x num_samples samples of up to
+    max_tokens tokens, so memory follows the shard, never the whole stage, only while this stays bounded."""
+    tokens = shard_size * num_samples * max_tokens
+    if tokens > MAX_SHARD_TOKENS:
+        fit = max(1, MAX_SHARD_TOKENS // (num_samples * max_tokens))
+        raise recipe_error(
+            f"one shard would hold {{at}}shard_size x {{at}}num_samples x {{at}}max_tokens = {tokens:,} tokens of "
+            f"text (at most {MAX_SHARD_TOKENS:,}); set {{at}}shard_size to {fit} or less"
+        )
+
+
 class ProblemsConfig(_Config):
     """Where the problems come from."""
 
@@ -464,15 +476,3 @@ class TaskRunnerConfig(_Config):
         if self.kind == "ray":
             refuse_unused(self, ("max_workers",), "{at}kind is 'ray' (Ray sizes its own workers)", "remove NAME")
         return self
-
-
-def check_shard_text(shard_size: int, num_samples: int, max_tokens: int) -> None:
-    """Refuse a shard whose planned text is absurd: one shard task holds shard_size x num_samples samples of up to
-    max_tokens tokens, so memory follows the shard, never the whole stage, only while this stays bounded."""
-    tokens = shard_size * num_samples * max_tokens
-    if tokens > MAX_SHARD_TOKENS:
-        fit = max(1, MAX_SHARD_TOKENS // (num_samples * max_tokens))
-        raise recipe_error(
-            f"one shard would hold {{at}}shard_size x {{at}}num_samples x {{at}}max_tokens = {tokens:,} tokens of "
-            f"text (at most {MAX_SHARD_TOKENS:,}); set {{at}}shard_size to {fit} or less"
-        )

@@ -104,9 +104,3 @@ def test_a_setting_equal_to_its_default_is_not_refused_and_a_dumped_recipe_reloa
         recipe = load(path)
         assert Recipe.from_dict(recipe.model_dump(mode="json")) == recipe  # what the flows and the refresh do
     assert ProblemsConfig.model_validate(ProblemsConfig(source="demo").model_dump()).source == "demo"
-
-
-def test_a_stage_named_twice_in_a_recipe_is_refused():
-    with pytest.raises(ConfigError) as info:
-        Recipe.from_dict({"stages": ["generate", "verify", "generate"]}, source="r.yaml")
-    assert "generate" in str(info.value) and "twice" in str(info.value) and one_sentence(str(info.value))
