@@ -387,9 +387,11 @@ def stage_fingerprint(stage_dir: str | Path) -> str:
     return hashlib.sha256(json.dumps([s["sha256"] for s in m["shards"]]).encode()).hexdigest()[:16]
 
 
-def check_shards_present(stage_dir: str | Path, fix: str = "run the stage again to rewrite it") -> list[Path]:
-    """The manifest's shards after a cheap check (present, same size, the manifest's columns: footers only); damage
-    is a sentence naming the shard, not an ArrowInvalid minutes later."""
+def check_shards_present(
+    stage_dir: str | Path, fix: str = "run the stage again to rewrite it", schema: pa.Schema | None = None
+) -> list[Path]:
+    """The manifest's shards after a cheap check (present, same size, the columns of `schema` or else those the
+    manifest recorded: footers only); damage is a sentence naming the shard, not an ArrowInvalid minutes later."""
     stage_dir = Path(stage_dir)
     m = read_manifest(stage_dir)
     if m is None:
@@ -398,7 +400,7 @@ def check_shards_present(stage_dir: str | Path, fix: str = "run the stage again 
         p = stage_dir / s["name"]
         if not p.exists() or ("num_bytes" in s and p.stat().st_size != s["num_bytes"]):
             raise StageNotDone(f"{p}: this shard is missing or damaged (it differs from {MANIFEST}); {fix}.")
-        differ = _columns_differ(p, m.get("columns"))
+        differ = _columns_differ(p, _expected(m, schema))
         if differ:
             raise StageNotDone(f"{p}: this shard is not one of its stage's ({differ}); {fix}.")
     return [stage_dir / s["name"] for s in m["shards"]]

@@ -102,11 +102,11 @@ def test_a_damaged_sub_stage_makes_its_parent_stage_not_done(tmp_path: Path):
     assert prepare_stage(sub, "sub") is False
 
 
-# --- issue 26: forged manifests, shards of another schema, temporary files, a full disk --------------------------------
+# --- issue 26: forged manifests, shards of another schema, temporary files, a full disk -------------------------
 
 
 def _forge(stage: Path, index: int, name: str, source: Path) -> None:
-    """List `name` as shard `index` in the manifest, with the size, hash and rows of `source` (a consistent forgery)."""
+    """List `name` as shard `index` in the manifest with the size, hash and rows of `source` (a consistent forgery)."""
     import hashlib
 
     import pyarrow.parquet as pq
@@ -159,8 +159,12 @@ def test_a_shard_of_another_schema_is_damaged_named_and_rewritten(tmp_path: Path
 
 
 def test_an_expected_schema_from_the_caller_is_checked_too(tmp_path: Path):
+    from ckptdpo.shards import check_shards_present
+
     stage = _stage(tmp_path)
     assert prepare_stage(stage, "k1", schema=pa.schema([("x", pa.int64())])) is True
+    with pytest.raises(StageNotDone, match=r"part-00000.parquet: this shard is not one of its stage's .*is_correct"):
+        check_shards_present(stage, schema=pa.schema([("is_correct", pa.bool_())]))
     assert damaged_shards(stage, schema=pa.schema([("is_correct", pa.bool_())])) == [
         "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"
     ]  # fmt: skip
