@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
 
 from ckptdpo.errors import UserError
@@ -16,14 +18,36 @@ MAX_TOKENS = 1 << 20  # new tokens per sample, tokens per training row: above an
 MAX_SHARD_ITEMS = 100_000  # problems per shard
 MAX_SHARD_TOKENS = 1 << 30  # shard_size x num_samples x max_tokens: the text one shard task may have to hold
 MAX_COUNT = 1_000_000  # other counts (rounds, probes, segments, generated problems, tasks in flight)
+MAX_PROCESSES = 1024  # processes or threads one setting starts (verifier workers, requests in flight, ranks)
 
 
 class ConfigError(UserError, ValueError):
     """A user error in a recipe or config: the message is one sentence naming the file, the field and the fix."""
 
 
+@dataclass(frozen=True)
+class Unused:
+    """Settings (`names`) that do nothing while `option` holds `value`; `why` follows "option is value", `fix` names
+    the way out (NAME: the refused setting). An override that sets `option` to `value` drops them from the recipe."""
+
+    option: str
+    value: Any
+    names: tuple[str, ...]
+    why: str
+    fix: str
+
+
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    UNUSED: ClassVar[tuple[Unused, ...]] = ()
+
+    @model_validator(mode="after")
+    def _no_setting_unused(self) -> _Config:
+        for rule in self.UNUSED:
+            if getattr(self, rule.option) == rule.value:
+                shown = str(rule.value).lower() if isinstance(rule.value, bool) else repr(rule.value)
+                refuse_unused(self, rule.names, f"{{at}}{rule.option} is {shown}{rule.why}", rule.fix)
+        return self
 
 
 def recipe_error(template: str) -> PydanticCustomError:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 import ckptdpo.configs.stages as st
 from ckptdpo.configs.backend import BACKEND_CLASSES, BACKEND_KINDS, BackendConfig, HFBackendConfig
@@ -134,12 +134,28 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, path: Path) -> None:
         fields = BACKEND_CLASSES[value].model_fields
         for name in [k for k in node if k not in fields]:
             del node[name]
-    problems = parts[:-1] == ["problems"] or (len(parts) == 4 and parts[:2] == ["eval", "benchmarks"])
-    if problems and parts[-1] == "source" and value in st.SOURCE_SETTINGS and node.get("source") != value:
-        # Likewise a problem source: the old source's settings (demo.yaml's num_problems, say) would do nothing.
-        for name in [k for k in node if k not in st.SOURCE_SETTINGS[value]]:
-            del node[name]
+    for rule in getattr(_model_at(parts[:-1]), "UNUSED", ()):
+        if rule.option == parts[-1] and value == rule.value and node.get(rule.option) != value:
+            # Likewise an option switched on the command line (a problem source, dto.prune): the settings the file made
+            # for its other value would do nothing now, and refusing them would leave no way to run the switch.
+            for name in rule.names:
+                node.pop(name, None)
     node[parts[-1]] = value
+
+
+def _model_at(parts: list[str]) -> type[BaseModel] | None:
+    """The config class of the recipe section at `parts` (through dicts of sections); None if it is not one."""
+    node: Any = Recipe
+    for part in parts:
+        if isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+            node = node.model_fields[part].annotation
+        elif get_origin(node) is dict:
+            node = get_args(node)[1]
+        else:
+            return None
+        models = [a for a in (get_args(node) or (node,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        node = models[0] if len(models) == 1 else node
+    return node if isinstance(node, type) and issubclass(node, BaseModel) else None
 
 
 def _one_line(e: Exception) -> str:

@@ -11,13 +11,14 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from ckptdpo.configs.backend import BackendConfig
 from ckptdpo.configs.base import (
     MAX_COUNT,
+    MAX_PROCESSES,
     MAX_SAMPLES,
     MAX_SHARD_ITEMS,
     MAX_SHARD_TOKENS,
     MAX_TOKENS,
+    Unused,
     _Config,
     recipe_error,
-    refuse_unused,
 )
 
 STAGES = ("generate", "verify", "checkpoints", "resample", "dto", "train", "eval")
@@ -89,14 +90,6 @@ class ProblemsConfig(_Config):
             object.__setattr__(self, "kind", implied)
         elif self.kind != implied:
             raise ValueError(f"problems.kind {self.kind!r} does not fit source {self.source!r} (it is {implied!r})")
-        read = SOURCE_SETTINGS[self.source]
-        unused = [name for name in type(self).model_fields if name not in read and name not in ("source", "kind")]
-        fix = (
-            "set {at}source to one that reads it or remove NAME"
-            if self.source != "demo"
-            else ("set {at}source: file (or hf) to read problems from {at}path, or remove NAME")
-        )
-        refuse_unused(self, unused, f"{{at}}source is {self.source!r}, which never reads it", fix)
         return self
 
 
@@ -113,6 +106,11 @@ SOURCE_SETTINGS: dict[str, set[str]] = {
     "gpqa": {"path", "seed", "shuffle_choices", "limit"},
     "arc": {"path", "seed", "shuffle_choices", "limit"},
 }
+ProblemsConfig.UNUSED = tuple(
+    Unused("source", source, tuple(n for n in ProblemsConfig.model_fields if n not in {*read, "source", "kind"}),
+           ", which never reads it", "set {at}source to one that reads it (file or hf for {at}path), or remove NAME")
+    for source, read in SOURCE_SETTINGS.items()
+)  # fmt: skip
 
 
 class FewShotExample(_Config):
@@ -163,7 +161,7 @@ class VerifyConfig(_Config):
     """Answer extraction and math-verify in a killable process pool."""
 
     timeout_s: float = Field(5.0, gt=0, description="hard wall-clock limit per item")
-    workers: int | None = Field(None, ge=1, description="worker processes; default: CPU count")
+    workers: int | None = Field(None, ge=1, le=MAX_PROCESSES, description="worker processes; default: CPU count")
     answer_format: Literal["boxed", "boxed_or_final_statement"] = Field(
         "boxed_or_final_statement",
         description="boxed: only the last \\boxed{} counts; boxed_or_final_statement: else an explicit final "
@@ -208,6 +206,12 @@ class ResampleConfig(_Config):
     def _temperature(cls, v: float, info: ValidationInfo) -> float:
         # A checkpoint's draws are one request with n = its draws (up to max_attempts).
         return _vllm_temperature(v, info.data.get("max_attempts"), "max_attempts")
+
+    @model_validator(mode="after")
+    def _builds_pairs(self) -> ResampleConfig:
+        if not (self.r2w or self.w2r):
+            raise recipe_error("{at}r2w and {at}w2r are both false, so resampling would build nothing; enable one")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -267,13 +271,12 @@ class DTOConfig(_Config):
     def _temperature(cls, v: float, info: ValidationInfo) -> float:
         return _vllm_temperature(v, info.data.get("probe_samples"), "probe_samples")
 
-    @model_validator(mode="after")
-    def _probe_settings_used(self) -> DTOConfig:
-        if self.probe == "likelihood":
-            names = ("probe_samples", "probe_max_tokens", "probe_temperature", "probe_top_p", "seed")
-            refuse_unused(self, names, "{at}probe is 'likelihood' (it scores the answer, samples nothing)",
-                          "set {at}probe: sample to sample probes, or remove NAME")  # fmt: skip
-        return self
+    UNUSED = (
+        Unused("probe", "likelihood", ("probe_samples", "probe_max_tokens", "probe_temperature", "probe_top_p",
+               "seed"), " (it scores the answer, samples nothing)", "set {at}probe: sample to sample, or remove NAME"),
+        Unused("prune", False, ("judge", "prune_without_exit", "on_reverify_fail"), " (no judge runs)",
+               "set {at}prune: true to prune with the judge, or remove NAME"),
+    )  # fmt: skip
 
 
 class TrainConfig(_Config):
@@ -287,7 +290,7 @@ class TrainConfig(_Config):
     learning_rate: float = Field(5e-7, gt=0)
     num_train_epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="-1: epochs decide")
-    per_device_train_batch_size: int = Field(1, ge=1)
+    per_device_train_batch_size: int = Field(1, ge=1, le=MAX_SAMPLES)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(
         4096, ge=8, le=MAX_TOKENS, description="tokens of prompt + longer completion; never silently cut"
@@ -309,7 +312,9 @@ class TrainConfig(_Config):
         False, description="GPU: Liger's layer kernels (RMSNorm, RoPE, SwiGLU); TRL 1.16 has no Liger DPO loss"
     )
     accelerate_config: str | None = Field(None, description="accelerate config file (GPU); none: python/torchrun")
-    num_processes: int = Field(1, ge=1, description="processes per machine (GPUs, or CPU ranks under torchrun)")
+    num_processes: int = Field(
+        1, ge=1, le=MAX_PROCESSES, description="processes per machine (GPUs, or CPU ranks under torchrun)"
+    )
     num_machines: int = Field(1, ge=1, description="machines (nodes) taking part; each runs the job with its rank")
     machine_rank: int = Field(0, ge=0, description="this machine's rank, 0 .. num_machines-1 (0 is the main one)")
     main_process_ip: str | None = Field(None, description="address of machine 0, reachable from every machine")
@@ -331,15 +336,15 @@ class TrainConfig(_Config):
             raise ValueError(f"train.machine_rank {self.machine_rank} must be below train.num_machines")
         if self.num_machines > 1 and not self.main_process_ip:
             raise ValueError("train.num_machines > 1 needs train.main_process_ip (the address of machine 0)")
-        if not self.lora:
-            lora = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
-            refuse_unused(self, lora, "{at}lora is false", "set {at}lora: true to train an adapter, or remove NAME")
-        if self.loss == "simpo":
-            refuse_unused(self, ("loss_type", "precompute_ref_log_probs"), "{at}loss is 'simpo' (no reference model)",
-                          "set {at}loss: dpo to use it, or remove NAME")  # fmt: skip
-        else:
-            refuse_unused(self, ("gamma_beta_ratio",), "{at}loss is 'dpo'", "set {at}loss: simpo, or remove NAME")
         return self
+
+    UNUSED = (
+        Unused("lora", False, ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"), "",
+               "set {at}lora: true to train an adapter, or remove NAME"),
+        Unused("loss", "simpo", ("loss_type", "precompute_ref_log_probs"), " (no reference model)",
+               "set {at}loss: dpo to use it, or remove NAME"),
+        Unused("loss", "dpo", ("gamma_beta_ratio",), "", "set {at}loss: simpo to use it, or remove NAME"),
+    )  # fmt: skip
 
 
 class EvalConfig(_Config):
@@ -468,11 +473,9 @@ class TaskRunnerConfig(_Config):
     )
     task_timeout_s: float | None = Field(None, gt=0, description="wall-clock limit of one shard task; none: no limit")
 
-    @model_validator(mode="after")
-    def _settings_used(self) -> TaskRunnerConfig:
-        if self.kind == "thread":
-            refuse_unused(self, ("address",), "{at}kind is 'thread' (no cluster)",
-                          "set {at}kind: dask or ray to reach a cluster, or remove NAME")  # fmt: skip
-        if self.kind == "ray":
-            refuse_unused(self, ("max_workers",), "{at}kind is 'ray' (Ray sizes its own workers)", "remove NAME")
-        return self
+    UNUSED = (
+        Unused(
+            "kind", "thread", ("address",), " (no cluster)", "set {at}kind: dask or ray to reach one, or remove NAME"
+        ),
+        Unused("kind", "ray", ("max_workers",), " (Ray sizes its own workers)", "remove NAME"),
+    )

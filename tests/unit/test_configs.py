@@ -40,6 +40,11 @@ def one_sentence(message: str) -> bool:
         ("problems.num_problems=1000000000", "problems.num_problems"),
         ("train.max_length=1000000000", "train.max_length"),
         ("task_runner.max_in_flight=1000000", "task_runner.max_in_flight"),
+        ("verify.workers=1000000", "verify.workers"),
+        ("backend.max_batch_size=1000000000", "backend.max_batch_size"),
+        ("backend.batch_token_budget=1000000000000", "backend.batch_token_budget"),
+        ("train.per_device_train_batch_size=1000000000", "train.per_device_train_batch_size"),
+        ("train.num_processes=1000000", "train.num_processes"),
     ],
 )
 def test_absurd_sizes_are_refused_in_one_sentence(override: str, field: str):
@@ -80,6 +85,8 @@ def test_large_but_real_settings_still_load():
         (["task_runner.address=tcp://h:8786"], "task_runner.address"),
         (["train.lora_r=8"], "train.lora_r"),
         (["train.loss=simpo", "train.loss_type=ipo"], "train.loss_type"),
+        (["dto.prune=false", "dto.judge.max_tokens=8"], "dto.judge"),
+        (["resample.r2w=false", "resample.w2r=false"], "resample.r2w"),
     ],
 )
 def test_a_setting_that_would_do_nothing_is_refused_in_one_sentence(overrides: list[str], needle: str):
@@ -96,6 +103,16 @@ def test_switching_the_problem_source_drops_the_recipes_settings_of_the_old_sour
     # The README's way to point the DeepScaleR recipe at a local file (hf -> file keeps the field names).
     recipe = load(DEEPSCALER, "problems.source=file", "problems.path=data.jsonl")
     assert recipe.problems.path == "data.jsonl" and recipe.problems.id_field is None
+
+
+def test_switching_an_option_off_on_the_command_line_drops_what_the_file_set_for_it():
+    # demo.yaml sets dto.judge and dto.prune_without_exit: turning pruning off must still be one --set.
+    recipe = load(DEMO, "dto.prune=false")
+    assert recipe.dto.prune is False and recipe.dto.prune_without_exit is False
+    assert load(DEEPSCALER, "dto.probe=likelihood").dto.probe_samples == 4  # deepscaler's 4 is the default
+    # Set explicitly after the switch, the setting is refused again.
+    with pytest.raises(ConfigError, match="dto.prune_without_exit does nothing"):
+        load(DEMO, "dto.prune=false", "dto.prune_without_exit=true")
 
 
 def test_a_setting_equal_to_its_default_is_not_refused_and_a_dumped_recipe_reloads():
