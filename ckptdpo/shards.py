@@ -148,6 +148,8 @@ def damaged_shards(
 def _shard_damage(stage_dir: Path, entry: dict[str, Any], columns: list[list[str]] | None) -> str | None:
     """What is wrong with one listed shard, in a few words; None when it is what the manifest says."""
     p = stage_dir / entry["name"]
+    if p.is_symlink():
+        return "a link, not a file of this stage"  # it could lead anywhere, as a name with a path could
     try:
         size = p.stat().st_size
     except FileNotFoundError:
@@ -398,7 +400,7 @@ def check_shards_present(
         raise _not_done(stage_dir)
     for s in m["shards"]:
         p = stage_dir / s["name"]
-        if not p.exists() or ("num_bytes" in s and p.stat().st_size != s["num_bytes"]):
+        if p.is_symlink() or not p.exists() or ("num_bytes" in s and p.stat().st_size != s["num_bytes"]):
             raise StageNotDone(f"{p}: this shard is missing or damaged (it differs from {MANIFEST}); {fix}.")
         differ = _columns_differ(p, _expected(m, schema))
         if differ:

@@ -225,9 +225,14 @@ def describe_failure(e: BaseException) -> str:
         "The run stopped; finished shards are kept, and running the same command again resumes from them "
         "(add -v for the traceback)."
     )
+    from ckptdpo.shards import DiskFull
+
     for cause in _chain(e):
+        if isinstance(cause, DiskFull):
+            return f"error: {cause.strerror}."  # names the file
         if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            return f"error: {cause.strerror}."
+            where = f" writing {cause.filename}" if cause.filename else ""
+            return f"error: no space left on the device{where}; free space and run the same command again."
         api = _prefect_api_url(cause)
         if api is not None:
             from commands.localserver import prefect_api_lost

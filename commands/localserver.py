@@ -7,7 +7,8 @@ judge's requests go through the openai backend and a real HTTP server, not throu
 Without `PREFECT_API_URL`, Prefect starts a temporary API server as a child of the run (uvicorn, in the run's process
 group). When it dies mid-run (killed, out of memory, or by a signal to the group), Prefect's client retries it for
 minutes and the run then ends on a bare `ConnectError`; `watch_prefect_api` notices the exit within a second and
-stops the run at once, naming the API's URL and what to do.
+stops the run at once, naming the API's URL and what to do (a server of its own, `PREFECT_API_URL`, after a minute
+without an answer).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def transformers_server(model_dir: str | Path, log_path: Path, *, startup_s: flo
 
 
 EPHEMERAL_API_APP = "prefect.server.api.server:create_app"
+SERVER_OUTAGE_S = 60.0
 
 
 def prefect_api_lost(url: str) -> str:
@@ -111,26 +113,45 @@ def _ephemeral_api() -> tuple[int, str] | None:
 
 
 @contextmanager
-def watch_prefect_api(poll_s: float = 1.0):
-    """While the block runs, stop the run as soon as the temporary Prefect API it started exits (exit code 1)."""
-    if os.environ.get("PREFECT_API_URL"):
-        yield  # a server of its own: a short outage is Prefect's client's to retry; the CLI names a lasting one
-        return
+def watch_prefect_api(poll_s: float = 1.0, outage_s: float = SERVER_OUTAGE_S):
+    """While the block runs, stop the run (exit code 1) once its Prefect API is gone: at once when the temporary API
+    it started exits, after `outage_s` without an answer from a server of its own (`PREFECT_API_URL`: a restart is
+    fine, a lasting outage would only fail the run later, after Prefect's client has retried each call)."""
+    configured = os.environ.get("PREFECT_API_URL", "").rstrip("/")
     done = threading.Event()
 
-    def watch() -> None:
+    def lost(url: str, reason: str) -> None:
+        if request_stop(reason, 1, prefect_api_lost(url)):
+            interrupt_main()
+
+    def watch_temporary() -> None:
         api = None
         while not done.wait(poll_s) and not stop_requested():
             if api is None:
                 api = _ephemeral_api()  # found once healthy: Prefect restarts it on a taken port before that
             elif not is_running(api[0]):
-                reason = f"the Prefect API at {api[1]} (the temporary server this run started, pid {api[0]}) exited"
-                if request_stop(reason, 1, prefect_api_lost(api[1])):
-                    interrupt_main()
-                return
+                return lost(api[1], f"the Prefect API at {api[1]} (the temporary server this run started) exited")
 
-    threading.Thread(target=watch, daemon=True, name="ckptdpo-api-watch").start()
+    def watch_server() -> None:
+        down_since = None
+        while not done.wait(max(poll_s, 5.0)) and not stop_requested():
+            if _healthy(configured):
+                down_since = None
+            elif down_since is None:
+                down_since = time.monotonic()
+            elif time.monotonic() - down_since >= outage_s:
+                return lost(configured, f"the Prefect API at {configured} has not answered for {outage_s:.0f} s")
+
+    target = watch_server if configured else watch_temporary
+    threading.Thread(target=target, daemon=True, name="ckptdpo-api-watch").start()
     try:
         yield
     finally:
         done.set()
+
+
+def _healthy(api_url: str) -> bool:
+    try:
+        return httpx.get(api_url + "/health", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -31,9 +31,9 @@ HANG_S = 90  # a stop that has not happened by then never will
 class Run:
     """`python -m commands ARGS` in a session of its own (as under a supervisor: its process group is its pid)."""
 
-    def __init__(self, tmp: Path, *args: str) -> None:
+    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.log = tmp / f"out-{time.monotonic_ns()}.txt"
-        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "OMP_NUM_THREADS": "1"}
+        env = {**(env or os.environ), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "OMP_NUM_THREADS": "1"}
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "commands", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -62,12 +62,12 @@ class Run:
             self.proc.send_signal(sig)
         return self.wait_exit(t0)
 
-    def wait_exit(self, t0: float) -> float:
+    def wait_exit(self, t0: float, limit_s: float = HANG_S) -> float:
         try:
-            self.proc.wait(timeout=HANG_S)
+            self.proc.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            pytest.fail(f"the run was still going {HANG_S} s later:\n{self.output[-3000:]}")
+            pytest.fail(f"the run was still going {limit_s:.0f} s later:\n{self.output[-3000:]}")
         return time.time() - t0
 
     def left_running(self) -> list[int]:
@@ -123,16 +123,17 @@ def fake(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
 @pytest.mark.parametrize(
     ("sig", "target", "stage"),
     [
-        (signal.SIGTERM, "group", "generate"),  # the reported case: the API dies with the group, the run went on
-        (signal.SIGTERM, "pid", "generate"),
-        (signal.SIGINT, "group", "generate"),
-        (signal.SIGINT, "pid", "generate"),
-        (signal.SIGTERM, "group", "verify"),  # verifier worker processes running
+        ("SIGTERM", "group", "generate"),  # the reported case: the API dies with the group, the run went on
+        ("SIGTERM", "pid", "generate"),
+        ("SIGINT", "group", "generate"),
+        ("SIGINT", "pid", "generate"),
+        ("SIGTERM", "group", "verify"),  # verifier worker processes running
     ],
 )
 def test_a_stop_signal_ends_the_run_and_its_children_and_the_rerun_completes_identically(
-    fake, tmp_path: Path, sig: signal.Signals, target: str, stage: str
+    fake, tmp_path: Path, sig: str, target: str, stage: str
 ):
+    sig = signal.Signals[sig]
     recipe, reference = fake
     run_dir = tmp_path / "run"
     first = run_dir / stage / "part-00000.parquet"
@@ -173,16 +174,38 @@ def test_a_prefect_api_that_dies_under_the_run_stops_it_at_once_naming_the_url(f
     print(f"Prefect API killed: the run stopped {stopped_s:.1f} s later")
 
 
+def test_a_prefect_server_that_stays_down_stops_the_run_naming_it(fake, tmp_path: Path):
+    """With PREFECT_API_URL, a server that stops answering for a minute (SERVER_OUTAGE_S) ends the run the same way."""
+    from commands.localserver import SERVER_OUTAGE_S
+    from tests.flows.test_ops import Server, server_up, stop_server
+
+    recipe, _ = fake
+    run_dir = tmp_path / "run"
+    srv = Server(tmp_path / "server")
+    with server_up(srv):
+        run = Run(tmp_path, "run", str(recipe), "--run-dir", str(run_dir), env=srv.cli_env)
+        run.wait_until((run_dir / "generate" / "part-00000.parquet").exists, "generate shard")
+        run.children = descendants(run.proc.pid)
+        t0 = time.time()
+        stop_server(srv)
+        stopped_s = run.wait_exit(t0, SERVER_OUTAGE_S + HANG_S)
+    out = run.output
+    last = out.strip().splitlines()[-1]
+    assert run.proc.returncode == 1, out[-3000:]
+    assert f"the Prefect API at {srv.url}/api stopped answering" in last and "server status" in last, out[-3000:]
+    assert run.left_running() == []
+    print(f"Prefect server stopped: the run stopped {stopped_s:.1f} s later")
+
+
 # --- the real model --------------------------------------------------------------------------------------------------
 
 DEMO_ARGS = ["--stages", "generate", "--set", "problems.num_problems=4", "--set", "generate.shard_size=1",
              "--set", "generate.num_samples=2", "--set", "generate.max_tokens=160"]  # fmt: skip
 
 
-@pytest.mark.parametrize(("sig", "target"), [(signal.SIGTERM, "group"), (signal.SIGTERM, "pid")])
-def test_the_real_model_stops_on_a_signal_and_the_rerun_resumes(
-    demo_model_path, tmp_path: Path, sig: signal.Signals, target: str
-):
+@pytest.mark.parametrize(("sig", "target"), [("SIGTERM", "group"), ("SIGTERM", "pid")])
+def test_the_real_model_stops_on_a_signal_and_the_rerun_resumes(demo_model_path, tmp_path: Path, sig, target: str):
+    sig = signal.Signals[sig]
     run_dir = tmp_path / "run"
     first = run_dir / "generate" / "part-00000.parquet"
     args = ["run", str(REPO / "recipes" / "demo.yaml"), "--run-dir", str(run_dir), *DEMO_ARGS]

@@ -28,6 +28,14 @@ def test_a_full_disk_is_one_line_naming_the_file():
         )
 
 
+def test_a_full_disk_elsewhere_names_the_file_when_the_error_does():
+    line = describe_failure(OSError(errno.ENOSPC, "No space left on device", "/home/u/.prefect/storage/x"))
+    assert line == (
+        "error: no space left on the device writing /home/u/.prefect/storage/x; free space and run the same command "
+        "again."
+    )
+
+
 def test_a_lost_temporary_prefect_api_is_named_with_its_url_and_what_to_do(monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     line = describe_failure(_connect_error("http://127.0.0.1:8833/api/flow_runs/abc/set_state"))

@@ -134,6 +134,19 @@ def test_a_shard_name_that_is_not_a_file_of_the_stage_is_a_damaged_manifest(tmp_
     assert outside.read_bytes() == before and not (stage / "_manifest.json").exists()
 
 
+def test_a_shard_that_is_a_link_is_damaged_and_its_target_left_alone(tmp_path: Path):
+    stage = _stage(tmp_path)
+    outside = tmp_path / "secret.parquet"
+    outside.write_bytes((stage / "part-00001.parquet").read_bytes())
+    (stage / "part-00001.parquet").unlink()
+    (stage / "part-00001.parquet").symlink_to(outside)  # same bytes, so size and hash match the manifest
+    assert damaged_shards(stage) == ["part-00001.parquet"]
+    with pytest.raises(StageNotDone, match="part-00001.parquet"):
+        read_stage(stage)
+    assert prepare_stage(stage, "k1") is False
+    assert not (stage / "part-00001.parquet").exists() and outside.exists()
+
+
 def test_a_failed_entry_outside_the_stage_is_a_damaged_manifest_and_deletes_nothing(tmp_path: Path):
     outside = tmp_path / "keep.parquet"
     outside.write_bytes(b"precious")
