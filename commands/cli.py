@@ -192,14 +192,14 @@ def main(argv: list[str] | None = None) -> int:
             handler.setFormatter(_WithoutTraceback("%(levelname)s %(message)s"))
     try:
         return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except BaseException as e:  # a stop ends here whatever it raised: KeyboardInterrupt, Prefect's TerminationSignal
         from tasks.stopping import finish_stop, stop_requested
 
         if stop_requested():
             finish_stop()  # its last line, its children ended, its exit code: now, not after the task threads
+        if isinstance(e, UserError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if isinstance(e, KeyboardInterrupt):
             print("interrupted: written shards are kept; run the same command again to resume", file=sys.stderr)
             return 130
