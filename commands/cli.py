@@ -1,11 +1,18 @@
-"""The `ckptdpo` command. User errors print one sentence and exit 2; heavy imports live inside handlers."""
+"""The `ckptdpo` command. User errors print one sentence and exit 2; heavy imports live inside handlers.
+
+A run that fails prints one line saying what failed (a full disk names the file, a lost Prefect API its URL) and exits
+1; tracebacks, ours and those Prefect logs for a failed task, print only with -v. SIGTERM or SIGINT stops a run within
+seconds (tasks/stopping.py), and so does the exit of the temporary Prefect API it started (commands/localserver.py).
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
+from contextlib import contextmanager
 
 from ckptdpo.errors import UserError
 from tasks.environment import ckptdpo_home
@@ -44,13 +51,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # Prefect is imported only by the commands that run flows.
     from commands.run import run_command
 
-    return run_command(args, home=ckptdpo_home())
+    with _stoppable():
+        return run_command(args, home=ckptdpo_home())
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from commands.run import demo_command
 
-    return demo_command(args, home=ckptdpo_home())
+    with _stoppable():  # from the start: the demo's judge server is up before the run begins
+        return demo_command(args, home=ckptdpo_home())
+
+
+@contextmanager
+def _stoppable():
+    """A signal, or the temporary Prefect API exiting, stops the command within seconds, its children included."""
+    from commands.localserver import watch_prefect_api
+    from tasks.stopping import stop_on_signals
+
+    with stop_on_signals(), watch_prefect_api():
+        yield
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -168,23 +187,83 @@ def main(argv: list[str] | None = None) -> int:
     # Our own progress at INFO; third-party libraries (httpx logs every Prefect API call at INFO) at WARNING.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("ckptdpo").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:
+        for handler in logging.getLogger().handlers:  # Prefect's logs reach the console through this root handler
+            handler.setFormatter(_WithoutTraceback("%(levelname)s %(message)s"))
     try:
         return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: written shards are kept; run the same command again to resume", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if args.verbose:
+    except BaseException as e:  # a stop ends here whatever it raised: KeyboardInterrupt, Prefect's TerminationSignal
+        from tasks.stopping import finish_stop, stop_requested
+
+        if stop_requested():
+            finish_stop()  # its last line, its children ended, its exit code: now, not after the task threads
+        if isinstance(e, UserError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, KeyboardInterrupt):
+            print("interrupted: written shards are kept; run the same command again to resume", file=sys.stderr)
+            return 130
+        if not isinstance(e, Exception) or args.verbose:
             raise
         # A failed run (a stage past its failure budget, an endpoint that stayed down) is a sentence, not pages of
         # Prefect traceback; nothing it wrote is recorded as done.
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        print(f"error: {type(e).__name__}: {first}\nThe run stopped; finished shards are kept, and running the same "
-              "command again resumes from them (add -v for the traceback).", file=sys.stderr)  # fmt: skip
+        print(describe_failure(e), file=sys.stderr)
         return 1
+
+
+class _WithoutTraceback(logging.Formatter):
+    """The record's message only: tracebacks (a failed task's, logged by Prefect) are what -v is for."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        plain = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None, "stack_info": None})
+        return super().format(plain)
+
+
+def describe_failure(e: BaseException) -> str:
+    """The last lines of a failed run: what failed, in one line, then that finished work is kept."""
+    resume = (
+        "The run stopped; finished shards are kept, and running the same command again resumes from them "
+        "(add -v for the traceback)."
+    )
+    from ckptdpo.shards import DiskFull
+
+    for cause in _chain(e):
+        if isinstance(cause, DiskFull):
+            return f"error: {cause.strerror}."  # names the file
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {cause.filename}" if cause.filename else ""
+            return f"error: no space left on the device{where}; free space and run the same command again."
+        api = _prefect_api_url(cause)
+        if api is not None:
+            from commands.localserver import prefect_api_lost
+
+            return f"{prefect_api_lost(api)[:-1]} ({type(cause).__name__}: {cause})."
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"error: {type(e).__name__}: {first}\n{resume}"
+
+
+def _chain(e: BaseException | None):
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _prefect_api_url(e: BaseException) -> str | None:
+    """The Prefect API's URL when `e` is a failed connection to it (not to a model endpoint)."""
+    import httpx
+
+    if not isinstance(e, httpx.TransportError):
+        return None
+    try:
+        url = e.request.url
+    except RuntimeError:  # an error raised without its request
+        return None
+    configured = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    if configured:
+        return configured if str(url).startswith(configured) else None
+    return f"{url.scheme}://{url.host}:{url.port}/api" if url.path.startswith("/api/") else None
 
 
 if __name__ == "__main__":

@@ -54,14 +54,16 @@ def check_stage_inputs(run_dir: Path, wanted: list[str]) -> None:
             producer = registry.producer_of(directory)
             if producer in running or any(ch in directory for ch in "*?["):
                 continue
+            makers = _named_producers(producer)
             if read_manifest(run_dir / directory) is None:
-                makers = _named_producers(producer)
                 raise UserError(
                     f"--stages {','.join(wanted)}: stage {spec.name} reads {directory}, which {run_dir} does not "
                     f"have; add {' or '.join(makers)} (--stages {makers[0]},{','.join(wanted)}) or run the whole "
                     "recipe."
                 )
-            check_shards_present(run_dir / directory, f"add {producer} to --stages to rewrite it")
+            check_shards_present(
+                run_dir / directory, f"add {makers[0]} to --stages to rewrite it", schema=registry.schema_of(directory)
+            )
 
 
 def _named_producers(producer: str | None) -> list[str]:

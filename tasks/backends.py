@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ckptdpo.backends import Backend, make_backend
+from ckptdpo.backends.base import CheckedBackend
 from ckptdpo.configs import BackendConfig
 from ckptdpo.models import check_model_dir, local_revision, resolve_model
 from tasks.environment import ckptdpo_home, hub_offline
@@ -34,7 +35,9 @@ def backend_session(cfg: BackendConfig):
             env = getattr(cfg, "api_key_env", None)
             api_key = os.environ.get(env) if env else None
             _BACKENDS[key] = make_backend(cfg, home=ckptdpo_home(), api_key=api_key)
-        yield _BACKENDS[key]
+        # Every stage's results are checked against their requests, whatever the backend (a short or null result
+        # fails its request, naming why, instead of being stored as generated).
+        yield CheckedBackend(_BACKENDS[key])
 
 
 def close_backends() -> None:

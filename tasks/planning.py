@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from ckptdpo.shards import (
     write_manifest,
 )
 from tasks.common import content_key
+from tasks.stage import StagePlan
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
@@ -60,29 +60,6 @@ class StageFailed(RuntimeError):
     """Rows of a stage failed past its failure budget: the stage is not done (the next run retries them)."""
 
 
-@dataclass
-class StagePlan:
-    """What a stage has to do: its directory, content key, and one job per shard still to write."""
-
-    stage: str
-    run_dir: str
-    key: str
-    done: bool
-    indices: list[int] = field(default_factory=list)
-    inputs: dict[str, str] = field(default_factory=dict)
-    started: float = field(default_factory=time.time)
-    outputs: list[str] = field(default_factory=list)
-
-    @property
-    def directory(self) -> Path:
-        return Path(self.run_dir) / self.stage
-
-    @property
-    def directories(self) -> list[str]:
-        """Every directory its shard tasks write: its own and its outputs (each shard i in all of them)."""
-        return [self.stage, *self.outputs]
-
-
 def plan_stage(
     run_dir: str,
     stage: str,
@@ -96,9 +73,12 @@ def plan_stage(
     `outputs`: more directories the same shard tasks write (one shard each per input shard), under the same key; the
     stage is done only when all of them are. `shards_of` None: a stage without shards (training), planned only.
     """
+    from tasks.registry import schema_of
+
     key = content_key(stage, inputs, *key_parts)[:16]
     plan = StagePlan(stage=stage, run_dir=run_dir, key=key, done=False, inputs=inputs, outputs=list(outputs))
-    done = [prepare_stage(Path(run_dir) / d, key) for d in plan.directories]
+    # A shard of another schema (another stage's file under this name) is damaged like a truncated one: rewritten.
+    done = [prepare_stage(Path(run_dir) / d, key, schema=schema_of(d)) for d in plan.directories]
     plan.done = all(done)
     if not plan.done and shards_of is not None:
         plan.indices = list(range(len(listed_shards(Path(run_dir) / shards_of))))
@@ -107,11 +87,14 @@ def plan_stage(
 
 def fingerprints(run_dir: str, *stages: str) -> dict[str, str]:
     """Content fingerprints of finished input stages, after checking their shards are all there (cheap: sizes)."""
+    from tasks.registry import producer_of, schema_of
+
     out = {}
     for s in stages:
         directory = Path(run_dir) / s
         out[s] = stage_fingerprint(directory)
-        check_shards_present(directory, f"run stage {s.split('/')[0]} again (it rewrites damaged shards)")
+        fix = f"run stage {producer_of(s) or s.split('/')[0]} again (it rewrites damaged shards)"
+        check_shards_present(directory, fix, schema=schema_of(s))
     return out
 
 
@@ -142,7 +125,9 @@ def check_requests(what: str, index: int, ids: list[str], errors: list[str], bud
     it, a later run again); within it, the ids to list in the manifest so the next run retries them."""
     if not ids:
         return {}
-    reasons = "; ".join(sorted(set(errors)))[:300]
+    # A result without samples and without an error (a backend that broke its protocol) still gets a reason.
+    silent = [f"{len(ids) - len(errors)} returned no sample and no error"] if len(ids) > len(errors) else []
+    reasons = "; ".join(sorted(set(errors)) + silent)[:300]
     get_run_logger().warning("%s shard %d: %d request(s) failed: %s", what, index, len(ids), reasons)
     if len(ids) > budget:
         raise RuntimeError(f"{what} shard {index}: {len(ids)} request(s) failed (failure budget {budget}): {reasons}")

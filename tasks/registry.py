@@ -14,6 +14,8 @@ import importlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import pyarrow as pa
+
 from ckptdpo.configs import STAGES
 from tasks.stage import Stage, columns_of
 
@@ -109,6 +111,15 @@ def producer_of(directory: str) -> str | None:
     """The first stage in pipeline order that writes `directory` (the problems: generate, though grpo can too)."""
     writers = [s.name for s in registry().values() if s.writes_directory(directory) is not False]
     return writers[0] if writers else None
+
+
+def schema_of(directory: str) -> pa.Schema | None:
+    """The schema of the shards in `directory`, as the stage writing it declares (None: no shards or no writer)."""
+    for spec in registry().values():
+        schema = spec.writes_directory(directory)
+        if schema is not False:
+            return schema
+    return None
 
 
 def data_stages() -> list[Stage]:

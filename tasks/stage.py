@@ -14,6 +14,7 @@ task run). `steps` is a generator: it yields a step and is sent that step's outc
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,29 @@ from pydantic import BaseModel, ConfigDict, Field
 from ckptdpo.configs import BackendConfig, Recipe
 from ckptdpo.report import ReportSection
 from tasks.backends import model_fingerprint, resolve_local_model
-from tasks.planning import StagePlan
+
+
+@dataclass
+class StagePlan:
+    """What a stage has to do: its directory, content key, and one job per shard still to write."""
+
+    stage: str
+    run_dir: str
+    key: str
+    done: bool
+    indices: list[int] = field(default_factory=list)
+    inputs: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    outputs: list[str] = field(default_factory=list)
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.run_dir) / self.stage
+
+    @property
+    def directories(self) -> list[str]:
+        """Every directory its shard tasks write: its own and its outputs (each shard i in all of them)."""
+        return [self.stage, *self.outputs]
 
 
 class RunContext(BaseModel):

@@ -10,7 +10,9 @@ with them), `delay_s`, `api_key`, `echo_supported`, `bos_text` (a BOS token the 
 vLLM does for text prompts), `max_model_len` (reported by /v1/models; `max_tokens` above it is a 400, as in vLLM),
 `cached_tokens` (reported as `usage.prompt_tokens_details.cached_tokens`), `max_n` (a server that sends at most
 this many choices whatever `n` asks), `decode_prompts` (token-id prompts reach the backend as `decode(ids)`),
-`refuse_n` (a 400 naming `n` for n > 1).
+`refuse_n` (a 400 naming `n` for n > 1), `reply_hook` (rewrites each 200 reply of `/v1/completions` and
+`/v1/chat/completions`, given the request body and the reply: replies that break the API contract, which no real server
+sends on demand).
 `choices[].token_ids` come only with `return_token_ids: true`, as in vLLM. `log` records every request body.
 """
 
@@ -55,6 +57,7 @@ class OpenAIServer:
         max_n: int | None = None,
         decode_prompts: bool = False,
         refuse_n: bool = False,
+        reply_hook: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         self.backend = backend
         self.fail_first = list(fail_first or [])
@@ -64,6 +67,7 @@ class OpenAIServer:
         self.max_model_len, self.cached_tokens, self.max_n = max_model_len, cached_tokens, max_n
         self.decode_prompts = decode_prompts  # hand token-id prompts to the backend as text (the fake takes text)
         self.refuse_n = refuse_n  # answer 400 naming `n` to n > 1
+        self.reply_hook = reply_hook
         self.log: list[dict[str, Any]] = []
         self.inflight = self.max_inflight = 0
         self._lock = threading.Lock()  # backends are not required to be thread-safe
@@ -124,6 +128,8 @@ class OpenAIServer:
                         code, payload = server._chat(body)
                     else:
                         code, payload = 404, {"error": {"message": f"no route {self.path}"}}
+                    if code == 200 and server.reply_hook is not None:
+                        payload = server.reply_hook(body, payload)
                     self._send(code, payload)
                 finally:
                     with server._lock:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 from ckptdpo.configs import INSTRUCTION
 
 FinishReason = Literal["stop", "length", "loop", "error"]
+FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,67 @@ class GenerationResult:
     error: str | None = None
     prompt_tokens_requested: int = 0
     prompt_tokens_computed: int = 0
+
+
+def result_problem(request: GenerationRequest, result: GenerationResult) -> str | None:
+    """What breaks the protocol in a backend's result for `request`, in one phrase; None when nothing does.
+
+    A result either failed (`error` set, no samples) or holds exactly `request.n` samples, each with text, a token
+    count >= 0 and a known finish reason. Anything between (a short or empty result without an error, a null text,
+    a negative count) would be stored as if it were generated, so callers treat it as a failed request.
+    """
+    if result.error is not None:
+        return None if not result.samples else "a failed result that still holds samples"
+    if len(result.samples) != request.n:
+        return f"{len(result.samples)} sample(s) for a request of n={request.n}"
+    for name in ("prompt_tokens", "prompt_tokens_requested", "prompt_tokens_computed"):
+        if not _is_count(getattr(result, name)):
+            return f"{name} = {getattr(result, name)!r}, not an integer >= 0"
+    for i, s in enumerate(result.samples):
+        if not isinstance(s.text, str):
+            return f"sample {i} has text {s.text!r}, not a string"
+        if not _is_count(s.num_tokens):
+            return f"sample {i} has num_tokens {s.num_tokens!r}, not an integer >= 0"
+        if s.finish_reason not in FINISH_REASONS:
+            return f"sample {i} has finish_reason {s.finish_reason!r}, not one of {', '.join(FINISH_REASONS)}"
+        if s.token_ids is not None and not all(_is_count(t) for t in s.token_ids):
+            return f"sample {i} has token_ids that are not integers >= 0"
+    return None
+
+
+def checked_results(
+    requests: Sequence[GenerationRequest], results: Sequence[GenerationResult], who: str
+) -> list[GenerationResult]:
+    """`results` with any that breaks the protocol for its request turned into a failed request saying why (so it is
+    never stored as generated); a result count that differs from the requests' is an error of the whole call."""
+    if len(results) != len(requests):
+        raise RuntimeError(f"{who}: {len(results)} result(s) for {len(requests)} request(s)")
+    out = []
+    for req, res in zip(requests, results, strict=True):
+        problem = result_problem(req, res)
+        out.append(
+            res if problem is None else GenerationResult(samples=[], prompt_tokens=0, error=f"{who}: {problem}")
+        )
+    return out
+
+
+class CheckedBackend:
+    """A backend whose `generate` results are checked against their requests (`checked_results`); every other
+    attribute is the backend's own."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        who = f"backend {getattr(self._backend, 'model_id', type(self._backend).__name__)}"
+        return checked_results(requests, self._backend.generate(requests), who)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass

@@ -56,6 +56,7 @@ from ckptdpo.backends.base import (
     GenerationResult,
     Sample,
     problem_messages,
+    result_problem,
 )
 from ckptdpo.backends.loopguard import loop_cut
 from ckptdpo.backends.openai_http import (
@@ -69,9 +70,15 @@ from ckptdpo.backends.openai_http import (
     draw_seed,
     learn,
     no_echo,
-    prompt_usage,
     sampling_fields,
     split_proportionally,
+)
+from ckptdpo.backends.openai_reply import (
+    FINISH_FROM_SERVER,
+    CompletionReply,
+    chat_text,
+    echo_logprobs,
+    parse_completion,
 )
 from ckptdpo.configs import BackendConfig
 from ckptdpo.errors import UserError
@@ -81,7 +88,6 @@ __all__ = ["OpenAIBackend", "OpenAIError", "ServerCapabilityError", "draw_seed",
 log = logging.getLogger(__name__)
 
 CHATML_TEMPLATE = "<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n"
-_FINISH = {"stop": "stop", "length": "length", "repetition": "loop", "loop": "loop"}
 
 
 class OpenAIBackend:
@@ -144,29 +150,38 @@ class OpenAIBackend:
             ids = self._prompt_ids(req.prompt)
             max_tokens = self._capped_max_tokens(ep, req.max_tokens, None if ids is None else len(ids))
             replies = self._draw(server, req, ids, max_tokens)
-            samples = [s for data in replies for s in self._samples(data)]
+            samples = [s for reply in replies for s in self._samples(reply)]
         except (OpenAIError, KeyError, TypeError, ValueError) as e:
             return GenerationResult([], 0, error=f"{type(e).__name__}: {e}")
-        requested = computed = 0
-        for data in replies:
-            p, c = prompt_usage(data, len(ids) if ids is not None else 0)
-            requested, computed = requested + p, computed + c
-        first = prompt_usage(replies[0], len(ids) if ids is not None else 0)[0]
-        return GenerationResult(samples, first, prompt_tokens_requested=requested, prompt_tokens_computed=computed)
+        prompt_len = len(ids) if ids is not None else 0
+        usage = [prompt_usage(reply, prompt_len) for reply in replies]
+        requested, computed = sum(p for p, _ in usage), sum(c for _, c in usage)
+        result = GenerationResult(
+            samples, usage[0][0], prompt_tokens_requested=requested, prompt_tokens_computed=computed
+        )
+        problem = result_problem(req, result)  # the reply checks above make this a last guard, never the first
+        if problem is not None:
+            return GenerationResult([], 0, error=f"OpenAIError: {self.urls[server]} sent {problem}")
+        return result
 
     def _draw(
         self, server: int, req: GenerationRequest, ids: list[int] | None, max_tokens: int
-    ) -> list[dict[str, Any]]:
-        """The replies that together hold `req.n` choices: one call, or one per sample where `n` does not work."""
+    ) -> list[CompletionReply]:
+        """The replies that together hold `req.n` choices: one call, or one per sample where `n` does not work.
+
+        Every reply is checked against what its call asked (`parse_completion`); a single-sample call that brings no
+        choice fails the request, so a result never holds fewer samples than asked.
+        """
         ep = self.http.endpoints[server]
         sampling = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k}
         # An empty stop list is every server's default, and transformers serve answers 500 to one.
         extra = {"max_tokens": max_tokens, **({"stop": list(req.stop)} if req.stop else {})}
 
-        def call(n: int, seed: int | None) -> dict[str, Any]:
-            return self._complete(server, req.prompt, ids, n=n, seed=seed, sampling=sampling, extra=extra)
+        def call(n: int, seed: int | None) -> CompletionReply:
+            data = self._complete(server, req.prompt, ids, n=n, seed=seed, sampling=sampling, extra=extra)
+            return parse_completion(data, ep.url, n=n, max_tokens=max_tokens)
 
-        replies: list[dict[str, Any]] = []
+        replies: list[CompletionReply] = []
         if not ep.single_n:
             try:
                 replies.append(call(req.n, req.seed))
@@ -176,7 +191,7 @@ class OpenAIBackend:
                 learn(
                     ep, self.http.lock, "single_n", True, "refuses n > 1; each sample becomes its own seeded request"
                 )
-        got = sum(len(r.get("choices") or []) for r in replies)
+        got = sum(len(r.choices) for r in replies)
         if replies and got == 0:
             raise OpenAIError(f"{ep.url} answered without choices")
         if replies and got < req.n:
@@ -188,7 +203,10 @@ class OpenAIBackend:
                 f"sent {got} choice(s) for n={req.n}; each sample becomes a request",
             )
         for i in range(got, req.n):
-            replies.append(call(1, draw_seed(req.seed, i)))
+            reply = call(1, draw_seed(req.seed, i))
+            if len(reply.choices) != 1:
+                raise OpenAIError(f"{ep.url} sent no choice for a request of n=1 (sample {i + 1} of {req.n})")
+            replies.append(reply)
         return replies
 
     def _complete(
@@ -236,24 +254,22 @@ class OpenAIBackend:
             raise OpenAIError(f"prompt has {prompt_len} tokens; {ep.url} serves max_model_len {ep.max_model_len}")
         return min(max_tokens, room)
 
-    def _samples(self, data: dict[str, Any]) -> list[Sample]:
-        choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
-        counts = self._choice_tokens(choices, data.get("usage") or {})
-        return [self._sample(c, k) for c, k in zip(choices, counts, strict=True)]
+    def _samples(self, reply: CompletionReply) -> list[Sample]:
+        counts = self._choice_tokens(reply)
+        return [self._sample(c, k) for c, k in zip(reply.choices, counts, strict=True)]
 
-    def _choice_tokens(self, choices: list[dict[str, Any]], usage: dict[str, Any]) -> list[int]:
-        texts = [c.get("text") or "" for c in choices]
+    def _choice_tokens(self, reply: CompletionReply) -> list[int]:
+        choices = reply.choices
         if all(isinstance(c.get("token_ids"), list) for c in choices):
             return [len(c["token_ids"]) for c in choices]
-        total = usage.get("completion_tokens")
-        if total is not None:
-            return split_proportionally(int(total), [len(t) for t in texts])
-        return self.count_tokens(texts)
+        if reply.completion_tokens is not None:
+            return split_proportionally(reply.completion_tokens, [len(c["text"]) for c in choices])
+        return self.count_tokens([c["text"] for c in choices])
 
     def _sample(self, choice: dict[str, Any], num_tokens: int) -> Sample:
-        text = choice.get("text") or ""
-        finish: FinishReason = _FINISH.get(choice.get("finish_reason") or "stop", "stop")  # type: ignore[assignment]
-        token_ids = choice.get("token_ids") if isinstance(choice.get("token_ids"), list) else None
+        text = choice["text"]
+        finish: FinishReason = FINISH_FROM_SERVER[choice["finish_reason"]]
+        token_ids = choice.get("token_ids")
         cut = None
         if self.cfg.loop_guard and finish != "loop":
             cut = loop_cut(text, min_repeats=self.cfg.loop_min_repeats, ngram=self.cfg.loop_ngram)
@@ -289,8 +305,7 @@ class OpenAIBackend:
             if "echo" in e.text or "logprobs" in e.text:
                 raise no_echo(ep.url) from None
             raise
-        lp = (data.get("choices") or [{}])[0].get("logprobs") or {}
-        token_lps, offsets = lp.get("token_logprobs"), lp.get("text_offset")
+        token_lps, offsets = echo_logprobs(data, ep.url)
         exact = p_ids is not None and ep.token_prompts
         if not token_lps or (not exact and not offsets):
             raise no_echo(ep.url)
@@ -322,10 +337,7 @@ class OpenAIBackend:
                         raise
             else:
                 raise OpenAIError(f"{ep.url} kept rejecting the chat request after adapting it")
-            try:
-                return data["choices"][0]["message"].get("content") or ""
-            except (KeyError, IndexError, TypeError, AttributeError):
-                raise OpenAIError(f"{ep.url} sent a chat completion without a message") from None
+            return chat_text(data, ep.url)
 
         futures = [self._pool.submit(one, conv, self.route(None)) for conv in conversations]
         return [f.result() for f in futures]
@@ -362,6 +374,12 @@ class OpenAIBackend:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self.http.close()
+
+
+def prompt_usage(reply: CompletionReply, prompt_len: int) -> tuple[int, int]:
+    """(prompt tokens, of which computed) of one reply: the server's usage, less its cached prompt tokens."""
+    prompt = reply.prompt_tokens if reply.prompt_tokens is not None else prompt_len
+    return prompt, max(0, prompt - reply.cached_tokens)
 
 
 def _local_tokenizer(model: str) -> Any | None:

@@ -218,14 +218,6 @@ def draw_seed(seed: int | None, index: int) -> int | None:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=4).digest(), "big") & 0x7FFFFFFF
 
 
-def prompt_usage(data: dict[str, Any], prompt_len: int) -> tuple[int, int]:
-    """(prompt tokens, of which computed) of one reply: the server's usage, less its cached prompt tokens."""
-    usage = data.get("usage") or {}
-    prompt = int(usage.get("prompt_tokens") or prompt_len)
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    return prompt, max(0, prompt - int(cached))
-
-
 def split_proportionally(total: int, weights: list[int]) -> list[int]:
     """Integers summing to `total`, proportional to `weights` (largest remainder)."""
     if not weights:

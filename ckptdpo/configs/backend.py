@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, TypeAdapter
 
-from ckptdpo.configs.base import _Config
+from ckptdpo.configs.base import MAX_PROCESSES, MAX_SAMPLES, MAX_TOKENS, _Config
 
 
 class _BackendBase(_Config):
@@ -26,9 +26,11 @@ class HFBackendConfig(_BackendBase):
     kind: Literal["hf"] = "hf"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights dtype")
     device: str = Field("auto", description="'cpu', 'cuda', or 'auto'")
-    batch_token_budget: int = Field(16384, ge=1, description="max prompt+new tokens per batch")
-    max_batch_size: int = Field(16, ge=1, description="max sequences per forward batch")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU (default: torch's)")
+    batch_token_budget: int = Field(16384, ge=1, le=64 * MAX_TOKENS, description="max prompt+new tokens per batch")
+    max_batch_size: int = Field(16, ge=1, le=MAX_SAMPLES, description="max sequences per forward batch")
+    threads: int | None = Field(
+        None, ge=1, le=MAX_PROCESSES, description="torch intra-op threads on CPU (default: torch's)"
+    )
     max_model_len: int | None = Field(None, ge=1, description="context length override")
     compile: bool = Field(
         False,
@@ -54,9 +56,9 @@ class OpenAIBackendConfig(_BackendBase):
     kind: Literal["openai"] = "openai"
     base_urls: list[str] = Field(default_factory=list, description="endpoints ending in /v1, sticky by trajectory")
     api_key_env: str | None = Field(None, description="name of the env variable holding the API key")
-    max_concurrency: int = Field(8, ge=1, description="concurrent requests")
+    max_concurrency: int = Field(8, ge=1, le=MAX_PROCESSES, description="concurrent requests")
     request_timeout_s: float = Field(600.0, gt=0, description="per request timeout")
-    max_retries: int = Field(5, ge=0, description="retries on 429/5xx/timeouts")
+    max_retries: int = Field(5, ge=0, le=100, description="retries on 429/5xx/timeouts")
 
 
 class FakeBackendConfig(_BackendBase):

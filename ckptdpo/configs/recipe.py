@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 import ckptdpo.configs.stages as st
 from ckptdpo.configs.backend import BACKEND_CLASSES, BACKEND_KINDS, BackendConfig, HFBackendConfig
@@ -106,6 +106,8 @@ def describe_validation_error(e: ValidationError, source: str) -> str:
             parts.append(f"{source}: unknown key '{loc}'{where}; remove it or check its spelling.")
         elif err["type"] == "missing":
             parts.append(f"{source}: required key '{loc}' is missing; add it.")
+        elif err["type"] == "recipe":  # a model-level rule naming its fields as {at}name (configs.base.recipe_error)
+            parts.append(f"{source}: {err['ctx']['template'].replace('{at}', f'{loc}.' if loc else '')}.")
         else:
             parts.append(f"{source}: field '{loc}' {err['msg'].lower()} (got {err.get('input')!r}); fix the value.")
     return " ".join(parts)
@@ -142,7 +144,28 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, path: Path) -> None:
         fields = BACKEND_CLASSES[value].model_fields
         for name in [k for k in node if k not in fields]:
             del node[name]
+    for rule in getattr(_model_at(parts[:-1]), "UNUSED", ()):
+        if rule.option == parts[-1] and value == rule.value and node.get(rule.option) != value:
+            # Likewise an option switched on the command line (a problem source, dto.prune): the settings the file made
+            # for its other value would do nothing now, and refusing them would leave no way to run the switch.
+            for name in rule.names:
+                node.pop(name, None)
     node[parts[-1]] = value
+
+
+def _model_at(parts: list[str]) -> type[BaseModel] | None:
+    """The config class of the recipe section at `parts` (through dicts of sections); None if it is not one."""
+    node: Any = Recipe
+    for part in parts:
+        if isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+            node = node.model_fields[part].annotation
+        elif get_origin(node) is dict:
+            node = get_args(node)[1]
+        else:
+            return None
+        models = [a for a in (get_args(node) or (node,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        node = models[0] if len(models) == 1 else node
+    return node if isinstance(node, type) and issubclass(node, BaseModel) else None
 
 
 def _one_line(e: Exception) -> str:

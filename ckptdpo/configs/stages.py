@@ -9,7 +9,17 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ckptdpo.configs.backend import BackendConfig
-from ckptdpo.configs.base import _Config
+from ckptdpo.configs.base import (
+    MAX_COUNT,
+    MAX_PROCESSES,
+    MAX_SAMPLES,
+    MAX_SHARD_ITEMS,
+    MAX_SHARD_TOKENS,
+    MAX_TOKENS,
+    Unused,
+    _Config,
+    recipe_error,
+)
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -24,6 +34,18 @@ def _vllm_temperature(value: float, n: int | None = None, n_field: str = "") -> 
             f"temperature 0); set it above 0 or {n_field}: 1"
         )
     return value
+
+
+def check_shard_text(shard_size: int, num_samples: int, max_tokens: int) -> None:
+    """Refuse a shard whose planned text is absurd: one shard task holds shard_size x num_samples samples of up to
+    max_tokens tokens, so memory follows the shard, never the whole stage, only while this stays bounded."""
+    tokens = shard_size * num_samples * max_tokens
+    if tokens > MAX_SHARD_TOKENS:
+        fit = max(1, MAX_SHARD_TOKENS // (num_samples * max_tokens))
+        raise recipe_error(
+            f"one shard would hold {{at}}shard_size x {{at}}num_samples x {{at}}max_tokens = {tokens:,} tokens of "
+            f"text (at most {MAX_SHARD_TOKENS:,}); set {{at}}shard_size to {fit} or less"
+        )
 
 
 class ProblemsConfig(_Config):
@@ -46,7 +68,7 @@ class ProblemsConfig(_Config):
     answer_format: Literal["plain", "gsm8k"] = Field("plain", description="gsm8k: gold is the text after '####'")
     limit: int | None = Field(None, ge=1, description="keep only the first N problems")
     skip_invalid: bool = Field(False, description="count and skip rows with a missing problem or answer")
-    num_problems: int = Field(64, ge=1, description="demo generator: number of problems")
+    num_problems: int = Field(64, ge=1, le=MAX_COUNT, description="demo generator: number of problems")
     seed: int = Field(0, description="demo generator seed")
     demo_mix: dict[int, float] | None = Field(None, description="demo generator: level (1-5) -> weight; calibrated")
     shuffle_choices: bool = Field(True, description="choice sources: shuffle the choices (seeded by seed and id)")
@@ -71,6 +93,23 @@ class ProblemsConfig(_Config):
 
 
 _SOURCE_KINDS = {"humaneval": "code", "mbpp": "code", "livecodebench": "code", "gpqa": "choice", "arc": "choice"}
+_TABLE_FIELDS = {"path", "id_field", "problem_field", "answer_field", "answer_format", "limit", "skip_invalid"}
+# The settings each problem source reads (besides source and kind); any other one set to a value would do nothing.
+SOURCE_SETTINGS: dict[str, set[str]] = {
+    "demo": {"num_problems", "seed", "demo_mix", "limit"},
+    "file": _TABLE_FIELDS,
+    "hf": _TABLE_FIELDS | {"split", "subset"},
+    "humaneval": {"path", "limit"},
+    "mbpp": {"path", "split", "limit"},
+    "livecodebench": {"path", "subset", "limit"},
+    "gpqa": {"path", "seed", "shuffle_choices", "limit"},
+    "arc": {"path", "seed", "shuffle_choices", "limit"},
+}
+ProblemsConfig.UNUSED = tuple(
+    Unused("source", source, tuple(n for n in ProblemsConfig.model_fields if n not in {*read, "source", "kind"}),
+           ", which never reads it", "set {at}source to one that reads it (file or hf for {at}path), or remove NAME")
+    for source, read in SOURCE_SETTINGS.items()
+)  # fmt: skip
 
 
 class FewShotExample(_Config):
@@ -83,14 +122,14 @@ class FewShotExample(_Config):
 class GenerateConfig(_Config):
     """Sampling trajectories from the policy."""
 
-    num_samples: int = Field(4, ge=1, description="samples per problem (vLLM's n)")
+    num_samples: int = Field(4, ge=1, le=MAX_SAMPLES, description="samples per problem (vLLM's n)")
     temperature: float = Field(0.6, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     top_k: int = Field(-1, description="-1 disables top-k")
-    max_tokens: int = Field(32768, ge=1, description="max new tokens per sample")
+    max_tokens: int = Field(32768, ge=1, le=MAX_TOKENS, description="max new tokens per sample")
     seed: int = Field(0, description="base seed; per-request seeds derive from it and the content")
     stop: list[str] = Field(default_factory=list, description="stop strings")
-    shard_size: int = Field(256, ge=1, description="problems per shard (one task run per shard)")
+    shard_size: int = Field(256, ge=1, le=MAX_SHARD_ITEMS, description="problems per shard (one task run per shard)")
     few_shot: list[FewShotExample] = Field(
         default_factory=list, description="worked examples shown before each problem (chat turns); none by default"
     )
@@ -111,12 +150,17 @@ class GenerateConfig(_Config):
             raise ValueError("must not contain an empty string (vLLM refuses one)")
         return v
 
+    @model_validator(mode="after")
+    def _planned_shard(self) -> GenerateConfig:
+        check_shard_text(self.shard_size, self.num_samples, self.max_tokens)
+        return self
+
 
 class VerifyConfig(_Config):
     """Answer extraction and math-verify in a killable process pool."""
 
     timeout_s: float = Field(5.0, gt=0, description="hard wall-clock limit per item")
-    workers: int | None = Field(None, ge=1, description="worker processes; default: CPU count")
+    workers: int | None = Field(None, ge=1, le=MAX_PROCESSES, description="worker processes; default: CPU count")
     answer_format: Literal["boxed", "boxed_or_final_statement"] = Field(
         "boxed_or_final_statement",
         description="boxed: only the last \\boxed{} counts; boxed_or_final_statement: else an explicit final "
@@ -147,12 +191,14 @@ class ResampleConfig(_Config):
     )
     r2w: bool = Field(True, description="build Right-to-Wrong pairs from correct trajectories")
     w2r: bool = Field(True, description="build Wrong-to-Right pairs from wrong trajectories")
-    max_rounds: int = Field(3, ge=1, description="resampling rounds")
+    max_rounds: int = Field(3, ge=1, le=MAX_COUNT, description="resampling rounds")
     token_budget: int | None = Field(None, ge=1, description="stop after this many generated tokens in total")
-    max_attempts: int = Field(8, ge=1, description="draws per (trajectory, checkpoint) over all rounds")
+    max_attempts: int = Field(
+        8, ge=1, le=MAX_SAMPLES, description="draws per (trajectory, checkpoint) over all rounds"
+    )
     temperature: float = Field(0.6, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
-    max_tokens: int = Field(32768, ge=1, description="max new tokens per continuation")
+    max_tokens: int = Field(32768, ge=1, le=MAX_TOKENS, description="max new tokens per continuation")
     seed: int = Field(1, description="base seed for continuations")
     max_pair_tokens: int | None = Field(None, ge=1, description="drop pairs whose prompt+longer side exceed this")
     prefer_fitting_prefixes: bool = Field(True, description="skip checkpoints whose prefix cannot fit a pair")
@@ -163,6 +209,12 @@ class ResampleConfig(_Config):
     def _temperature(cls, v: float, info: ValidationInfo) -> float:
         # A checkpoint's draws are one request with n = its draws (up to max_attempts).
         return _vllm_temperature(v, info.data.get("max_attempts"), "max_attempts")
+
+    @model_validator(mode="after")
+    def _builds_pairs(self) -> ResampleConfig:
+        if not (self.r2w or self.w2r):
+            raise recipe_error("{at}r2w and {at}w2r are both false, so resampling would build nothing; enable one")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -178,9 +230,9 @@ class JudgeConfig(_Config):
     """The judge LLM used by DTO pruning."""
 
     backend: BackendConfig | None = Field(None, description="judge backend; default: the policy backend")
-    max_tokens: int = Field(64, ge=1)
+    max_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
     temperature: float = Field(0.0, ge=0)
-    max_segments: int = Field(64, ge=1, description="judge at most this many segments per trajectory")
+    max_segments: int = Field(64, ge=1, le=MAX_COUNT, description="judge at most this many segments per trajectory")
     max_context_chars: int = Field(8000, ge=0, description="preceding reasoning shown to the judge (its tail)")
     reply_format: Literal["json", "yes_no"] = Field(
         "json", description="json: three yes/no keys in one object; yes_no: one word, for small judges"
@@ -197,11 +249,13 @@ class DTOConfig(_Config):
 
     probe: Literal["sample", "likelihood"] = Field("likelihood", description="how to estimate exit probability")
     threshold: float = Field(0.5, ge=0, le=1, description="exit at the first checkpoint at or above this")
-    probe_samples: int = Field(4, ge=1, description="probe=sample: continuations per checkpoint")
-    probe_max_tokens: int = Field(32, ge=1)
+    probe_samples: int = Field(4, ge=1, le=MAX_SAMPLES, description="probe=sample: continuations per checkpoint")
+    probe_max_tokens: int = Field(32, ge=1, le=MAX_TOKENS)
     probe_temperature: float = Field(0.6, ge=0, description="probe=sample: sampling temperature")
     probe_top_p: float = Field(0.95, gt=0, le=1, description="probe=sample: nucleus sampling")
-    max_probes: int = Field(64, ge=1, description="probe at most this many positions per trajectory (spread)")
+    max_probes: int = Field(
+        64, ge=1, le=MAX_COUNT, description="probe at most this many positions per trajectory (spread)"
+    )
     seed: int = Field(2, description="base seed for sampled probes")
     min_checkpoints: int = Field(2, ge=0, description="use paragraph breaks when fewer checkpoints than this")
     exit_must_shorten: bool = Field(
@@ -220,6 +274,13 @@ class DTOConfig(_Config):
     def _temperature(cls, v: float, info: ValidationInfo) -> float:
         return _vllm_temperature(v, info.data.get("probe_samples"), "probe_samples")
 
+    UNUSED = (
+        Unused("probe", "likelihood", ("probe_samples", "probe_max_tokens", "probe_temperature", "probe_top_p",
+               "seed"), " (it scores the answer, samples nothing)", "set {at}probe: sample to sample, or remove NAME"),
+        Unused("prune", False, ("judge", "prune_without_exit", "on_reverify_fail"), " (no judge runs)",
+               "set {at}prune: true to prune with the judge, or remove NAME"),
+    )  # fmt: skip
+
 
 class TrainConfig(_Config):
     """TRL DPO / SimPO training on pair shards."""
@@ -232,11 +293,16 @@ class TrainConfig(_Config):
     learning_rate: float = Field(5e-7, gt=0)
     num_train_epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="-1: epochs decide")
-    per_device_train_batch_size: int = Field(1, ge=1)
+    per_device_train_batch_size: int = Field(1, ge=1, le=MAX_SAMPLES)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    max_length: int = Field(4096, ge=8, description="tokens of prompt + longer completion; never silently cut")
+    max_length: int = Field(
+        4096, ge=8, le=MAX_TOKENS, description="tokens of prompt + longer completion; never silently cut"
+    )
     max_prompt_length: int | None = Field(
-        None, ge=8, description="tokens of the prompt (problem + prefix); longer prompts are cut by `truncation`"
+        None,
+        ge=8,
+        le=MAX_TOKENS,
+        description="tokens of the prompt (problem + prefix); longer prompts are cut by `truncation`",
     )
     truncation: Literal["keep_problem_and_end", "keep_end", "drop"] = Field(
         "keep_problem_and_end",
@@ -263,7 +329,9 @@ class TrainConfig(_Config):
         False, description="GPU: Liger's layer kernels (RMSNorm, RoPE, SwiGLU); TRL 1.16 has no Liger DPO loss"
     )
     accelerate_config: str | None = Field(None, description="accelerate config file (GPU); none: python/torchrun")
-    num_processes: int = Field(1, ge=1, description="processes per machine (GPUs, or CPU ranks under torchrun)")
+    num_processes: int = Field(
+        1, ge=1, le=MAX_PROCESSES, description="processes per machine (GPUs, or CPU ranks under torchrun)"
+    )
     num_machines: int = Field(1, ge=1, description="machines (nodes) taking part; each runs the job with its rank")
     machine_rank: int = Field(0, ge=0, description="this machine's rank, 0 .. num_machines-1 (0 is the main one)")
     main_process_ip: str | None = Field(None, description="address of machine 0, reachable from every machine")
@@ -294,6 +362,14 @@ class TrainConfig(_Config):
             )
         return self
 
+    UNUSED = (
+        Unused("lora", False, ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"), "",
+               "set {at}lora: true to train an adapter, or remove NAME"),
+        Unused("loss", "simpo", ("loss_type", "precompute_ref_log_probs"), " (no reference model)",
+               "set {at}loss: dpo to use it, or remove NAME"),
+        Unused("loss", "dpo", ("gamma_beta_ratio",), "", "set {at}loss: simpo to use it, or remove NAME"),
+    )  # fmt: skip
+
 
 class EvalConfig(_Config):
     """Benchmarks: n samples per problem, pass@k, cons@k, tokens, efficiency."""
@@ -309,13 +385,13 @@ class EvalConfig(_Config):
     backends: dict[str, BackendConfig] = Field(
         default_factory=dict, description="model name -> its whole backend config, when not the recipe's backend"
     )
-    num_samples: int = Field(16, ge=1, description="samples per problem")
+    num_samples: int = Field(16, ge=1, le=MAX_SAMPLES, description="samples per problem")
     k: list[int] = Field(default_factory=lambda: [1, 4, 8, 16], description="pass@k / cons@k; k > num_samples skipped")
     temperature: float = Field(0.6, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
-    max_tokens: int = Field(32768, ge=1)
+    max_tokens: int = Field(32768, ge=1, le=MAX_TOKENS)
     seed: int = Field(1234)
-    shard_size: int = Field(64, ge=1, description="problems per eval shard")
+    shard_size: int = Field(64, ge=1, le=MAX_SHARD_ITEMS, description="problems per eval shard")
     exclude_training_problems: bool = Field(True, description="drop benchmark problems the run trained on")
     aes_alpha: float = Field(1.0, ge=0, description="AES weight of the relative length reduction")
     aes_beta: float = Field(3.0, ge=0, description="AES weight of a relative accuracy gain")
@@ -359,6 +435,7 @@ class EvalConfig(_Config):
         unknown = sorted(set(self.backends) - set(names))
         if unknown:
             raise ValueError(f"backends names models {unknown} that are not in models {names}")
+        check_shard_text(self.shard_size, self.num_samples, self.max_tokens)
         return self
 
 
@@ -409,15 +486,24 @@ class TaskRunnerConfig(_Config):
     address: str | None = Field(
         None, description="dask: 'tcp://host:8786'; ray: 'ray://host:10001' or 'auto'; none: a local cluster per flow"
     )
-    max_workers: int | None = Field(None, ge=1, description="thread: pool size; dask without address: local workers")
+    max_workers: int | None = Field(
+        None, ge=1, le=MAX_SHARD_ITEMS, description="thread: pool size; dask without address: local workers"
+    )
     max_in_flight: int = Field(
-        2, ge=1, description="shard tasks submitted at once per stage; each holds one shard in memory"
+        2, ge=1, le=MAX_SHARD_ITEMS, description="shard tasks submitted at once per stage; each holds one shard"
     )
     retries: int = Field(2, ge=0, description="retries of a failed shard task (after the backend's own retries)")
     retry_delay_s: list[float] = Field(
         default_factory=lambda: [5.0, 30.0], description="delay before each retry of a shard task (last one repeats)"
     )
     task_timeout_s: float | None = Field(None, gt=0, description="wall-clock limit of one shard task; none: no limit")
+
+    UNUSED = (
+        Unused(
+            "kind", "thread", ("address",), " (no cluster)", "set {at}kind: dask or ray to reach one, or remove NAME"
+        ),
+        Unused("kind", "ray", ("max_workers",), " (Ray sizes its own workers)", "remove NAME"),
+    )
 
 
 # --- the cost-matched GRPO baseline ---------------------------------------------------------------------------------
@@ -441,8 +527,12 @@ class GRPOConfig(_Config):
         description="stop when GRPO has generated this many completion tokens; 'match': what the factory generated "
         "(generate + resample + values + DTO probes, from stats.json); none: steps or epochs decide",
     )
-    num_generations: int = Field(8, ge=2, description="completions per prompt (the group); TRL's num_generations")
-    max_completion_length: int = Field(1024, ge=1, description="max new tokens per completion; a cut one gets 0")
+    num_generations: int = Field(
+        8, ge=2, le=MAX_SAMPLES, description="completions per prompt (the group); TRL's num_generations"
+    )
+    max_completion_length: int = Field(
+        1024, ge=1, le=MAX_TOKENS, description="max new tokens per completion; a cut one gets 0"
+    )
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the completions")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of the completions")
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = Field(
@@ -457,7 +547,9 @@ class GRPOConfig(_Config):
     mask_truncated_completions: bool = Field(
         False, description="leave completions cut at max_completion_length out of the loss (DAPO)"
     )
-    num_iterations: int = Field(1, ge=1, description="optimization passes over each generation batch (mu)")
+    num_iterations: int = Field(
+        1, ge=1, le=MAX_COUNT, description="optimization passes over each generation batch (mu)"
+    )
     learning_rate: float = Field(1e-6, gt=0)
     lr_scheduler_type: Literal["cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine_with_min_lr",
@@ -467,8 +559,10 @@ class GRPOConfig(_Config):
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of the schedule (budget or steps) in warm-up")
     max_steps: int = Field(-1, description="-1: the budget decides (else num_train_epochs); > 0: at most this many")
     num_train_epochs: float = Field(1.0, gt=0, description="passes over the problems when there is no budget")
-    per_device_train_batch_size: int = Field(16, ge=1, description="completions per device and micro-batch")
-    gradient_accumulation_steps: int = Field(16, ge=1)
+    per_device_train_batch_size: int = Field(
+        16, ge=1, le=MAX_SAMPLES, description="completions per device and micro-batch"
+    )
+    gradient_accumulation_steps: int = Field(16, ge=1, le=MAX_COUNT)
     seed: int = Field(42)
     lora: bool = Field(False, description="train a LoRA adapter (merged into the saved model) instead of all weights")
     lora_r: int = Field(16, ge=1)
@@ -487,7 +581,7 @@ class GRPOConfig(_Config):
     vllm_server_timeout: float = Field(240.0, gt=0, description="server mode: seconds to wait for the server")
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="colocate mode: vLLM's share of the GPU")
     accelerate_config: str | None = Field(None, description="accelerate config file (GPUs); none: python/torchrun")
-    num_processes: int = Field(1, ge=1, description="training processes per machine")
+    num_processes: int = Field(1, ge=1, le=MAX_PROCESSES, description="training processes per machine")
     num_machines: int = Field(1, ge=1, description="machines taking part; each runs the job with its rank")
     machine_rank: int = Field(0, ge=0, description="this machine's rank, 0 .. num_machines-1")
     main_process_ip: str | None = Field(None, description="address of machine 0, reachable from every machine")
@@ -531,7 +625,9 @@ class ValuesConfig(_Config):
     """Checkpoint values: the share of continuations from a checkpoint that verify, and the first checkpoint below
     a threshold (the step holding the first error), found by bisection or by probing every checkpoint."""
 
-    rollouts: int = Field(8, ge=1, description="continuations per probed checkpoint (one request, vLLM's n)")
+    rollouts: int = Field(
+        8, ge=1, le=MAX_SAMPLES, description="continuations per probed checkpoint (one request, vLLM's n)"
+    )
     search: Literal["binary", "exhaustive"] = Field(
         "binary",
         description="binary: bisect for the first checkpoint below threshold (about log2(n) + 1 probes, values "
@@ -544,9 +640,14 @@ class ValuesConfig(_Config):
         "timeout and error verdicts never",
     )
     max_rollouts_per_trajectory: int | None = Field(
-        None, ge=1, description="stop a trajectory's search once its next probe would pass this; none: no cap"
+        None,
+        ge=1,
+        le=MAX_COUNT * MAX_SAMPLES,
+        description="stop a trajectory's search once its next probe would pass this; none: no cap",
     )
-    max_tokens: int = Field(32768, ge=1, description="max new tokens per continuation; one cut there never verifies")
+    max_tokens: int = Field(
+        32768, ge=1, le=MAX_TOKENS, description="max new tokens per continuation; one cut there never verifies"
+    )
     temperature: float = Field(0.6, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     seed: int = Field(3, description="base seed; each probe's seed derives from it, the sample and the checkpoint")

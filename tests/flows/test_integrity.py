@@ -156,6 +156,8 @@ def _bad_cases(tmp: Path, recipe: Path, run_dir: Path) -> list[tuple[str, Path, 
     bad_script = tmp / "bad-script.yaml"
     bad_script.write_text("problems: [1, 2\n")
     hf = ["--set", "backend.kind=hf", "--set"]
+    big = ["--set", "generate.num_samples=4096", "--set", "generate.max_tokens=1000000", "--set"]
+    demo = ["--set", "problems.source=demo", "--set"]
     return [
         ("empty recipe", empty, [], "empty"),
         ("--stages ,", recipe, ["--stages", ","], "names no stage"),
@@ -165,6 +167,11 @@ def _bad_cases(tmp: Path, recipe: Path, run_dir: Path) -> list[tuple[str, Path, 
         ("garbage config.json", recipe, [*hf, f"backend.model={garbage_model}"], "config.json"),
         ("malformed fake script", recipe, ["--set", f"backend.script={bad_script}"], "bad-script.yaml"),
         ("--stages verify on a fresh directory", recipe, ["--stages", "verify"], "generate"),
+        # issue 26: absurd sizes, settings that would do nothing, a stage named twice
+        ("a billion samples", recipe, ["--set", "generate.num_samples=1000000000"], "generate.num_samples"),
+        ("a shard of absurd planned text", recipe, [*big, "generate.shard_size=1000"], "generate.shard_size"),
+        ("problems.path with the demo source", recipe, [*demo, "problems.path=p.jsonl"], "problems.path does nothing"),
+        ("--stages generate,verify,generate", recipe, ["--stages", "generate,verify,generate"], "more than once"),
     ]
 
 
@@ -269,3 +276,163 @@ def test_an_endpoint_that_is_down_fails_the_run_and_the_rerun_after_it_recovers_
         r = run(recipe, tmp_path / "run")
     assert r.returncode == 0, r.stderr
     assert read_manifest(tmp_path / "run" / "generate")["num_rows"] == 4
+
+
+# --- issue 26: manifests that point elsewhere, shards of another stage, replies that break the API ------------------
+
+
+def forge_entry(stage: Path, index: int, name: str, source: Path) -> None:
+    """List `name` as shard `index` of a stage's manifest with `source`'s size, sha256 and rows (a consistent edit)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((stage / "_manifest.json").read_text())
+    data = source.read_bytes()
+    manifest["shards"][index] = {
+        "name": name,
+        "num_rows": pq.ParquetFile(source).metadata.num_rows,
+        "num_bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    (stage / "_manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_manifest_naming_a_file_outside_its_stage_is_damaged_and_the_stage_redone(finished, tmp_path: Path):
+    recipe, source = finished
+    run_dir = copy_run(source, tmp_path)
+    before = pair_ids(run_dir)
+    secret = tmp_path / "secret.parquet"  # run_dir/pairs/../../secret.parquet
+    secret.write_bytes((run_dir / "pairs" / "part-00000.parquet").read_bytes())
+    kept = secret.read_bytes()
+    forge_entry(run_dir / "pairs", 0, "../../secret.parquet", secret)
+    r = run(recipe, run_dir)
+    assert r.returncode == 0, r.stderr
+    assert "damaged" in r.stderr and "../../secret.parquet" in r.stderr, r.stderr
+    names = [s["name"] for s in read_manifest(run_dir / "pairs")["shards"]]
+    assert all("/" not in n for n in names) and (run_dir / "pairs" / names[0]).exists()
+    assert pair_ids(run_dir) == before
+    assert secret.read_bytes() == kept  # never read as a shard, never deleted
+
+
+def test_a_shard_of_another_stage_with_its_entry_updated_is_rewritten(finished, tmp_path: Path):
+    recipe, source = finished
+    run_dir = copy_run(source, tmp_path)
+    before, verdicts = pair_ids(run_dir), (run_dir / "verify" / "part-00000.parquet").read_bytes()
+    shard = run_dir / "verify" / "part-00000.parquet"
+    shard.write_bytes((run_dir / "generate" / "part-00000.parquet").read_bytes())
+    forge_entry(run_dir / "verify", 0, "part-00000.parquet", shard)
+    r = run(recipe, run_dir)
+    assert r.returncode == 0, r.stderr
+    assert "part-00000.parquet" in r.stderr and "columns" in r.stderr, r.stderr  # named, with the reason
+    assert shard.read_bytes() == verdicts and pair_ids(run_dir) == before
+    # Run alone, a stage that reads such a shard says which file, and how to rewrite it, in one sentence.
+    shard.write_bytes((run_dir / "generate" / "part-00000.parquet").read_bytes())
+    forge_entry(run_dir / "verify", 0, "part-00000.parquet", shard)
+    (run_dir / "checkpoints" / "_manifest.json").unlink()
+    r = run(recipe, run_dir, "--stages", "checkpoints")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "verify/part-00000.parquet" in r.stderr and "add verify to --stages" in r.stderr, r.stderr
+
+
+def _serve_broken(tmp_path: Path, hook, *extra: str) -> subprocess.CompletedProcess:
+    from ckptdpo.backends.fake import FakeBackend
+    from tests.openai_server import OpenAIServer
+
+    with OpenAIServer(FakeBackend(ENDPOINT_SCRIPT), reply_hook=hook) as srv:
+        r = run(endpoint_recipe(tmp_path, srv.base_url), tmp_path / "run", "--set", "backend.max_retries=0", *extra)
+        r.url = srv.base_url
+    return r
+
+
+def test_a_null_text_fails_the_stage_naming_the_field_and_the_server(tmp_path: Path):
+    def null_text(body: dict, reply: dict) -> dict:
+        for c in reply["choices"]:
+            c["text"] = None
+        return reply
+
+    r = _serve_broken(tmp_path, null_text)
+    assert r.returncode == 1 and "choices[0].text" in r.stderr and r.url in r.stderr, r.stderr
+    assert read_manifest(tmp_path / "run" / "generate") is None
+
+
+def test_a_negative_token_count_fails_the_stage_instead_of_being_stored(tmp_path: Path):
+    def negative(body: dict, reply: dict) -> dict:
+        reply["usage"]["prompt_tokens"] = -5
+        return reply
+
+    r = _serve_broken(tmp_path, negative)
+    assert r.returncode == 1 and "usage.prompt_tokens" in r.stderr and "-5" in r.stderr, r.stderr
+    assert read_manifest(tmp_path / "run" / "generate") is None
+
+
+def test_fewer_choices_than_asked_fail_the_shard_with_the_reason_after_the_colon(tmp_path: Path):
+    import re
+
+    def one_fewer(body: dict, reply: dict) -> dict:
+        return {**reply, "choices": reply["choices"][: body["n"] - 1]}
+
+    r = _serve_broken(tmp_path, one_fewer)
+    assert r.returncode == 1, r.stderr
+    reason = re.search(r"request\(s\) failed \(failure budget 0\): (\S.*)", r.stderr)
+    assert reason and "choice" in reason.group(1), r.stderr
+
+
+# --- a full disk: one line, no temporary file left, and the rerun after freeing space completes --------------------
+
+
+def _mount_namespace() -> list[str] | None:
+    """A command prefix giving a private mount namespace where a tmpfs can be mounted (root, or a user namespace)."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        return None
+    prefix = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-r", "-m"]
+    probe = subprocess.run([*prefix, "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
+    return prefix if probe.returncode == 0 else None
+
+
+def test_a_full_disk_fails_in_one_line_leaves_no_temporary_file_and_the_rerun_completes(tmp_path: Path):
+    """The run directory on a 2 MB tmpfs, filled after the second generate shard: the real write path hits ENOSPC."""
+    prefix = _mount_namespace()
+    if prefix is None:
+        pytest.skip("cannot mount a tmpfs here (needs root or user namespaces)")
+    script = {**SCRIPT, "problems": dict(SCRIPT["problems"]), "delay_s": 0.3}
+    problems = list(PROBLEMS)
+    for i in range(20):
+        script["problems"][f"Copy {i}: what is 2 + 3?"] = {"samples": SCRIPT["problems"]["What is 2 + 3?"]["samples"]}
+        problems.append({"id": f"c{i}", "problem": f"Copy {i}: what is 2 + 3?", "answer": "5"})
+    recipe = write_fake_recipe(tmp_path, script, problems, stages=["generate", "verify"])
+    reference = tmp_path / "reference"
+    assert run(recipe, reference).returncode == 0
+    disk, out = tmp_path / "disk", tmp_path / "out"
+    disk.mkdir()
+    out.mkdir()
+    cli = f"{sys.executable} -m commands run {recipe} --run-dir {disk}/run"
+    steps = f"""
+        mount -t tmpfs -o size=2m tmpfs {disk}
+        {cli} --set task_runner.retries=0 > {out}/first.txt 2>&1 &
+        pid=$!
+        while [ ! -e {disk}/run/generate/part-00001.parquet ] && kill -0 $pid 2>/dev/null; do sleep 0.05; done
+        dd if=/dev/zero of={disk}/filler bs=4k 2>/dev/null
+        wait $pid; echo $? > {out}/first.rc
+        ls -aR {disk}/run > {out}/first.ls
+        rm {disk}/filler
+        {cli} > {out}/second.txt 2>&1; echo $? > {out}/second.rc
+        ls -aR {disk}/run > {out}/second.ls
+        cp -r {disk}/run {out}/run
+    """
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    subprocess.run([*prefix, "bash", "-c", steps], env=env, timeout=900, check=True)
+    first = (out / "first.txt").read_text()
+    assert (out / "first.rc").read_text().strip() == "1", first
+    last = first.strip().splitlines()[-1]
+    assert last.startswith("error: no space left on the device writing ") and ".parquet" in last, first
+    assert "Traceback" not in first, first  # the traceback only with -v
+    assert ".tmp-" not in (out / "first.ls").read_text()  # the failed write removed its temporary file
+    assert read_manifest(out / "run" / "generate") is not None
+    assert (out / "second.rc").read_text().strip() == "0", (out / "second.txt").read_text()
+    assert ".tmp-" not in (out / "second.ls").read_text()
+    for stage in ("generate", "verify"):
+        got = [s["sha256"] for s in read_manifest(out / "run" / stage)["shards"]]
+        assert got == [s["sha256"] for s in read_manifest(reference / stage)["shards"]], stage

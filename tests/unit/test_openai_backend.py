@@ -13,7 +13,7 @@ import pytest
 from ckptdpo.backends import make_backend
 from ckptdpo.backends.base import GenerationRequest, problem_message
 from ckptdpo.backends.fake import FakeBackend
-from ckptdpo.backends.openai import OpenAIBackend, ServerCapabilityError, draw_seed
+from ckptdpo.backends.openai import OpenAIBackend, OpenAIError, ServerCapabilityError, draw_seed
 from ckptdpo.backends.openai_http import split_proportionally
 from ckptdpo.configs import Recipe, backend_config
 from ckptdpo.errors import UserError
@@ -414,3 +414,135 @@ def test_against_a_server_serving_the_hf_backend(request: pytest.FixtureRequest)
         (reply,) = be.chat([[{"role": "user", "content": "Say hi."}]], max_tokens=8)
         assert reply == hf.chat([[{"role": "user", "content": "Say hi."}]], max_tokens=8)[0] and reply
         be.close()
+
+
+# -- issue 26: a reply that breaks the API contract fails its request, naming the field and the server ---------------
+
+
+def _choices(edit):
+    """A reply hook applying `edit(choice, body)` to every choice of a completion reply."""
+
+    def hook(body: dict, reply: dict) -> dict:
+        for c in reply.get("choices") or []:
+            edit(c, body)
+        return reply
+
+    return hook
+
+
+def _usage(**fields):
+    def hook(body: dict, reply: dict) -> dict:
+        reply["usage"] = {**reply.get("usage", {}), **fields}
+        return reply
+
+    return hook
+
+
+def _details(**fields):
+    def hook(body: dict, reply: dict) -> dict:
+        reply["usage"]["prompt_tokens_details"] = fields
+        return reply
+
+    return hook
+
+
+def _reply(**fields):
+    def hook(body: dict, reply: dict) -> dict:
+        return {**reply, **fields}
+
+    return hook
+
+
+def _double(body: dict, reply: dict) -> dict:
+    """Twice the choices the request asked for."""
+    return {**reply, "choices": reply["choices"] + [{**c, "index": c["index"] + 10} for c in reply["choices"]]}
+
+
+BROKEN_REPLIES = {
+    "text null": (_choices(lambda c, b: c.update(text=None)), "choices[0].text"),
+    "text a number": (_choices(lambda c, b: c.update(text=5)), "choices[0].text"),
+    "token ids not ints": (_choices(lambda c, b: c.update(token_ids=["a"])), "choices[0].token_ids"),
+    "negative token id": (_choices(lambda c, b: c.update(token_ids=[-1, 3])), "choices[0].token_ids"),
+    "more token ids than max_tokens": (_choices(lambda c, b: c.update(token_ids=[1] * 500)), "max_tokens"),
+    "negative prompt tokens": (_usage(prompt_tokens=-5), "usage.prompt_tokens"),
+    "prompt tokens a string": (_usage(prompt_tokens="many"), "usage.prompt_tokens"),
+    "negative completion tokens": (_usage(completion_tokens=-1), "usage.completion_tokens"),
+    "more completion tokens than asked": (_usage(completion_tokens=10_000), "usage.completion_tokens"),
+    "more cached than prompt tokens": (_details(cached_tokens=10_000), "cached_tokens"),
+    "finish reason abort": (_choices(lambda c, b: c.update(finish_reason="abort")), "finish_reason"),
+    "finish reason unknown": (_choices(lambda c, b: c.update(finish_reason="banana")), "finish_reason"),
+    "finish reason null": (_choices(lambda c, b: c.update(finish_reason=None)), "finish_reason"),
+    "choices not a list": (_reply(choices={"text": "x"}), "choices"),
+    "a choice not an object": (_reply(choices=["x", "y"]), "choices[0]"),
+    "two choices with one index": (_choices(lambda c, b: c.update(index=0)), "index"),
+    "more choices than n": (_double, "choices"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_REPLIES))
+def test_a_reply_that_breaks_the_contract_fails_the_request_naming_the_field_and_the_server(
+    case: str, fake: FakeBackend
+) -> None:
+    hook, field = BROKEN_REPLIES[case]
+    with OpenAIServer(fake, reply_hook=hook) as srv:
+        be = client(srv.base_url)
+        (res,) = be.generate([GenerationRequest(fake.chat_prompt("What is 2+3?"), n=2, max_tokens=100)])
+    assert res.error and field in res.error and srv.base_url in res.error, res.error
+    assert res.samples == [] and be.stats.samples == 0  # nothing of a broken reply is kept
+
+
+def test_fewer_choices_than_asked_never_makes_a_short_or_empty_result(fake: FakeBackend) -> None:
+    """A server that always sends one choice fewer than `n`: single requests then get none, which is an error."""
+
+    def one_fewer(body: dict, reply: dict) -> dict:
+        return {**reply, "choices": reply["choices"][: body["n"] - 1]}
+
+    prompt = fake.chat_prompt("What is 2+3?")
+    with OpenAIServer(fake, reply_hook=one_fewer) as srv:
+        be = client(srv.base_url)
+        (first,) = be.generate([GenerationRequest(prompt, n=2)])
+        (second,) = be.generate([GenerationRequest(prompt, n=2)])  # n is known not to work: single requests only
+    for res in (first, second):
+        assert res.error and "choice" in res.error and srv.base_url in res.error and res.samples == [], res.error
+
+
+def test_a_good_reply_still_passes_with_every_field_checked(server: OpenAIServer, fake: FakeBackend) -> None:
+    (res,) = client(server.base_url).generate([GenerationRequest(fake.chat_prompt("What is 2+3?"), n=3)])
+    assert res.error is None and len(res.samples) == 3 and all(s.num_tokens >= 0 for s in res.samples)
+
+
+def test_a_chat_reply_without_text_is_an_error_naming_the_field(fake: FakeBackend) -> None:
+    def null_content(body: dict, reply: dict) -> dict:
+        for c in reply["choices"]:
+            c["message"]["content"] = None
+        return reply
+
+    with OpenAIServer(fake, reply_hook=null_content) as srv, pytest.raises(OpenAIError) as info:
+        client(srv.base_url).chat([[{"role": "user", "content": "judge segment 2"}]], max_tokens=8)
+    assert "message.content" in str(info.value) and srv.base_url in str(info.value)
+
+
+def test_a_positive_log_probability_is_an_error_naming_the_field(fake: FakeBackend) -> None:
+    def positive(body: dict, reply: dict) -> dict:
+        lp = reply["choices"][0]["logprobs"]
+        lp["token_logprobs"] = [None if v is None else abs(v) + 1 for v in lp["token_logprobs"]]
+        return reply
+
+    with OpenAIServer(fake, reply_hook=positive) as srv, pytest.raises(OpenAIError) as info:
+        client(srv.base_url).score(["Q: x \\boxed{"], ["5}"])
+    assert "token_logprobs" in str(info.value) and srv.base_url in str(info.value)
+
+
+def test_result_problem_names_what_breaks_the_protocol() -> None:
+    from ckptdpo.backends.base import GenerationResult, Sample, result_problem
+
+    req = GenerationRequest("p", n=2)
+    ok = [Sample("a", 1, "stop"), Sample("", 0, "length")]
+    assert result_problem(req, GenerationResult(ok, 3)) is None
+    assert result_problem(req, GenerationResult([], 0, error="HTTP 500")) is None
+    assert "1 sample(s) for a request of n=2" in result_problem(req, GenerationResult(ok[:1], 3))
+    assert "0 sample(s)" in result_problem(req, GenerationResult([], 0))  # empty without an error
+    assert "text None" in result_problem(req, GenerationResult([Sample(None, 1, "stop"), ok[1]], 3))
+    assert "num_tokens -1" in result_problem(req, GenerationResult([Sample("a", -1, "stop"), ok[1]], 3))
+    assert "finish_reason 'abort'" in result_problem(req, GenerationResult([Sample("a", 1, "abort"), ok[1]], 3))
+    assert "prompt_tokens = -5" in result_problem(req, GenerationResult(ok, -5))

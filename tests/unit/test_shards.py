@@ -100,3 +100,126 @@ def test_a_damaged_sub_stage_makes_its_parent_stage_not_done(tmp_path: Path):
     assert prepare_stage(parent, "top") is False
     assert (sub / "_manifest.json").exists()  # the sub-stage's own plan rewrites what is missing
     assert prepare_stage(sub, "sub") is False
+
+
+# --- issue 26: forged manifests, shards of another schema, temporary files, a full disk -------------------------
+
+
+def _forge(stage: Path, index: int, name: str, source: Path) -> None:
+    """List `name` as shard `index` in the manifest with the size, hash and rows of `source` (a consistent forgery)."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    m = json.loads((stage / "_manifest.json").read_text())
+    data = source.read_bytes()
+    rows = pq.ParquetFile(source).metadata.num_rows
+    m["shards"][index] = {"name": name, "num_rows": rows, "num_bytes": len(data),
+                          "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
+    (stage / "_manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("name", ["../secret.parquet", "ABSOLUTE", "sub/part-00000.parquet", "..", ".hidden", ""])
+def test_a_shard_name_that_is_not_a_file_of_the_stage_is_a_damaged_manifest(tmp_path: Path, name: str):
+    stage = _stage(tmp_path)
+    outside = tmp_path / "secret.parquet"
+    name = str(outside) if name == "ABSOLUTE" else name
+    outside.write_bytes((stage / "part-00000.parquet").read_bytes())
+    before = outside.read_bytes()
+    _forge(stage, 0, name, outside)
+    assert read_manifest(stage) is None  # never followed: as if the stage had no manifest
+    with pytest.raises(StageNotDone, match=r"_manifest.json: the stage manifest is damaged .*not a file name"):
+        listed_shards(stage)
+    assert prepare_stage(stage, "k1") is False  # the stage is redone
+    assert outside.read_bytes() == before and not (stage / "_manifest.json").exists()
+
+
+def test_a_shard_that_is_a_link_is_damaged_and_its_target_left_alone(tmp_path: Path):
+    stage = _stage(tmp_path)
+    outside = tmp_path / "secret.parquet"
+    outside.write_bytes((stage / "part-00001.parquet").read_bytes())
+    (stage / "part-00001.parquet").unlink()
+    (stage / "part-00001.parquet").symlink_to(outside)  # same bytes, so size and hash match the manifest
+    assert damaged_shards(stage) == ["part-00001.parquet"]
+    with pytest.raises(StageNotDone, match="part-00001.parquet"):
+        read_stage(stage)
+    assert prepare_stage(stage, "k1") is False
+    assert not (stage / "part-00001.parquet").exists() and outside.exists()
+
+
+def test_a_failed_entry_outside_the_stage_is_a_damaged_manifest_and_deletes_nothing(tmp_path: Path):
+    outside = tmp_path / "keep.parquet"
+    outside.write_bytes(b"precious")
+    stage = _stage(tmp_path, failed=[{"shard": "../keep.parquet", "ids": ["p1"]}])
+    assert read_manifest(stage) is None
+    assert prepare_stage(stage, "k1") is False
+    assert outside.read_bytes() == b"precious"
+
+
+def test_a_shard_of_another_schema_is_damaged_named_and_rewritten(tmp_path: Path):
+    stage = _stage(tmp_path)
+    other = tmp_path / "other.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"y": ["a", "b"]}), other)
+    (stage / "part-00001.parquet").write_bytes(other.read_bytes())
+    _forge(stage, 1, "part-00001.parquet", other)  # size, hash and rows all match the file: only its columns differ
+    assert damaged_shards(stage) == ["part-00001.parquet"]
+    with pytest.raises(StageNotDone, match=r"part-00001.parquet.*columns"):
+        listed_shards(stage) and read_stage(stage)
+    assert prepare_stage(stage, "k1") is False
+    assert sorted(p.name for p in stage.glob("part-*")) == ["part-00000.parquet", "part-00002.parquet"]
+
+
+def test_an_expected_schema_from_the_caller_is_checked_too(tmp_path: Path):
+    from ckptdpo.shards import check_shards_present
+
+    stage = _stage(tmp_path)
+    assert prepare_stage(stage, "k1", schema=pa.schema([("x", pa.int64())])) is True
+    with pytest.raises(StageNotDone, match=r"part-00000.parquet: this shard is not one of its stage's .*is_correct"):
+        check_shards_present(stage, schema=pa.schema([("is_correct", pa.bool_())]))
+    assert damaged_shards(stage, schema=pa.schema([("is_correct", pa.bool_())])) == [
+        "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"
+    ]  # fmt: skip
+
+
+def test_reading_a_column_a_shard_lacks_names_the_shard(tmp_path: Path):
+    from ckptdpo.shards import read_shard
+
+    stage = _stage(tmp_path)
+    with pytest.raises(StageNotDone, match=r"part-00000.parquet.*is_correct"):
+        read_shard(stage / "part-00000.parquet", ["is_correct"])
+    with pytest.raises(StageNotDone, match=r"part-0000\d.parquet.*is_correct"):
+        read_stage(stage, ["is_correct"])
+
+
+def test_temporary_files_of_an_earlier_run_are_removed_when_the_stage_is_prepared(tmp_path: Path):
+    stage = tmp_path / "stage"
+    prepare_stage(stage, "k1")
+    write_shard(stage, 0, pa.table({"x": [1]}))
+    stale = [stage / ".part-00001.parquet.tmp-4242", stage / "._manifest.json.tmp-4242"]
+    for p in stale:
+        p.write_bytes(b"half")
+    assert prepare_stage(stage, "k1") is False
+    assert not any(p.exists() for p in stale) and (stage / "part-00000.parquet").exists()
+
+
+def test_a_write_that_fails_leaves_no_temporary_file_and_a_full_disk_is_named(tmp_path: Path, monkeypatch):
+    import errno
+
+    import pyarrow.parquet as pq
+
+    from ckptdpo.shards import DiskFull, atomic_write_bytes
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", full)
+    stage = tmp_path / "stage"
+    with pytest.raises(DiskFull, match=r"no space left .*part-00003.parquet"):
+        write_shard(stage, 3, pa.table({"x": [1]}))
+    assert list(stage.iterdir()) == []
+    monkeypatch.setattr("os.fsync", full)
+    with pytest.raises(DiskFull, match="stats.json"):
+        atomic_write_bytes(tmp_path / "stats.json", b"{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["stage"]

@@ -205,7 +205,7 @@ def test_a_model_without_the_mask_trains_on_the_standard_path_and_says_why(tiny,
     with caplog.at_level("WARNING"):
         trainer = _trainer({**tiny, "model": gpt2}, tmp_path, loss="dpo")
     assert not trainer.prefix_sharing and "model type 'gpt2'" in trainer.prefix_sharing_off
-    assert [r.message for r in caplog.records if "prefix_sharing" in r.message] == [
+    assert [r.getMessage() for r in caplog.records if "prefix_sharing" in r.getMessage()] == [
         "train.prefix_sharing: model type 'gpt2' is not one of llama, mistral, qwen2, qwen3, so pairs train as two "
         "sequences."
     ]
