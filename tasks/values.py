@@ -21,7 +21,7 @@ from ckptdpo.report import ReportSection
 from ckptdpo.report.values import section_values
 from ckptdpo.schemas import PAIRS, PRM_STEPS, VALUE_TRAJECTORIES, VALUES, make_table
 from ckptdpo.shards import read_manifest, read_stage, shard_path, write_shard
-from ckptdpo.values import estimate_values, summarize_values, values_headline
+from ckptdpo.values import compare_schedules, estimate_values, summarize_values, values_headline
 from ckptdpo.verify import verify_batch
 from tasks import planning
 from tasks.backends import backend_session
@@ -123,7 +123,31 @@ class Values(Stage):
                                          plan.indices)  # fmt: skip
         counters = {k: sum(r.get(k, 0) for r in shard_results) for k in _COUNTERS}
         stats = summarize_values(rows[NAME], rows[TRAJECTORIES], pairs, counters)
-        return {**stats, "threshold": ctx.recipe.values.threshold}
+        return {**stats, "threshold": ctx.recipe.values.threshold, "schedules": self._schedules(ctx, plan)}
+
+    def _schedules(self, ctx: RunContext, plan: planning.StagePlan) -> dict[str, Any]:
+        """Expected first-round pairs per 1k generated tokens of the recipe's resampling schedule against the value
+        schedule, priced from this stage's own rollouts (`compare_schedules`; only fully probed trajectories)."""
+        resample, threshold = ctx.recipe.resample, ctx.recipe.values.threshold
+        baseline = "seed" if resample.policy == "value" else resample.policy
+        totals: dict[str, Any] = {"trajectories": 0, "skipped": 0}
+        for i in plan.indices:
+            trajectories = load_trajectories(ctx.run_dir, i).values()
+            got = compare_schedules(
+                trajectories, planning.read_rows(ctx.run_dir, NAME, i), resample, threshold, baseline
+            )
+            totals["trajectories"] += got["trajectories"]
+            totals["skipped"] += got["skipped"]
+            for name in (baseline, "value"):
+                t = totals.setdefault(name, {"draws": 0, "expected_pairs": 0.0, "expected_tokens": 0.0})
+                for k in t:
+                    t[k] += got[name][k]
+        for name in (baseline, "value"):
+            t = totals[name]
+            t["pairs_per_1k_tokens"] = (
+                round(1000 * t["expected_pairs"] / t["expected_tokens"], 4) if t["expected_tokens"] else None
+            )
+        return totals
 
     def headline(self, s: Mapping[str, Any]) -> str:
         return values_headline(s)

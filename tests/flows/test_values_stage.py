@@ -86,6 +86,14 @@ def test_both_searches_find_every_planted_first_error_and_binary_costs_at_most_h
         critical = next(c for p, c, _ in PLANTED if p == pid)
         planted = 0.125 if critical is not None and row["checkpoint_index"] >= critical else 0.75
         assert abs(row["value"] - planted) <= 0.25 and row["ci_low"] <= row["value"] <= row["ci_high"]
+    # The recipe's schedule against the value schedule, priced from the exhaustive run's own rollouts.
+    schedules = read_stats(runs["exhaustive"])["values"]["schedules"]
+    assert schedules["trajectories"] == len(PLANTED) and schedules["skipped"] == 0
+    for name in ("seed", "value"):
+        s = schedules[name]
+        assert s["draws"] > 0 and s["pairs_per_1k_tokens"] == pytest.approx(
+            1000 * s["expected_pairs"] / s["expected_tokens"], rel=1e-3
+        )
     stats = read_stats(runs["binary"])["values"]
     assert (
         stats["critical_found"] == 4
