@@ -175,7 +175,16 @@ def _columns_differ(path: Path, columns: list[list[str]] | None) -> str | None:
 
 def columns_of(schema: pa.Schema) -> list[list[str]]:
     """A schema as the manifest records it: [name, type] per column, in order."""
-    return [[f.name, str(f.type)] for f in schema]
+    return [[f.name, _type_name(f.type)] for f in schema]
+
+
+def _type_name(t: pa.DataType) -> str:
+    """A column's type, without the name of a list's item field (Parquet reads `item` back as `element`)."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"list<{_type_name(t.value_type)}>"
+    if pa.types.is_struct(t):
+        return "struct<" + ", ".join(f"{f.name}: {_type_name(f.type)}" for f in t) + ">"
+    return str(t)
 
 
 def _names(columns: list[list[str]]) -> str:

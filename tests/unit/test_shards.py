@@ -223,3 +223,17 @@ def test_a_write_that_fails_leaves_no_temporary_file_and_a_full_disk_is_named(tm
     with pytest.raises(DiskFull, match="stats.json"):
         atomic_write_bytes(tmp_path / "stats.json", b"{}")
     assert [p.name for p in tmp_path.iterdir()] == ["stage"]
+
+
+def test_a_shard_with_list_columns_is_its_own_stages_after_a_parquet_round_trip(tmp_path: Path):
+    """Parquet reads a list's item field back as `element`: that is no other schema (the checkpoints stage's lists)."""
+    from ckptdpo.schemas import CHECKPOINTS, make_table
+    from ckptdpo.shards import check_shards_present, prepare_stage
+
+    row = {"sample_id": "s", "problem_id": "p", "is_correct": True, "completion_tokens": 3, "num_paragraphs": 2,
+           "num_checkpoints": 1, "checkpoint_chars": [4], "checkpoint_markers": ["Wait"]}  # fmt: skip
+    stage = tmp_path / "checkpoints"
+    write_shard(stage, 0, make_table([row], CHECKPOINTS))
+    write_manifest(stage, config_hash="k")
+    assert check_shards_present(stage, schema=CHECKPOINTS) == [stage / "part-00000.parquet"]
+    assert prepare_stage(stage, "k", schema=CHECKPOINTS) is True  # done, nothing to rewrite
