@@ -69,12 +69,11 @@ def main() -> int:
     print(f"{s['global_step']} steps, {s['completions_per_step']} completions per step, stopped by {s['stopped_by']}")
     print(f"generated {s['generated_tokens']:,} of {s['generation_budget']} budget tokens ({share}); "
           f"trained tokens {s['trained_tokens']:,}; capped generations {s['capped_generations']}")  # fmt: skip
-    for st in s["steps"]:
-        print(
-            f"  step {st['step']}: generated {st['generated_tokens']} (mean length {st['completion_length']}) in "
-            f"{st['generation_s']} s, verified in {st['reward_s']} s; reward {st['reward_mean']}, "
-            f"skipped {st['skipped_share']}, loss {st['loss']}"
-        )
+    columns = ("step", "generated_tokens", "completion_length", "generation_s", "reward_s", "reward_mean",
+               "skipped_share", "loss")  # fmt: skip
+    rows = [columns] + [tuple(str(st.get(c)) for c in columns) for st in s["steps"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
+    print("\n".join("  " + "  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows))
     print(f"run directory: {run}")
     return 0
 

@@ -11,7 +11,7 @@ from ckptdpo.configs import TaskRunnerConfig
 from ckptdpo.shards import read_manifest
 from flows import progress
 from tasks.planning import StagePlan, finalize_stage, shards_written
-from tasks.stage import JobStep, ShardStep
+from tasks.stage import JobStep, Shard, ShardStep
 
 
 def fan_out(
@@ -35,7 +35,7 @@ def fan_out(
 
     def submit(i: int):
         refresh = not shards_written(plan, i)
-        return task.with_options(refresh_cache=refresh, **options).submit(plan.run_dir, i, plan.key, **params)
+        return task.with_options(refresh_cache=refresh, **options).submit(Shard(plan.run_dir, i, plan.key), **params)
 
     pending = [submit(i) for i in plan.indices[:in_flight]]
     results = []

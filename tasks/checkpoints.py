@@ -6,8 +6,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
 from ckptdpo import summary
 from ckptdpo.checkpoints import checkpoint_rows
 from ckptdpo.configs import CheckpointConfig
@@ -15,20 +13,17 @@ from ckptdpo.report import ReportSection, sections
 from ckptdpo.report import format_number as fmt
 from ckptdpo.schemas import CHECKPOINTS, make_table
 from ckptdpo.shards import write_shard
-from tasks.common import content_cache_key
-from tasks.planning import RETRY, StagePlan, fingerprints, plan_stage, read_rows, read_stage_rows, shard_exists
-from tasks.stage import RunContext, ShardStep, Stage, Steps
+from tasks.planning import StagePlan, fingerprints, plan_stage, read_rows, read_stage_rows, shard_exists, shard_task
+from tasks.stage import RunContext, Shard, ShardStep, Stage, Steps
 
 NAME = "checkpoints"
 _SAMPLE_COLUMNS = ["sample_id", "problem_id", "completion", "completion_tokens"]
 _SUMMARY_COLUMNS = ["is_correct", "num_paragraphs", "num_checkpoints", "completion_tokens"]
 
 
-@task(name="locate_checkpoints", task_run_name="checkpoints-shard-{index}", cache_key_fn=content_cache_key,
-      persist_result=True, **RETRY)  # fmt: skip
-def checkpoint_shard(
-    run_dir: str, index: int, stage_key: str, checkpoints: CheckpointConfig, failure_budget: int = 0
-) -> dict[str, float]:
+@shard_task("locate_checkpoints", "checkpoints-shard-{shard.index}")
+def checkpoint_shard(shard: Shard, checkpoints: CheckpointConfig, failure_budget: int = 0) -> dict[str, float]:
+    run_dir, index = shard.run_dir, shard.index
     if shard_exists(run_dir, NAME, index):
         return {}
     samples = read_rows(run_dir, "generate", index, _SAMPLE_COLUMNS)

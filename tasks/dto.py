@@ -37,10 +37,18 @@ from ckptdpo.report import format_number as fmt
 from ckptdpo.schemas import DTO_RESULTS, PAIRS, make_table
 from ckptdpo.verify import verify_batch
 from tasks.backends import backend_session, check_backend
-from tasks.common import content_cache_key
-from tasks.planning import RETRY, StageFailed, StagePlan, backend_key, fingerprints, plan_stage, shard_exists
+from tasks.planning import (
+    RETRY,
+    StageFailed,
+    StagePlan,
+    backend_key,
+    fingerprints,
+    plan_stage,
+    shard_exists,
+    shard_task,
+)
 from tasks.resample import load_trajectories
-from tasks.stage import JobStep, RunContext, ShardStep, Stage, Steps
+from tasks.stage import JobStep, RunContext, Shard, ShardStep, Stage, Steps
 from tasks.verify import verify_key, verify_kwargs
 
 NAME = "dto"
@@ -144,12 +152,9 @@ def read_shard_stats(run_dir: str, index: int) -> dict[str, Any]:
     return json.loads(metadata[STATS_METADATA])
 
 
-@task(name="optimize_trajectories", task_run_name="dto-shard-{index}", cache_key_fn=content_cache_key,
-      persist_result=True, **RETRY)  # fmt: skip
+@shard_task("optimize_trajectories", "dto-shard-{shard.index}")
 def dto_shard(
-    run_dir: str,
-    index: int,
-    stage_key: str,
+    shard: Shard,
     dto: DTOConfig,
     backend: BackendConfig,
     judge: BackendConfig,
@@ -159,6 +164,7 @@ def dto_shard(
     failure_budget: int = 0,
 ) -> dict[str, Any]:
     """Exit probing, truncation, judge pruning and re-verification of the correct trajectories of one shard."""
+    run_dir, index = shard.run_dir, shard.index
     if shard_exists(run_dir, OPTIMIZED, index):
         return read_shard_stats(run_dir, index)
     cfg, bcfg, jcfg = dto, backend, judge

@@ -39,7 +39,7 @@ from ckptdpo.shards import (
 )
 from ckptdpo.sources import load_eval_problems
 from tasks.backends import backend_session, close_backends
-from tasks.common import content_cache_key, content_key
+from tasks.common import content_key
 from tasks.environment import hub_offline
 from tasks.planning import (
     RETRY,
@@ -50,8 +50,9 @@ from tasks.planning import (
     fingerprints,
     plan_stage,
     shard_exists,
+    shard_task,
 )
-from tasks.stage import JobStep, RunContext, ShardStep, Stage, Steps
+from tasks.stage import JobStep, RunContext, Shard, ShardStep, Stage, Steps
 
 NAME = "eval"
 
@@ -122,12 +123,9 @@ def check_eval(ctx: RunContext) -> None:
         sandbox.require_isolation(ctx.recipe.eval.allow_unsandboxed)
 
 
-@task(name="evaluate_samples", task_run_name="eval-{benchmark}-{model_name}-shard-{index}",
-      cache_key_fn=content_cache_key, persist_result=True, **RETRY)  # fmt: skip
+@shard_task("evaluate_samples", "eval-{benchmark}-{model_name}-shard-{shard.index}")
 def evaluate_shard(
-    run_dir: str,
-    index: int,
-    stage_key: str,
+    shard: Shard,
     benchmark: str,
     model_name: str,
     eval: EvalConfig,
@@ -140,6 +138,7 @@ def evaluate_shard(
 
     `few_shot`: the recipe's worked examples (math problems), put before math benchmarks' problems as in generation.
     """
+    run_dir, index = shard.run_dir, shard.index
     stage = samples_stage(benchmark, model_name)
     if shard_exists(run_dir, stage, index):
         return {"generate_s": 0.0, "verify_s": 0.0}

@@ -7,8 +7,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
 from ckptdpo import summary
 from ckptdpo.configs import BackendConfig, GenerateConfig
 from ckptdpo.generation import build_generation_requests, sample_rows
@@ -18,10 +16,8 @@ from ckptdpo.report import format_number as fmt
 from ckptdpo.schemas import PROBLEMS, SAMPLES, make_table
 from ckptdpo.shards import write_shard
 from tasks.backends import backend_session
-from tasks.common import content_cache_key
 from tasks.environment import hub_offline
 from tasks.planning import (
-    RETRY,
     StagePlan,
     backend_key,
     check_requests,
@@ -30,25 +26,21 @@ from tasks.planning import (
     read_rows,
     read_stage_rows,
     shard_exists,
+    shard_task,
 )
 from tasks.problems import load_problems_stage
-from tasks.stage import RunContext, ShardStep, Stage, Steps
+from tasks.stage import RunContext, Shard, ShardStep, Stage, Steps
 
 NAME = "generate"
 _SUMMARY_COLUMNS = ["problem_id", "completion_tokens", "finish_reason"]
 
 
-@task(
-    name="generate_samples",
-    task_run_name="generate-shard-{index}",
-    cache_key_fn=content_cache_key,
-    persist_result=True,
-    **RETRY,
-)
+@shard_task("generate_samples", "generate-shard-{shard.index}")
 def generate_shard(
-    run_dir: str, index: int, stage_key: str, generate: GenerateConfig, backend: BackendConfig, failure_budget: int = 0
+    shard: Shard, generate: GenerateConfig, backend: BackendConfig, failure_budget: int = 0
 ) -> dict[str, Any]:
     """Sample `num_samples` trajectories per problem of one shard; failed requests fail the shard (then its retry)."""
+    run_dir, index = shard.run_dir, shard.index
     if shard_exists(run_dir, NAME, index):
         return {"generate_s": 0.0}
     problems = read_rows(run_dir, "problems", index)

@@ -7,7 +7,6 @@ factory generated, the base model) and the problems' content.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,10 @@ from ckptdpo.report import format_number as fmt
 from ckptdpo.report.baseline import section_cost_matched
 from ckptdpo.schemas import PROBLEMS
 from ckptdpo.shards import read_manifest
-from ckptdpo.train import FAULT_FIELDS, SUMMARY, write_job
-from tasks.planning import StagePlan, fingerprints, plan_stage
+from tasks.planning import StagePlan
 from tasks.problems import load_problems_stage
-from tasks.stage import JobStep, RunContext, Stage, Steps
-from tasks.train import JOB_FILE, resolve_accelerate_config, retry_unless_user_error, run_launched
+from tasks.stage import RunContext
+from tasks.train import TrainingStage, resolve_accelerate_config, retry_unless_user_error, run_training_job
 
 NAME = "grpo"
 LOG_FILE = "grpo.log"
@@ -43,20 +41,14 @@ def grpo_job(ctx: RunContext) -> GRPOJob:
 @task(name="grpo_model", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def grpo_model(job: GRPOJob, key: str) -> dict[str, Any]:
     """Run one GRPO job into its output directory (then the LoRA merge); returns its summary."""
-    stage = Path(job.output_dir)
-    (stage / SUMMARY).unlink(missing_ok=True)  # a summary left by an earlier attempt is not this run's
-    job_path = write_job(job, stage / JOB_FILE)
-    commands = [build_grpo_launch_command(job_path, job.grpo)]
-    if job.grpo.lora:
-        commands.append(build_grpo_merge_command(job_path))
-    run_launched(commands, stage / LOG_FILE, key)
-    return json.loads((stage / SUMMARY).read_text())
+    return run_training_job(job, job.grpo, build_grpo_launch_command, build_grpo_merge_command, LOG_FILE, key)
 
 
-class GRPO(Stage):
+class GRPO(TrainingStage):
     """GRPO from the base model on the run's problems, stopped at the generation budget the factory spent."""
 
     name = NAME
+    keyed_by = ("problems",)
     writes = {"problems": PROBLEMS, NAME: None}
     pool = "gpu_train"
     report = (
@@ -64,20 +56,18 @@ class GRPO(Stage):
     )
 
     def plan(self, ctx: RunContext) -> StagePlan:
-        """Keyed by the job (config, resolved budget, base model) and the problems' content, not where it writes.
-        Without a generate stage before it (a GRPO-only run with an explicit budget), it loads the problems itself."""
+        """Keyed by the job (its budget resolved) and the problems' content. Without a generate stage before it (a
+        GRPO-only run with an explicit budget), it loads the problems itself."""
         if read_manifest(Path(ctx.run_dir) / "problems") is None:
             recipe = ctx.recipe
             load_problems_stage(ctx.run_dir, recipe.problems, recipe.generate.shard_size, ctx.base_dir)
-        what = grpo_job(ctx).model_dump(mode="json", exclude={"output_dir", *FAULT_FIELDS})
-        return plan_stage(ctx.run_dir, NAME, fingerprints(ctx.run_dir, "problems"), what, shards_of=None)
+        return super().plan(ctx)
 
-    def steps(self, ctx: RunContext, plan: StagePlan) -> Steps:
-        yield JobStep(grpo_model, {"job": grpo_job(ctx), "key": plan.key})
+    def job(self, ctx: RunContext) -> GRPOJob:
+        return grpo_job(ctx)
 
-    def summarize(self, ctx: RunContext, plan: StagePlan, outcomes: list[Any]) -> dict[str, Any]:
-        (summary,) = outcomes
-        return summary
+    def run(self) -> Any:
+        return grpo_model
 
     def headline(self, s: Mapping[str, Any]) -> str:
         return (

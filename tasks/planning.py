@@ -31,7 +31,7 @@ from ckptdpo.shards import (
     update_stats,
     write_manifest,
 )
-from tasks.common import content_key
+from tasks.common import content_cache_key, content_key
 from tasks.stage import StagePlan
 
 
@@ -54,6 +54,12 @@ RETRY_ONLY = {
 }
 # Shard tasks: retried, and cached by content (`content_cache_key`) so a rerun's task runs hit.
 RETRY = RETRY_ONLY
+
+
+def shard_task(name: str, run_name: str):
+    """The decorator of a stage's shard task: retried (never for a user error), cached by content, so a rerun's task
+    runs hit; `run_name` names each run in the UI (it may use the task's parameters)."""
+    return task(name=name, task_run_name=run_name, cache_key_fn=content_cache_key, persist_result=True, **RETRY)
 
 
 class StageFailed(RuntimeError):

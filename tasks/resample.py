@@ -12,8 +12,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
 from ckptdpo import summary
 from ckptdpo.configs import BackendConfig, ResampleConfig, VerifyConfig
 from ckptdpo.errors import UserError
@@ -26,8 +24,7 @@ from ckptdpo.values import rows_by_sample
 from ckptdpo.verify import verify_batch
 from tasks import planning
 from tasks.backends import backend_session
-from tasks.common import content_cache_key
-from tasks.stage import RunContext, ShardStep, Stage, Steps
+from tasks.stage import RunContext, Shard, ShardStep, Stage, Steps
 from tasks.verify import verify_kwargs
 
 NAME = "resample"
@@ -124,20 +121,18 @@ def _round_work(
     return work
 
 
-@task(name="resample_round", task_run_name="resample-round-{round_index}-shard-{index}",
-      cache_key_fn=content_cache_key, persist_result=True, **planning.RETRY)  # fmt: skip
+@planning.shard_task("resample_round", "resample-round-{round_index}-shard-{shard.index}")
 def resample_shard(
-    run_dir: str,
-    index: int,
-    stage_key: str,
+    shard: Shard,
     round_index: int,
     resample: ResampleConfig,
     backend: BackendConfig,
     verify: VerifyConfig,
-    value_threshold: float = 0.5,
+    value_threshold: float,
     failure_budget: int = 0,
 ) -> dict[str, Any]:
     """One resampling round over one shard: continue unsatisfied slots, verify, write the attempts."""
+    run_dir, index = shard.run_dir, shard.index
     stage = round_dir(round_index)
     if planning.shard_exists(run_dir, stage, index):
         return {"generate_s": 0.0, "verify_s": 0.0}
@@ -180,18 +175,16 @@ def _prompt_token_counts(results: list) -> dict[str, int]:
     return {"prompt_tokens_requested": requested, "prompt_tokens_computed": computed} if requested else {}
 
 
-@task(name="build_pairs", task_run_name="pairs-shard-{index}", cache_key_fn=content_cache_key, persist_result=True,
-      **planning.RETRY)  # fmt: skip
+@planning.shard_task("build_pairs", "pairs-shard-{shard.index}")
 def pairs_shard(
-    run_dir: str,
-    index: int,
-    stage_key: str,
+    shard: Shard,
     rounds: int,
     resample: ResampleConfig,
     backend: BackendConfig,
     failure_budget: int = 0,
 ) -> dict[str, Any]:
     """r2w / w2r pairs of one shard from all rounds' attempts."""
+    run_dir, index = shard.run_dir, shard.index
     if planning.shard_exists(run_dir, PAIRS_STAGE, index):
         return {}
     trajectories = load_trajectories(run_dir, index)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
@@ -76,6 +76,15 @@ class RunContext(BaseModel):
         if key not in self.fingerprints:
             self.fingerprints[key] = model_fingerprint(cfg, self.model_path)
         return self.fingerprints[key]
+
+
+class Shard(NamedTuple):
+    """One shard of a step, as its task gets it: the run directory, the shard's index (shard i of every stage comes
+    from problem shard i) and the step's content key (so the task's cache key follows the step's)."""
+
+    run_dir: str
+    index: int
+    key: str
 
 
 @dataclass

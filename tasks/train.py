@@ -90,13 +90,17 @@ def train_job(ctx: RunContext) -> TrainJob:
 def train_model(job: TrainJob, key: str) -> dict[str, Any]:
     """Run one training job into its output directory (python, torchrun or accelerate launch, then the LoRA merge);
     returns its summary."""
+    return run_training_job(job, job.train, build_launch_command, build_merge_command, LOG_FILE, key)
+
+
+def run_training_job(job: Any, config: Any, launch: Any, merge: Any, log_file: str, key: str) -> dict[str, Any]:
+    """Write `job` into its output directory and run it there (`launch(job_path, config)`, then `merge(job_path)`
+    when `config.lora`); returns the summary.json it wrote. Shared by the train and grpo stages."""
     stage = Path(job.output_dir)
     (stage / SUMMARY).unlink(missing_ok=True)  # a summary left by an earlier attempt is not this run's
     job_path = write_job(job, stage / JOB_FILE)
-    commands = [build_launch_command(job_path, job.train)]
-    if job.train.lora:
-        commands.append(build_merge_command(job_path))
-    run_launched(commands, stage / LOG_FILE, key)
+    commands = [launch(job_path, config)] + ([merge(job_path)] if config.lora else [])
+    run_launched(commands, stage / log_file, key)
     return json.loads((stage / SUMMARY).read_text())
 
 
@@ -143,10 +147,37 @@ def _run_streaming(cmd: list[str], log_path: Path, log) -> tuple[int, list[str]]
     return rc, list(tail)
 
 
-class Train(Stage):
+class TrainingStage(Stage):
+    """A stage that trains in a subprocess: keyed by its job (config, base model, what it trains on) and its inputs'
+    content, not where it writes; one job step; the job's summary is its statistics. A stage left by an interrupted
+    run under the same key keeps its checkpoints, so the run resumes from the newest one."""
+
+    keyed_by: tuple[str, ...] = ()
+
+    def job(self, ctx: RunContext) -> Any:
+        raise NotImplementedError
+
+    def run(self) -> Any:
+        """The task that runs a job (`task(job=..., key=...)`)."""
+        raise NotImplementedError
+
+    def plan(self, ctx: RunContext) -> StagePlan:
+        what = self.job(ctx).model_dump(mode="json", exclude={"output_dir", *FAULT_FIELDS})
+        return plan_stage(ctx.run_dir, self.name, fingerprints(ctx.run_dir, *self.keyed_by), what, shards_of=None)
+
+    def steps(self, ctx: RunContext, plan: StagePlan) -> Steps:
+        yield JobStep(self.run(), {"job": self.job(ctx), "key": plan.key})
+
+    def summarize(self, ctx: RunContext, plan: StagePlan, outcomes: list[Any]) -> dict[str, Any]:
+        (summary,) = outcomes
+        return summary
+
+
+class Train(TrainingStage):
     """DPO / SimPO on the run's pairs."""
 
     name = NAME
+    keyed_by = (PAIRS,)
     reads = {PAIRS: ["prompt", "chosen", "rejected", "pair_type", "problem_id"]}
     writes = {NAME: None}
     pool = "gpu_train"
@@ -156,18 +187,11 @@ class Train(Stage):
         ),
     )
 
-    def plan(self, ctx: RunContext) -> StagePlan:
-        """Keyed by the train config, the base model and the pairs' content (not where it writes). A stage left by an
-        interrupted run under the same key keeps its checkpoints, so the run resumes from the newest one."""
-        what = train_job(ctx).model_dump(mode="json", exclude={"output_dir", *FAULT_FIELDS})
-        return plan_stage(ctx.run_dir, NAME, fingerprints(ctx.run_dir, PAIRS), what, shards_of=None)
+    def job(self, ctx: RunContext) -> TrainJob:
+        return train_job(ctx)
 
-    def steps(self, ctx: RunContext, plan: StagePlan) -> Steps:
-        yield JobStep(train_model, {"job": train_job(ctx), "key": plan.key})
-
-    def summarize(self, ctx: RunContext, plan: StagePlan, outcomes: list[Any]) -> dict[str, Any]:
-        (summary,) = outcomes
-        return summary
+    def run(self) -> Any:
+        return train_model
 
     def headline(self, s: Mapping[str, Any]) -> str:
         pairs = s.get("pairs") or {}

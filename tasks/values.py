@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from prefect import task
 
 from ckptdpo.configs import BackendConfig, ValuesConfig, VerifyConfig
 from ckptdpo.report import ReportSection
@@ -25,9 +24,8 @@ from ckptdpo.values import compare_schedules, estimate_values, summarize_values,
 from ckptdpo.verify import verify_batch
 from tasks import planning
 from tasks.backends import backend_session
-from tasks.common import content_cache_key
 from tasks.resample import INPUTS, load_trajectories
-from tasks.stage import RunContext, ShardStep, Stage, Steps
+from tasks.stage import RunContext, Shard, ShardStep, Stage, Steps
 from tasks.verify import verify_key, verify_kwargs
 
 NAME = "values"
@@ -39,18 +37,16 @@ _COUNTERS = ("generated_tokens", "requests", "rollouts", "rounds")
 STATS_METADATA = b"ckptdpo.values_stats"
 
 
-@task(name="estimate_values", task_run_name="values-shard-{index}", cache_key_fn=content_cache_key,
-      persist_result=True, **planning.RETRY)  # fmt: skip
+@planning.shard_task("estimate_values", "values-shard-{shard.index}")
 def values_shard(
-    run_dir: str,
-    index: int,
-    stage_key: str,
+    shard: Shard,
     values: ValuesConfig,
     backend: BackendConfig,
     verify: VerifyConfig,
     failure_budget: int = 0,
 ) -> dict[str, Any]:
     """Search the trajectories of one shard for their first error; write its four shards (or fail, retried)."""
+    run_dir, index = shard.run_dir, shard.index
     path = shard_path(Path(run_dir) / NAME, index)
     if all(planning.shard_exists(run_dir, d, index) for d in _OUTPUTS):
         return json.loads((pq.read_schema(path).metadata or {}).get(STATS_METADATA, b"{}"))

@@ -7,8 +7,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
 from ckptdpo import summary
 from ckptdpo.configs import VerifyConfig
 from ckptdpo.report import format_counts
@@ -17,9 +15,8 @@ from ckptdpo.schemas import VERDICTS, make_table
 from ckptdpo.shards import write_shard
 from ckptdpo.verdicts import verdict_items, verdict_rows
 from ckptdpo.verify import verify_batch
-from tasks.common import content_cache_key
-from tasks.planning import RETRY, StagePlan, fingerprints, plan_stage, read_rows, read_stage_rows, shard_exists
-from tasks.stage import RunContext, ShardStep, Stage, Steps
+from tasks.planning import StagePlan, fingerprints, plan_stage, read_rows, read_stage_rows, shard_exists, shard_task
+from tasks.stage import RunContext, Shard, ShardStep, Stage, Steps
 
 NAME = "verify"
 _SAMPLE_COLUMNS = ["sample_id", "problem_id", "completion", "finish_reason"]
@@ -35,12 +32,10 @@ def verify_kwargs(cfg: VerifyConfig) -> dict[str, Any]:
     return {"timeout_s": cfg.timeout_s, "workers": cfg.workers, "answer_format": cfg.answer_format}
 
 
-@task(name="verify_samples", task_run_name="verify-shard-{index}", cache_key_fn=content_cache_key,
-      persist_result=True, **RETRY)  # fmt: skip
-def verify_shard(
-    run_dir: str, index: int, stage_key: str, verify: VerifyConfig, failure_budget: int = 0
-) -> dict[str, float]:
+@shard_task("verify_samples", "verify-shard-{shard.index}")
+def verify_shard(shard: Shard, verify: VerifyConfig, failure_budget: int = 0) -> dict[str, float]:
     """Verdicts for one shard of samples against the gold answers of the same problem shard."""
+    run_dir, index = shard.run_dir, shard.index
     if shard_exists(run_dir, NAME, index):
         return {"verify_s": 0.0}
     gold = {p["problem_id"]: p["answer"] for p in read_rows(run_dir, "problems", index, ["problem_id", "answer"])}

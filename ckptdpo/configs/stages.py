@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -34,6 +34,15 @@ def _vllm_temperature(value: float, n: int | None = None, n_field: str = "") -> 
             f"temperature 0); set it above 0 or {n_field}: 1"
         )
     return value
+
+
+def temperature_check(n_field: str | None = None, field: str = "temperature"):
+    """The validator of a config's sampling temperature, whose requests ask for `n_field` samples each (vLLM's n)."""
+
+    def check(cls, v: float, info: ValidationInfo) -> float:
+        return _vllm_temperature(v, info.data.get(n_field) if n_field else None, n_field or "")
+
+    return field_validator(field)(check)
 
 
 def check_shard_text(shard_size: int, num_samples: int, max_tokens: int) -> None:
@@ -138,10 +147,7 @@ class GenerateConfig(_Config):
         """The worked examples as (problem, solution) pairs, for `ckptdpo.backends.base.problem_messages`."""
         return [(e.problem, e.solution) for e in self.few_shot]
 
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v: float, info: ValidationInfo) -> float:
-        return _vllm_temperature(v, info.data.get("num_samples"), "num_samples")
+    _temperature = temperature_check("num_samples")
 
     @field_validator("stop")
     @classmethod
@@ -204,11 +210,8 @@ class ResampleConfig(_Config):
     prefer_fitting_prefixes: bool = Field(True, description="skip checkpoints whose prefix cannot fit a pair")
     max_length_ratio: float | None = Field(None, gt=1, description="drop pairs with chosen/rejected token ratio over")
 
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v: float, info: ValidationInfo) -> float:
-        # A checkpoint's draws are one request with n = its draws (up to max_attempts).
-        return _vllm_temperature(v, info.data.get("max_attempts"), "max_attempts")
+    # A checkpoint's draws are one request with n = its draws (up to max_attempts).
+    _temperature = temperature_check("max_attempts")
 
     @model_validator(mode="after")
     def _builds_pairs(self) -> ResampleConfig:
@@ -238,10 +241,7 @@ class JudgeConfig(_Config):
         "json", description="json: three yes/no keys in one object; yes_no: one word, for small judges"
     )
 
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v: float) -> float:
-        return _vllm_temperature(v)
+    _temperature = temperature_check()
 
 
 class DTOConfig(_Config):
@@ -269,10 +269,7 @@ class DTOConfig(_Config):
     rejected: Literal["longest", "longest_correct"] = Field("longest", description="rejected side of DTO pairs")
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
 
-    @field_validator("probe_temperature")
-    @classmethod
-    def _temperature(cls, v: float, info: ValidationInfo) -> float:
-        return _vllm_temperature(v, info.data.get("probe_samples"), "probe_samples")
+    _temperature = temperature_check("probe_samples", "probe_temperature")
 
     UNUSED = (
         Unused("probe", "likelihood", ("probe_samples", "probe_max_tokens", "probe_temperature", "probe_top_p",
@@ -282,7 +279,51 @@ class DTOConfig(_Config):
     )  # fmt: skip
 
 
-class TrainConfig(_Config):
+class TrainingRun(_Config):
+    """What the training stages share (train, grpo): LoRA, precision, and where and how the job is launched."""
+
+    SECTION: ClassVar[str] = "train"
+    lora: bool = Field(False, description="train a LoRA adapter (merged into the saved model) instead of all weights")
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: list[str] | Literal["all-linear"] = Field("all-linear")
+    gradient_checkpointing: bool = Field(False)
+    bf16: bool = Field(False)
+    accelerate_config: str | None = Field(None, description="accelerate config file (GPU); none: python/torchrun")
+    num_processes: int = Field(
+        1, ge=1, le=MAX_PROCESSES, description="processes per machine (GPUs, or CPU ranks under torchrun)"
+    )
+    num_machines: int = Field(1, ge=1, description="machines (nodes) taking part; each runs the job with its rank")
+    machine_rank: int = Field(0, ge=0, description="this machine's rank, 0 .. num_machines-1 (0 is the main one)")
+    main_process_ip: str | None = Field(None, description="address of machine 0, reachable from every machine")
+    main_process_port: int = Field(29500, ge=1, le=65535, description="rendezvous port on machine 0")
+    zero_stage: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage when not launched by accelerate")
+    save_steps: int = Field(50, ge=1, description="a checkpoint every this many steps (a retry resumes from it)")
+    save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept in the output directory")
+    logging_steps: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_launch(self) -> TrainingRun:
+        at = self.SECTION
+        if self.accelerate_config and self.zero_stage:
+            raise ValueError(
+                f"{at}.zero_stage must be 0 when {at}.accelerate_config is set (the accelerate config carries the "
+                "DeepSpeed settings)"
+            )
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"{at}.machine_rank {self.machine_rank} must be below {at}.num_machines")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError(f"{at}.num_machines > 1 needs {at}.main_process_ip (the address of machine 0)")
+        return self
+
+    UNUSED = (
+        Unused("lora", False, ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"), "",
+               "set {at}lora: true to train an adapter, or remove NAME"),
+    )  # fmt: skip
+
+
+class TrainConfig(TrainingRun):
     """TRL DPO / SimPO training on pair shards."""
 
     loss: Literal["dpo", "simpo"] = Field("dpo", description="dpo: TRL DPOTrainer; simpo: CPOTrainer simpo")
@@ -317,54 +358,24 @@ class TrainConfig(_Config):
     )
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of problems held out (split by problem_id)")
     seed: int = Field(0)
-    lora: bool = Field(False, description="train a LoRA adapter (merged into the saved model) instead of all weights")
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_target_modules: list[str] | Literal["all-linear"] = Field("all-linear")
-    gradient_checkpointing: bool = Field(False)
     precompute_ref_log_probs: bool = Field(False, description="dpo: reference log-probs computed once, up front")
-    bf16: bool = Field(False)
     use_liger_kernel: bool = Field(
         False, description="GPU: Liger's layer kernels (RMSNorm, RoPE, SwiGLU); TRL 1.16 has no Liger DPO loss"
     )
-    accelerate_config: str | None = Field(None, description="accelerate config file (GPU); none: python/torchrun")
-    num_processes: int = Field(
-        1, ge=1, le=MAX_PROCESSES, description="processes per machine (GPUs, or CPU ranks under torchrun)"
-    )
-    num_machines: int = Field(1, ge=1, description="machines (nodes) taking part; each runs the job with its rank")
-    machine_rank: int = Field(0, ge=0, description="this machine's rank, 0 .. num_machines-1 (0 is the main one)")
-    main_process_ip: str | None = Field(None, description="address of machine 0, reachable from every machine")
-    main_process_port: int = Field(29500, ge=1, le=65535, description="rendezvous port on machine 0")
-    zero_stage: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage when not launched by accelerate")
     group_by_length: bool = Field(False, description="batch pairs of similar length together, so less is padding")
-    save_steps: int = Field(50, ge=1)
-    save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept in the output directory")
     save_optimizer_at_end: bool = Field(
         False, description="also write a full checkpoint (optimizer state) at the last step, to continue training"
     )
-    logging_steps: int = Field(1, ge=1)
 
     @model_validator(mode="after")
-    def _one_deepspeed_source(self) -> TrainConfig:
-        if self.accelerate_config and self.zero_stage:
-            raise ValueError(
-                "train.zero_stage must be 0 when train.accelerate_config is set (the accelerate config carries the "
-                "DeepSpeed settings)"
-            )
-        if self.machine_rank >= self.num_machines:
-            raise ValueError(f"train.machine_rank {self.machine_rank} must be below train.num_machines")
-        if self.num_machines > 1 and not self.main_process_ip:
-            raise ValueError("train.num_machines > 1 needs train.main_process_ip (the address of machine 0)")
+    def _prompt_fits(self) -> TrainConfig:
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"train.max_prompt_length {self.max_prompt_length} must be below train.max_length {self.max_length}"
             )
         return self
 
-    UNUSED = (
-        Unused("lora", False, ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"), "",
-               "set {at}lora: true to train an adapter, or remove NAME"),
+    UNUSED = TrainingRun.UNUSED + (
         Unused("loss", "simpo", ("loss_type", "precompute_ref_log_probs"), " (no reference model)",
                "set {at}loss: dpo to use it, or remove NAME"),
         Unused("loss", "dpo", ("gamma_beta_ratio",), "", "set {at}loss: simpo to use it, or remove NAME"),
@@ -404,10 +415,7 @@ class EvalConfig(_Config):
         False, description="run model-written code even where no network/mount isolation is possible (limits only)"
     )
 
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v: float, info: ValidationInfo) -> float:
-        return _vllm_temperature(v, info.data.get("num_samples"), "num_samples")
+    _temperature = temperature_check("num_samples")
 
     @field_validator("benchmarks")
     @classmethod
@@ -509,7 +517,7 @@ class TaskRunnerConfig(_Config):
 # --- the cost-matched GRPO baseline ---------------------------------------------------------------------------------
 
 
-class GRPOConfig(_Config):
+class GRPOConfig(TrainingRun):
     """GRPO (TRL GRPOTrainer) from the same base model on the run's own problems, rewarded by the run's verifier and
     stopped when it has generated as many completion tokens as the factory did to make its pairs.
 
@@ -521,6 +529,8 @@ class GRPOConfig(_Config):
     the generation batch divisible on any number of processes. bf16 and gradient checkpointing are the GPU recipe's
     choice (off by default, like `train`).
     """
+
+    SECTION: ClassVar[str] = "grpo"
 
     generation_budget: Literal["match"] | int | None = Field(
         "match",
@@ -564,13 +574,6 @@ class GRPOConfig(_Config):
     )
     gradient_accumulation_steps: int = Field(16, ge=1, le=MAX_COUNT)
     seed: int = Field(42)
-    lora: bool = Field(False, description="train a LoRA adapter (merged into the saved model) instead of all weights")
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_target_modules: list[str] | Literal["all-linear"] = Field("all-linear")
-    gradient_checkpointing: bool = Field(False)
-    bf16: bool = Field(False)
     use_vllm: bool = Field(False, description="generate with vLLM (GPU); off: transformers' generate in the trainer")
     vllm_mode: Literal["server", "colocate"] = Field(
         "server", description="server: a `trl vllm-serve` process on its own GPUs; colocate: vLLM in the trainer"
@@ -580,16 +583,6 @@ class GRPOConfig(_Config):
     vllm_server_port: int = Field(8000, ge=1, le=65535, description="server mode: port of `trl vllm-serve`")
     vllm_server_timeout: float = Field(240.0, gt=0, description="server mode: seconds to wait for the server")
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="colocate mode: vLLM's share of the GPU")
-    accelerate_config: str | None = Field(None, description="accelerate config file (GPUs); none: python/torchrun")
-    num_processes: int = Field(1, ge=1, le=MAX_PROCESSES, description="training processes per machine")
-    num_machines: int = Field(1, ge=1, description="machines taking part; each runs the job with its rank")
-    machine_rank: int = Field(0, ge=0, description="this machine's rank, 0 .. num_machines-1")
-    main_process_ip: str | None = Field(None, description="address of machine 0, reachable from every machine")
-    main_process_port: int = Field(29500, ge=1, le=65535, description="rendezvous port on machine 0")
-    zero_stage: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage when not launched by accelerate")
-    save_steps: int = Field(50, ge=1, description="a checkpoint every this many steps (a retry resumes from it)")
-    save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept in the output directory")
-    logging_steps: int = Field(1, ge=1)
 
     @field_validator("generation_budget", mode="before")
     @classmethod
@@ -598,10 +591,7 @@ class GRPOConfig(_Config):
             return v
         raise ValueError("must be 'match', a number of tokens >= 1, or null (no budget)")
 
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v: float) -> float:
-        return _vllm_temperature(v)
+    _temperature = temperature_check()
 
     @model_validator(mode="after")
     def _consistent(self) -> GRPOConfig:
@@ -612,12 +602,6 @@ class GRPOConfig(_Config):
                 f"the generation batch (grpo.per_device_train_batch_size x gradient_accumulation_steps x processes = "
                 f"{batch}) must be a multiple of grpo.num_generations ({self.num_generations}): it holds whole groups"
             )
-        if self.accelerate_config and self.zero_stage:
-            raise ValueError("grpo.zero_stage must be 0 when grpo.accelerate_config is set (it carries DeepSpeed)")
-        if self.machine_rank >= self.num_machines:
-            raise ValueError(f"grpo.machine_rank {self.machine_rank} must be below grpo.num_machines")
-        if self.num_machines > 1 and not self.main_process_ip:
-            raise ValueError("grpo.num_machines > 1 needs grpo.main_process_ip (the address of machine 0)")
         return self
 
 
@@ -657,10 +641,7 @@ class ValuesConfig(_Config):
         None, gt=1, description="drop critical pairs with a chosen/rejected token ratio over this"
     )
 
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v: float, info: ValidationInfo) -> float:
-        return _vllm_temperature(v, info.data.get("rollouts"), "rollouts")
+    _temperature = temperature_check("rollouts")
 
     @model_validator(mode="after")
     def _cap_fits_a_probe(self) -> ValuesConfig:

@@ -8,17 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ckptdpo.report.data import KINDS
-from ckptdpo.report.draw import (
-    MODEL_COLORS,
-    caption,
-    figure,
-    format_number,
-    img,
-    interval_text,
-    note,
-    padded,
-    signed,
-)
+from ckptdpo.report.draw import MODEL_COLORS, caption, figure, format_number, img, interval_text, note, padded, signed
 
 Section = Mapping[str, Mapping[str, Mapping[str, Any]]]
 Intervals = Mapping[str, Mapping[str, Mapping[str, Any]]]

@@ -11,17 +11,7 @@ import pyarrow as pa
 from matplotlib.ticker import MaxNLocator
 
 from ckptdpo.report.data import DTOFigures
-from ckptdpo.report.draw import (
-    COLORS,
-    MODEL_COLORS,
-    NOT_RUN,
-    caption,
-    figure,
-    format_number,
-    img,
-    note,
-    padded,
-)
+from ckptdpo.report.draw import COLORS, MODEL_COLORS, NOT_RUN, caption, figure, format_number, img, note, padded
 
 PAIR_ORDER = ("r2w", "w2r", "critical", "dto")
 

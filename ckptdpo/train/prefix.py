@@ -40,6 +40,8 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 POLICY_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
 # Vocabulary tile of the chunked LM head, as in TRL's fused head.
 _VOCAB_CHUNK = 32768
+# What TRL's chunked log-prob function returns per scored token, in order (FusedCausalLMOutput's fields).
+_PER_TOKEN = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 # Config fields of models whose LM head scales or caps its logits (the packed head does neither).
 _LOGIT_SCALING = (
     "final_logit_softcapping",
@@ -290,17 +292,9 @@ def packed_forward(model: Any, packed: dict[str, Any], outputs: tuple[str, ...])
         )
     score_mask = packed["score_mask"]
     fields = [None if x is None else x.new_zeros(score_mask.shape).masked_scatter(score_mask, x) for x in per_token]
-    log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = fields
-    return FusedCausalLMOutput(
-        loss=-log_probs.sum() / score_mask.sum().clamp(min=1),
-        log_probs=log_probs,
-        entropy=entropy,
-        log_sum_sq_probs=log_sum_sq_probs,
-        mean_logits=mean_logits,
-        is_top1=is_top1,
-        label_mask=score_mask,
-        aux_loss=None,
-    )
+    scored = dict(zip(_PER_TOKEN, fields, strict=True))
+    loss = -scored["log_probs"].sum() / score_mask.sum().clamp(min=1)
+    return FusedCausalLMOutput(loss=loss, label_mask=score_mask, aux_loss=None, **scored)
 
 
 def packed_counts(packed: dict[str, Any]) -> tuple[int, int, int]:

@@ -81,5 +81,5 @@ def estimate_values(
             max_length_ratio=cfg.max_length_ratio,
             model=model if model is not None else getattr(backend, "model_id", None),
         )
-    result.stats = {**counters.as_dict(), "pairs_dropped": dropped}
+    result.stats = {**counters, "pairs_dropped": dropped}
     return result

@@ -160,45 +160,34 @@ def probe_request(search: Search, index: int, cfg: ValuesConfig) -> GenerationRe
     )
 
 
-@dataclass
-class Counters:
-    """What the search cost: backend calls, rollouts and tokens (prompt tokens as the backend reports them)."""
-
-    rounds: int = 0
-    requests: int = 0
-    rollouts: int = 0
-    generated_tokens: int = 0
-    prompt_tokens_requested: int = 0
-    prompt_tokens_computed: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
+# What the search cost: rounds, backend requests, rollouts and tokens (prompt tokens as the backend reports them).
+COUNTERS = ("rounds", "requests", "rollouts", "generated_tokens", "prompt_tokens_requested", "prompt_tokens_computed")
 
 
 def run_searches(
     searches: Sequence[Search], cfg: ValuesConfig, backend: Any, verify_fn: VerifyFn
-) -> tuple[Counters, list[tuple[str, str]]]:
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Run every search to its end, round by round; returns the counters and (sample_id, error) of failed requests.
 
     A failed request (an error result, or fewer samples than asked) ends its trajectory's search with `error` set:
     nothing of that trajectory is recorded, and its rollouts are never counted as wrong.
     """
-    counters = Counters()
+    counters = dict.fromkeys(COUNTERS, 0)
     failed: list[tuple[str, str]] = []
     while True:
         work = [(s, i) for s in searches for i in s.next_probes()]
         if not work:
             return counters, failed
-        counters.rounds += 1
+        counters["rounds"] += 1
         requests = [probe_request(s, i, cfg) for s, i in work]
         results = backend.generate(requests)
         if len(results) != len(requests):
             raise RuntimeError(f"backend.generate returned {len(results)} results for {len(requests)} requests")
         items, owners = [], []
         for k, ((s, _), req, res) in enumerate(zip(work, requests, results, strict=True)):
-            counters.requests += 1
-            counters.prompt_tokens_requested += res.prompt_tokens_requested
-            counters.prompt_tokens_computed += res.prompt_tokens_computed
+            counters["requests"] += 1
+            counters["prompt_tokens_requested"] += res.prompt_tokens_requested
+            counters["prompt_tokens_computed"] += res.prompt_tokens_computed
             error = res.error
             if error is None and len(res.samples) != req.n:
                 error = f"asked for {req.n} continuations, got {len(res.samples)}"
@@ -212,8 +201,8 @@ def run_searches(
             for sample in res.samples:
                 items.append((s.trajectory["gold_answer"], sample.text, sample.finish_reason))
                 owners.append(k)
-                counters.rollouts += 1
-                counters.generated_tokens += sample.num_tokens
+                counters["rollouts"] += 1
+                counters["generated_tokens"] += sample.num_tokens
         verdicts = list(verify_fn(items)) if items else []
         if len(verdicts) != len(items):
             raise RuntimeError(f"verify_fn returned {len(verdicts)} verdicts for {len(items)} items")
@@ -235,7 +224,7 @@ def run_searches(
                 for j, (sample, v) in enumerate(zip(res.samples, per_request[k], strict=True))
             ]
             char = s.trajectory["checkpoint_chars"][index - 1]
-            s.record(Probe(index=index, char=char, round=counters.rounds, seed=req.seed, rollouts=rollouts))
+            s.record(Probe(index=index, char=char, round=counters["rounds"], seed=req.seed, rollouts=rollouts))
 
 
 def make_searches(trajectories: Iterable[dict[str, Any]], cfg: ValuesConfig) -> list[Search]:
