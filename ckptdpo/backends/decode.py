@@ -7,13 +7,14 @@ prefix with the previous prompt and runs only the rest: the prompts' common part
 a depth-first walk of their token trie, which computes each trie node exactly once). Prefixes are compared as
 token ids, not text, because a prefix cut before "Wait" can end in a different token than the same text followed
 by more (BPE merges "\\n\\n" differently when text follows). Only the prompts of one route key are chained so
-(`prefill_batch`); all other prompts of a batch share one padded forward, since a chain costs a forward per prompt.
+(`prefill_batch`), since a chain costs a forward per prompt; the other prompts of a batch have their common head
+computed once and their rests in padded forwards of similar length.
 
-Decoding runs in blocks of `BLOCK` steps. Within a block everything stays in tensors: sampling (each row's uniforms
-drawn ahead from its own stream), end of sequence and the length limit, the next forward; nothing waits for the
-host. After a block the host reads the new tokens once and checks stop strings and the loop guard for each row
-(`advance_block`), which finishes a row exactly at the token where checking token by token would have (the tokens
-computed after it are dropped). The attention mask and the KV cache are reserved for the whole decode, so a step's
+Decoding runs in blocks of `BLOCK` steps. Within a block a step is a few tensor operations for all rows (sample with
+each row's uniforms, drawn ahead from its own stream; the next forward) and nothing waits for the host: every row
+takes a token at every step. After a block the host reads the new tokens once and ends each row where checking
+token by token would have: EOS, a stop string, the loop guard, the length limit (`advance_block`; the tokens computed
+after the end are dropped). The attention mask and the KV cache are reserved for the whole decode, so a step's
 bookkeeping costs the same at token 30,000 as at token 30. With `backend.compile` the KV cache is static and the
 step goes through torch.compile (`CompiledDecode`: CUDA graphs on a GPU).
 """
@@ -35,9 +36,11 @@ from ckptdpo.backends.sampling import SamplingParams, draw_uniforms, left_pad_po
 
 log = logging.getLogger(__name__)
 
-# Prompt tokens a batch's common head must save (rows - 1 times its length) to be computed apart, once: below, the
-# extra forward costs more than it saves. A CPU pays for every token; a GPU mostly for every forward it launches.
+# Prompt tokens a batch's common head must save (rows - 1 times its length) to be computed apart, once, and the
+# share of padded prompt tokens a split of the other prompts by length must save: below, the extra forward costs
+# more than it saves. A CPU pays for every token; a GPU mostly for every forward it launches.
 HEAD_MIN_SAVING = {"cpu": 64, "other": 8192}
+SPLIT_MIN_SAVING = {"cpu": 0.1, "other": 0.3}
 
 # Decode steps between two looks of the host at the new tokens: enough to make the per-row Python of a step small,
 # few enough that a row ended by a stop string or the loop guard computes little past its end.
@@ -335,17 +338,17 @@ def prefill_batch(
         groups.setdefault(key if share and key is not None else (None, i), []).append(i)
     chains = [g for g in groups.values() if len(g) > 1]
     plain = sorted(i for g in groups.values() if len(g) == 1 for i in g)
-    head, skip = None, 0
+    head, skip, kind = None, 0, "cpu" if device.type == "cpu" else "other"
     if share and len(plain) > 1:
         # The prompts' common head (a chat template's system turn, say) is computed once when that saves enough.
         ordered = sorted(prompts[i] for i in plain)
         skip = min(common_prefix_len(ordered[0], ordered[-1]), min(len(prompts[i]) for i in plain) - 1)
-        if (len(plain) - 1) * skip >= HEAD_MIN_SAVING["cpu" if device.type == "cpu" else "other"]:
+        if (len(plain) - 1) * skip >= HEAD_MIN_SAVING[kind]:
             head = prefill_head(model, ordered[0][:skip], device)
         else:
             skip = 0
     parts = []
-    for part in split_by_length([len(prompts[i]) - skip for i in plain]):
+    for part in split_by_length([len(prompts[i]) - skip for i in plain], min_saving=SPLIT_MIN_SAVING[kind]):
         ids = [plain[j] for j in part]
         parts.append((ids, prefill_padded(model, [prompts[i] for i in ids], pad_id, device, head)))
     parts += [(g, prefill_shared(model, [prompts[i] for i in g], device)) for g in chains]
