@@ -307,9 +307,10 @@ def demo_part(args: argparse.Namespace) -> None:
     run_backend(backend, [backend.chat_prompt("Hi")], 4, GREEDY)
     run_generate(backend, [backend.chat_prompt("Hi")], 4, GREEDY)
     for rows, max_new in zip(args.rows, args.demo_new, strict=True):
-        # Chat prompts at 16 rows; bare questions beyond, so that 512 rows' prefill stays within minutes on a CPU.
-        questions = (QUESTIONS * (rows // len(QUESTIONS) + 1))[:rows]
-        prompts = [backend.chat_prompt(q) if rows <= 16 else q for q in questions]
+        # Every row its own prompt (the backend would prefill a repeated prompt once): chat prompts at 16 rows, bare
+        # numbered questions beyond, so that 512 rows' prefill stays within minutes on a CPU.
+        questions = [f"Problem {i}: {QUESTIONS[i % len(QUESTIONS)]}" for i in range(rows)]
+        prompts = [backend.chat_prompt(q) for q in QUESTIONS] if rows == len(QUESTIONS) else questions
         for name, mode in (("greedy", GREEDY), ("sampled", SAMPLED)):
             print_comparison("demo", rows, max_new, name, compare(backend, prompts, max_new, mode, args.demo_reps))
 

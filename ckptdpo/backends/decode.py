@@ -7,13 +7,14 @@ prefix with the previous prompt and runs only the rest: the prompts' common part
 a depth-first walk of their token trie, which computes each trie node exactly once). Prefixes are compared as
 token ids, not text, because a prefix cut before "Wait" can end in a different token than the same text followed
 by more (BPE merges "\\n\\n" differently when text follows). Only the prompts of one route key are chained so
-(`prefill_batch`); all other prompts of a batch share one padded forward, since a chain costs a forward per prompt.
+(`prefill_batch`), since a chain costs a forward per prompt; the other prompts of a batch have their common head
+computed once and their rests in padded forwards of similar length.
 
-Decoding runs in blocks of `BLOCK` steps. Within a block everything stays in tensors: sampling (each row's uniforms
-drawn ahead from its own stream), end of sequence and the length limit, the next forward; nothing waits for the
-host. After a block the host reads the new tokens once and checks stop strings and the loop guard for each row
-(`advance_block`), which finishes a row exactly at the token where checking token by token would have (the tokens
-computed after it are dropped). The attention mask and the KV cache are reserved for the whole decode, so a step's
+Decoding runs in blocks of `BLOCK` steps. Within a block a step is a few tensor operations for all rows (sample with
+each row's uniforms, drawn ahead from its own stream; the next forward) and nothing waits for the host: every row
+takes a token at every step. After a block the host reads the new tokens once and ends each row where checking
+token by token would have: EOS, a stop string, the loop guard, the length limit (`advance_block`; the tokens computed
+after the end are dropped). The attention mask and the KV cache are reserved for the whole decode, so a step's
 bookkeeping costs the same at token 30,000 as at token 30. With `backend.compile` the KV cache is static and the
 step goes through torch.compile (`CompiledDecode`: CUDA graphs on a GPU).
 """
@@ -25,6 +26,7 @@ import inspect
 import logging
 import random
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 
@@ -33,6 +35,12 @@ from ckptdpo.backends.loopguard import LoopGuard
 from ckptdpo.backends.sampling import SamplingParams, draw_uniforms, left_pad_positions
 
 log = logging.getLogger(__name__)
+
+# Prompt tokens a batch's common head must save (rows - 1 times its length) to be computed apart, once, and the
+# share of padded prompt tokens a split of the other prompts by length must save: below, the extra forward costs
+# more than it saves. A CPU pays for every token; a GPU mostly for every forward it launches.
+HEAD_MIN_SAVING = {"cpu": 64, "other": 8192}
+SPLIT_MIN_SAVING = {"cpu": 0.1, "other": 0.3}
 
 # Decode steps between two looks of the host at the new tokens: enough to make the per-row Python of a step small,
 # few enough that a row ended by a stop string or the loop guard computes little past its end.
@@ -198,19 +206,30 @@ class Prefill:
     computed: list[int]  # prompt tokens run through the model, per prompt
 
 
-def prefill_padded(model, prompts: list[list[int]], pad_id: int, device: torch.device) -> Prefill:
-    """One forward over all prompts, left-padded: each prompt is computed in full."""
+def prefill_padded(
+    model, prompts: list[list[int]], pad_id: int, device: torch.device, head: Prefill | None = None
+) -> Prefill:
+    """One forward over all prompts, left-padded: each prompt is computed in full, or after `head` (the prefill of
+    the first tokens, which every prompt starts with: `prefill_head`) only the rest of it."""
     from transformers import DynamicCache
 
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        input_ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    positions = left_pad_positions(mask)
+    skip = head.mask.shape[1] if head is not None else 0
+    rests = [p[skip:] for p in prompts]
+    width = max(len(r) for r in rests)
+    input_ids = torch.full((len(rests), width), pad_id, dtype=torch.long)
+    rest_mask = torch.zeros((len(rests), width), dtype=torch.long)
+    for i, r in enumerate(rests):
+        input_ids[i, width - len(r) :] = torch.tensor(r)
+        rest_mask[i, width - len(r) :] = 1
+    positions = left_pad_positions(rest_mask) + skip
+    mask = torch.cat([torch.ones((len(rests), skip), dtype=torch.long), rest_mask], dim=1)
     input_ids, mask, positions = input_ids.to(device), mask.to(device), positions.to(device)
-    cache = DynamicCache(config=model.config)
+    if head is None:
+        cache = DynamicCache(config=model.config)
+    else:  # the head's one row, once per prompt
+        rows = len(rests)
+        kv = [(x.keys.expand(rows, -1, -1, -1), x.values.expand(rows, -1, -1, -1)) for x in head.cache.layers]
+        cache = DynamicCache(ddp_cache_data=kv)
     out = model(
         input_ids=input_ids,
         attention_mask=mask,
@@ -219,7 +238,23 @@ def prefill_padded(model, prompts: list[list[int]], pad_id: int, device: torch.d
         use_cache=True,
         logits_to_keep=1,
     )
-    return Prefill(cache, out.logits[:, -1, :].float(), mask, positions[:, -1] + 1, [len(p) for p in prompts])
+    return Prefill(cache, out.logits[:, -1, :].float(), mask, positions[:, -1] + 1, [len(r) for r in rests])
+
+
+def prefill_head(model, prompt: list[int], device: torch.device) -> Prefill:
+    """The prefill of one prompt's first tokens alone (no logits needed: its rest follows)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(
+        input_ids=torch.tensor([prompt], device=device),
+        position_ids=torch.arange(len(prompt), device=device)[None],
+        **cache_arg(model, cache),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    mask = torch.ones((1, len(prompt)), dtype=torch.long, device=device)
+    return Prefill(cache, torch.empty(0), mask, torch.tensor([len(prompt)]), [len(prompt)])
 
 
 def cache_arg(model, cache) -> dict:
@@ -296,15 +331,56 @@ def prefill_batch(
     model, prompts: list[list[int]], route_keys: list[str | None], pad_id: int, device: torch.device, *, share: bool
 ) -> Prefill:
     """The prefill of a batch's distinct prompts: with `share`, the prompts of one route key share their common
-    prefixes (`prefill_shared`); every other prompt runs in one padded forward (`prefill_padded`)."""
+    prefixes (`prefill_shared`), and the others their common head; those run in padded forwards of prompts of
+    similar length (`prefill_padded`, `split_by_length`)."""
     groups: dict[object, list[int]] = {}
     for i, key in enumerate(route_keys):
         groups.setdefault(key if share and key is not None else (None, i), []).append(i)
     chains = [g for g in groups.values() if len(g) > 1]
     plain = sorted(i for g in groups.values() if len(g) == 1 for i in g)
-    parts = [(plain, prefill_padded(model, [prompts[i] for i in plain], pad_id, device))] if plain else []
+    head, skip, kind = None, 0, "cpu" if device.type == "cpu" else "other"
+    if share and len(plain) > 1:
+        # The prompts' common head (a chat template's system turn, say) is computed once when that saves enough.
+        ordered = sorted(prompts[i] for i in plain)
+        skip = min(common_prefix_len(ordered[0], ordered[-1]), min(len(prompts[i]) for i in plain) - 1)
+        if (len(plain) - 1) * skip >= HEAD_MIN_SAVING[kind]:
+            head = prefill_head(model, ordered[0][:skip], device)
+        else:
+            skip = 0
+    parts = []
+    for part in split_by_length([len(prompts[i]) - skip for i in plain], min_saving=SPLIT_MIN_SAVING[kind]):
+        ids = [plain[j] for j in part]
+        parts.append((ids, prefill_padded(model, [prompts[i] for i in ids], pad_id, device, head)))
     parts += [(g, prefill_shared(model, [prompts[i] for i in g], device)) for g in chains]
-    return merge_prefills(parts)
+    merged = merge_prefills(parts)
+    if head is not None:
+        merged.computed[plain[0]] += skip
+    return merged
+
+
+def split_by_length(lengths: list[int], max_parts: int = 4, min_saving: float = 0.1) -> list[list[int]]:
+    """Positions of `lengths` in groups of similar length, each prefilled in its own padded forward.
+
+    Padding every prompt to the longest computes the pad positions too; on a CPU that is compute wasted. A group is
+    split (at most into `max_parts`) where the split saves at least `min_saving` of the padded tokens left.
+    """
+    if not lengths:
+        return []
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    sizes = [lengths[i] for i in order]
+    cuts = [0, len(order)]  # part k is order[cuts[k]:cuts[k+1]], ascending lengths, so its last is its longest
+    while len(cuts) <= max_parts:
+        padded = sum((b - a) * sizes[b - 1] for a, b in pairwise(cuts))
+        saving, at = 0, None
+        for a, b in pairwise(cuts):
+            for c in range(a + 1, b):
+                saved = (c - a) * (sizes[b - 1] - sizes[c - 1])
+                if saved > saving:
+                    saving, at = saved, c
+        if at is None or saving < min_saving * padded:
+            break
+        cuts = sorted([*cuts, at])
+    return [order[a:b] for a, b in pairwise(cuts)]
 
 
 def merge_prefills(parts: list[tuple[list[int], Prefill]]) -> Prefill:

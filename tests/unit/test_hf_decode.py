@@ -226,11 +226,13 @@ def test_uniforms_drawn_ahead_are_each_rows_own_stream(tokenizer) -> None:
 # --- prefill -------------------------------------------------------------------------------------------------------
 
 
-def test_prompts_of_no_shared_route_key_share_one_padded_forward(tiny: HFBackend) -> None:
+def test_prefill_computes_shared_heads_once_and_pads_little(tiny: HFBackend) -> None:
     tok, model = tiny.tokenizer, tiny.model
-    base = tok("Wait, let me check the sum again.\n\n", add_special_tokens=False).input_ids
-    prompts = [base + [40 + i] * (i + 1) for i in range(4)] + [[50, 51, 52], [60]]
-    keys = ["traj", "traj", "traj", None, "other", None]
+    chain = tok("Wait, let me check the sum again.\n\n", add_special_tokens=False).input_ids
+    head = tok("Hmm, same as before. Alternatively, 3 + 4 = 7.", add_special_tokens=False).input_ids
+    plain = [head + [40 + i] * (3 + i % 2) for i in range(6)] + [head + [60] * 40]
+    prompts = [chain + [40 + i] * (i + 1) for i in range(3)] + plain
+    keys = ["traj"] * 3 + [None] * 6 + ["alone"]
     calls = []
     hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape), with_kwargs=True)
     try:
@@ -238,18 +240,29 @@ def test_prompts_of_no_shared_route_key_share_one_padded_forward(tiny: HFBackend
             pre = prefill_batch(model, prompts, keys, tiny.pad_id, tiny.device, share=True)
     finally:
         hook.remove()
-    # One forward for the three prompts alone in their key (or with none), one per prompt of the chain "traj".
-    assert sorted(shape[0] for shape in calls) == [1, 1, 1, 3]
-    assert pre.computed[3:] == [len(p) for p in prompts[3:]] and sum(pre.computed[:3]) < sum(map(len, prompts[:3]))
+    # One forward per prompt of the chain "traj"; the head of the others once; their rests in two forwards (the
+    # long one apart, rather than padding six short ones to its length).
+    assert sorted(tuple(shape) for shape in calls) == sorted(
+        [(1, len(chain) + 1), (1, 2), (1, 3), (1, len(head)), (6, 4), (1, 40)]
+    )
+    assert sum(pre.computed[3:]) == len(head) + sum(len(p) - len(head) for p in plain)
+    assert sum(pre.computed[:3]) == len(chain) + 1 + 2 + 3
     with torch.inference_mode():
         alone = [prefill_padded(model, [p], tiny.pad_id, tiny.device) for p in prompts]
-    width = pre.mask.shape[1]
     for i, (p, one) in enumerate(zip(prompts, alone, strict=True)):
         assert torch.allclose(pre.logits[i], one.logits[0], atol=1e-4)
-        assert pre.mask[i].tolist() == [0] * (width - len(p)) + [1] * len(p)
-        assert int(pre.next_pos[i]) == len(p)
+        assert int(pre.next_pos[i]) == len(p) and int(pre.mask[i].sum()) == len(p)
+        real = pre.mask[i].bool()  # the prompt's own positions (padding is masked wherever it is)
         for layer, single in zip(pre.cache.layers, one.cache.layers, strict=True):
-            assert torch.allclose(layer.keys[i, :, width - len(p) :], single.keys[0], atol=1e-4)
+            assert torch.allclose(layer.keys[i][:, real], single.keys[0], atol=1e-4)
+
+
+def test_split_by_length_cuts_only_where_padding_is_saved() -> None:
+    assert decode.split_by_length([]) == []
+    assert decode.split_by_length([20] * 5) == [[0, 1, 2, 3, 4]]
+    assert decode.split_by_length([10, 100, 11, 12]) == [[0, 2, 3], [1]]
+    parts = decode.split_by_length([5, 6, 30, 31, 80, 81, 300, 7], max_parts=3)
+    assert len(parts) == 3 and sorted(i for part in parts for i in part) == list(range(8))
 
 
 # --- whole decodes on the tiny model -------------------------------------------------------------------------------
