@@ -85,6 +85,18 @@ EPHEMERAL_API_APP = "prefect.server.api.server:create_app"
 SERVER_OUTAGE_S = 60.0
 
 
+def server_outage_s() -> float:
+    """How long a run waits for its own Prefect server to answer again: `CKPTDPO_SERVER_OUTAGE_S`, else 60 s."""
+    raw = os.environ.get("CKPTDPO_SERVER_OUTAGE_S", "")
+    try:
+        value = float(raw) if raw else SERVER_OUTAGE_S
+    except ValueError:
+        raise UserError(f"CKPTDPO_SERVER_OUTAGE_S={raw!r} is not a number of seconds; set it like 60.") from None
+    if value <= 0:
+        raise UserError(f"CKPTDPO_SERVER_OUTAGE_S={raw!r} must be above 0 seconds; set it like 60.")
+    return value
+
+
 def prefect_api_lost(url: str) -> str:
     """What to do when the Prefect API stopped answering, in one sentence (the CLI's last line)."""
     if os.environ.get("PREFECT_API_URL"):
@@ -113,10 +125,13 @@ def _ephemeral_api() -> tuple[int, str] | None:
 
 
 @contextmanager
-def watch_prefect_api(poll_s: float = 1.0, outage_s: float = SERVER_OUTAGE_S):
+def watch_prefect_api(poll_s: float = 1.0, outage_s: float | None = None):
     """While the block runs, stop the run (exit code 1) once its Prefect API is gone: at once when the temporary API
     it started exits, after `outage_s` without an answer from a server of its own (`PREFECT_API_URL`: a restart is
-    fine, a lasting outage would only fail the run later, after Prefect's client has retried each call)."""
+    fine, a lasting outage would only fail the run later, after Prefect's client has retried each call; default
+    `CKPTDPO_SERVER_OUTAGE_S` or SERVER_OUTAGE_S)."""
+    if outage_s is None:
+        outage_s = server_outage_s()
     configured = os.environ.get("PREFECT_API_URL", "").rstrip("/")
     done = threading.Event()
 

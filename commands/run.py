@@ -7,6 +7,7 @@ first byte is written into the run directory, so a bad invocation leaves nothing
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import time
@@ -89,10 +90,16 @@ def preflight(ctx: RunContext, stages: list[str]) -> None:
 
 
 def run_recipe(
-    recipe: Recipe, recipe_path: Path, run_dir: Path, stages: list[str] | None, verbose: bool = False
+    recipe: Recipe,
+    recipe_path: Path,
+    run_dir: Path,
+    stages: list[str] | None,
+    verbose: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> dict:
-    """Run a recipe that was loaded (and validated) once, by the caller; `verbose` keeps every log line in the
-    terminal (else Prefect's per-task lines and library warnings go only to the Prefect UI's logs)."""
+    """Run a recipe that was loaded (and validated) once, by the caller, with its `--set` `overrides`; `verbose`
+    keeps every log line in the terminal (else Prefect's per-task lines and library warnings go only to the Prefect
+    UI's logs)."""
     wanted = stages or list(recipe.stages)
     try:
         from ckptdpo.configs.recipe import check_stage_names
@@ -100,6 +107,7 @@ def run_recipe(
         check_stage_names(wanted, "--stages")
     except ValueError as e:
         raise UserError(f"{e}.") from None
+    check_overrides_used(overrides or {}, wanted)
     ctx = RunContext(recipe=recipe, run_dir=str(run_dir), base_dir=str(recipe_path.resolve().parent))
     with run_dir_lock(run_dir, create=False):
         preflight(ctx, wanted)
@@ -135,6 +143,9 @@ def quiet_console(verbose: bool):
             for h, level in levels.items():
                 h.setLevel(level)
             transformers.logging.set_verbosity(verbosity)
+            # Prefect stops its temporary API at exit, with an INFO line under the last screen: our exit hook,
+            # registered after its own, runs first and keeps that line in the logs only.
+            atexit.register(lambda: [h.setLevel(max(h.level, logging.WARNING)) for h in handlers])
 
 
 def _run_with_progress(ctx: RunContext, wanted: list[str]) -> dict:
@@ -178,9 +189,23 @@ def run_command(args: argparse.Namespace, home: Path) -> int:
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
         if not stages:
             raise UserError(f"--stages {args.stages!r} names no stage; list stages like generate,verify.")
-    recipe = Recipe.from_yaml(args.recipe, _overrides(args))
-    run_recipe(recipe, Path(args.recipe), Path(args.run_dir), stages, verbose=args.verbose)
+    overrides = _overrides(args)
+    recipe = Recipe.from_yaml(args.recipe, overrides)
+    run_recipe(recipe, Path(args.recipe), Path(args.run_dir), stages, verbose=args.verbose, overrides=overrides)
     return 0
+
+
+def check_overrides_used(overrides: dict[str, Any], stages: list[str]) -> None:
+    """A `--set` on a stage's section that no stage of this run reads would do nothing: refused."""
+    running = registry.stages_to_run(stages)
+    read = registry.sections_read(running)
+    for key, value in overrides.items():
+        section = key.split(".")[0]
+        if section in STAGES and section not in read:
+            raise UserError(
+                f"--set {key}={value} does nothing: no stage of this run ({', '.join(s.name for s in running)}) "
+                f"reads the {section} section; add {section} to --stages or drop the --set."
+            )
 
 
 def demo_command(args: argparse.Namespace, home: Path) -> int:

@@ -258,6 +258,7 @@ class DTO(Stage):
     """Exit probing, truncation and judge pruning -> DTO pairs."""
 
     name = NAME
+    settings = ("verify", "checkpoints")
     reads = {
         "problems": ["problem_id", "problem", "answer"],
         "generate": ["sample_id", "problem_id", "prompt", "completion", "model"],

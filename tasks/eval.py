@@ -240,6 +240,7 @@ class Eval(Stage):
     """pass@k, cons@k, tokens and efficiency of the base and trained models."""
 
     name = NAME
+    settings = ("generate", "verify")
     writes = {NAME: EVAL_RESULTS, "eval/*/_problems": EVAL_PROBLEMS, "eval/*/*": EVAL_SAMPLES}
     report = (
         ReportSection(

@@ -48,6 +48,7 @@ class GRPO(TrainingStage):
     """GRPO from the base model on the run's problems, stopped at the generation budget the factory spent."""
 
     name = NAME
+    settings = ("generate", "verify", "eval")
     keyed_by = ("problems",)
     writes = {"problems": PROBLEMS, NAME: None}
     pool = "gpu_train"

@@ -107,6 +107,11 @@ def stages_to_run(wanted: Iterable[str]) -> list[Stage]:
     return out
 
 
+def sections_read(stages: Iterable[Stage]) -> set[str]:
+    """The recipe sections that these stages read: each its own, and the `settings` it borrows."""
+    return {section for spec in stages for section in (spec.name, *spec.settings)}
+
+
 def producer_of(directory: str) -> str | None:
     """The first stage in pipeline order that writes `directory` (the problems: generate, though grpo can too)."""
     writers = [s.name for s in registry().values() if s.writes_directory(directory) is not False]

@@ -199,6 +199,7 @@ class Resample(Stage):
     """Rounds of resampling from checkpoints -> r2w / w2r pairs."""
 
     name = NAME
+    settings = ("verify", "values")
     reads = {
         "problems": ["problem_id", "answer"],
         "generate": ["sample_id", "problem_id", "prompt", "completion"],

@@ -127,6 +127,8 @@ class Stage:
     (gathered into `pairs/`). `lineage`: its settings decide which pairs come out (a change starts a new lineage in
     the refresh). `implicit`: no recipe section; it runs when a stage it reads from runs. `gathers_pairs`: it reads
     every other stage's `pairs` directory (its `reads` are derived from them). `report`: its sections of the report.
+    `settings`: the other recipe sections it reads besides its own (a `--set` on a section no running stage reads
+    is refused).
     """
 
     name: str = ""
@@ -138,6 +140,7 @@ class Stage:
     implicit: bool = False
     gathers_pairs: bool = False
     report: tuple[ReportSection, ...] = ()
+    settings: tuple[str, ...] = ()
 
     @property
     def description(self) -> str:

@@ -75,6 +75,7 @@ class Values(Stage):
     """Checkpoint values by rollouts -> each trajectory's first error, critical pairs, step labels."""
 
     name = NAME
+    settings = ("verify", "resample")
     reads = {
         "problems": ["problem_id", "answer"],
         "generate": ["sample_id", "problem_id", "prompt", "completion", "completion_tokens"],

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The extras' pip resolutions (minutes of waiting on the package index) start once the session has collected
+    their tests, and wait beside the tests that run before them."""
+    if session.config.option.collectonly:
+        return
+    for module in {item.module for item in session.items if item.module.__name__.endswith(".test_extras_resolve")}:
+        module.start_all(Path(tempfile.mkdtemp(prefix="ckptdpo-resolve-")))
 
 
 @pytest.fixture(scope="session")

@@ -172,6 +172,7 @@ def _bad_cases(tmp: Path, recipe: Path, run_dir: Path) -> list[tuple[str, Path, 
         ("a shard of absurd planned text", recipe, [*big, "generate.shard_size=1000"], "generate.shard_size"),
         ("problems.path with the demo source", recipe, [*demo, "problems.path=p.jsonl"], "problems.path does nothing"),
         ("--stages generate,verify,generate", recipe, ["--stages", "generate,verify,generate"], "more than once"),
+        ("--set on a stage not run", recipe, ["--stages", "generate", "--set", "dto.threshold=0.5"], "does nothing"),
     ]
 
 

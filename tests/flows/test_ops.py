@@ -424,7 +424,15 @@ def test_ui_shows_deployments_schedule_and_the_finished_run_with_artifacts(serve
                     page.get_by_text("Artifacts", exact=True).first.click()
                     page.get_by_text(pairs_key).first.wait_for()
                 page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
-                pages[name] = page.inner_text("body")
+                pages[name] = text = page.inner_text("body")
+                # The deployments list shows 10 a page: turn its pages (the button after "Page k of n" is "next").
+                while name == "deployments" and (at := re.search(r"Page (\d+) of (\d+)", text)):
+                    if int(at[1]) == int(at[2]):
+                        break
+                    page.locator(".p-pager__context + button").first.click()
+                    page.get_by_text(f"Page {int(at[1]) + 1} of {at[2]}").first.wait_for()
+                    text = page.inner_text("body")
+                    pages[name] += "\n" + text
         finally:
             browser.close()
     for name in (
@@ -434,7 +442,9 @@ def test_ui_shows_deployments_schedule_and_the_finished_run_with_artifacts(serve
         "checkpoints",
         "resample",
         "dto",
+        "values",
         "train",
+        "grpo",
         "eval",
         "nightly-refresh",
     ):

@@ -38,7 +38,7 @@ def counted(monkeypatch):
 def recipe_file(tmp_path: Path) -> Path:
     return write_fake_recipe(
         tmp_path, SCRIPT, PROBLEMS, stages=STAGES, resample={"max_rounds": 2, "max_tokens": 100},
-        dto={"prune": False, "probe_max_tokens": 8},
+        dto={"prune": False},
     )  # fmt: skip
 
 

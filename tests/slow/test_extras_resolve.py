@@ -26,13 +26,23 @@ def _start(requirements: tuple[str, ...], report: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
+STARTED: dict[tuple[str, ...], tuple[subprocess.Popen, Path]] = {}
+
+
+def start_all(tmp: Path) -> None:
+    """Every resolution this module checks, started side by side (each is mostly waiting on the index): minutes in
+    all, not minutes per extra. tests/conftest.py starts them once the session has collected this module, so they
+    wait on the index while other tests run."""
+    if not STARTED:
+        wanted = [(f".[{extra}]",) for extra in EXTRAS] + [(".", "vllm==0.33.0")]
+        for i, req in enumerate(wanted):
+            STARTED[req] = (_start(req, tmp / f"report-{i}.json"), tmp / f"report-{i}.json")
+
+
 @pytest.fixture(scope="module")
 def resolutions(tmp_path_factory) -> dict[tuple[str, ...], tuple[int, str, dict]]:
-    """Every resolution this module checks, run side by side (each is mostly waiting on the index): minutes in all,
-    not minutes per extra."""
-    tmp = tmp_path_factory.mktemp("resolve")
-    wanted = [(f".[{extra}]",) for extra in EXTRAS] + [(".", "vllm==0.33.0")]
-    started = {req: (_start(req, tmp / f"report-{i}.json"), tmp / f"report-{i}.json") for i, req in enumerate(wanted)}
+    start_all(tmp_path_factory.mktemp("resolve"))  # unless the session started them already
+    started = STARTED
     out = {}
     for req, (proc, report) in started.items():
         _, err = proc.communicate(timeout=TIMEOUT_S)

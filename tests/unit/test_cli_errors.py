@@ -69,3 +69,19 @@ def test_log_records_print_without_their_traceback_unless_verbose():
     assert _WithoutTraceback("%(levelname)s %(message)s").format(record) == "ERROR Task run failed"
     assert record.exc_info is not None  # other handlers (Prefect's API log) still get it
     assert "Traceback" in logging.Formatter("%(message)s").format(record)
+
+
+def test_the_server_outage_a_run_waits_out_comes_from_the_environment(monkeypatch):
+    import pytest
+
+    from ckptdpo.errors import UserError
+    from commands.localserver import SERVER_OUTAGE_S, server_outage_s
+
+    monkeypatch.delenv("CKPTDPO_SERVER_OUTAGE_S", raising=False)
+    assert server_outage_s() == SERVER_OUTAGE_S == 60
+    monkeypatch.setenv("CKPTDPO_SERVER_OUTAGE_S", "15")
+    assert server_outage_s() == 15
+    for bad in ("soon", "0", "-3"):
+        monkeypatch.setenv("CKPTDPO_SERVER_OUTAGE_S", bad)
+        with pytest.raises(UserError, match="CKPTDPO_SERVER_OUTAGE_S"):
+            server_outage_s()

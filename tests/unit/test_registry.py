@@ -131,3 +131,15 @@ def test_every_stage_module_declares_its_stage_under_its_own_name():
     for name in (*STAGES, *registry.IMPLICIT):
         module = __import__(f"tasks.{name}", fromlist=["STAGE"])
         assert module.STAGE.name == name
+
+
+def test_a_set_on_a_section_no_running_stage_reads_is_refused_and_borrowed_sections_count():
+    from commands.run import check_overrides_used
+
+    check_overrides_used({"verify.timeout_s": 5, "backend.kind": "fake"}, ["generate", "verify"])
+    check_overrides_used({"verify.timeout_s": 5, "generate.max_tokens": 8}, ["eval"])  # eval samples and verifies
+    check_overrides_used({"resample.max_rounds": 2}, ["values"])  # values rolls out with resample's settings
+    with pytest.raises(UserError, match=r"--set dto.threshold=0.5 does nothing: .*\(generate, verify\)"):
+        check_overrides_used({"dto.threshold": 0.5}, ["generate", "verify"])
+    with pytest.raises(UserError, match="grpo section"):
+        check_overrides_used({"grpo.generation_budget": 8}, ["train", "eval"])
