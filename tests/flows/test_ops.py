@@ -338,13 +338,30 @@ class Server:
         return r.json()
 
     def wait_for_run(self, run_id: str, timeout: float = 240) -> dict:
+        import httpx
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            run = self.api("GET", f"/flow_runs/{run_id}")
+            try:
+                run = self.api("GET", f"/flow_runs/{run_id}")
+            except httpx.TimeoutException:  # SQLite under a busy flow run on 2 loaded cores: seen to stall > 30 s
+                continue
             if run["state"] and run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
                 return run
             time.sleep(1)
         raise AssertionError(f"flow run {run_id} did not finish in {timeout} s; see {self.root}/home/server/logs")
+
+    def wait_healthy(self, timeout: float = 120) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/api/health", timeout=10).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(1)
+        raise AssertionError(f"the server did not answer /health in {timeout} s; see {self.root}/home/server/logs")
 
 
 @pytest.fixture(scope="module")
@@ -457,6 +474,7 @@ def test_ui_shows_deployments_schedule_and_the_finished_run_with_artifacts(serve
 
 @pytest.mark.slow
 def test_server_status_up_again_and_down_stops_only_what_it_started(server: Server, tmp_path: Path):
+    server.wait_healthy()  # after the pipeline run of the tests before, a loaded server can be slow to answer
     assert ckptdpo(server.env, "server", "status").returncode == 0
     r = ckptdpo(server.env, "server", "up")  # idempotent while running
     assert r.returncode == 0 and "already running" in r.stdout

@@ -21,8 +21,9 @@ TIMEOUT_S = 1800
 
 
 def _start(requirements: tuple[str, ...], report: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-cache-dir"]
-    cmd += ["--disable-pip-version-check", "--quiet", "--report", str(report), *requirements]
+    # Niced: the resolutions run beside the session's other tests (see start_all) and must not slow them down.
+    cmd = ["nice", "-n", "19", sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed"]
+    cmd += ["--no-cache-dir", "--disable-pip-version-check", "--quiet", "--report", str(report), *requirements]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
