@@ -115,6 +115,15 @@ def run_recipe(
         return _run_with_progress(ctx, wanted)
 
 
+_MUTED_AT_EXIT: set[logging.Handler] = set()
+
+
+def _mute_at_exit() -> None:
+    """Prefect's console handlers above INFO for the interpreter's exit (its temporary API stops then)."""
+    for h in _MUTED_AT_EXIT:
+        h.setLevel(max(h.level, logging.WARNING))
+
+
 @contextmanager
 def quiet_console(verbose: bool):
     """Prefect's console lines below WARNING and library warnings stay out of the terminal: the Prefect API still
@@ -145,7 +154,9 @@ def quiet_console(verbose: bool):
             transformers.logging.set_verbosity(verbosity)
             # Prefect stops its temporary API at exit, with an INFO line under the last screen: our exit hook,
             # registered after its own, runs first and keeps that line in the logs only.
-            atexit.register(lambda: [h.setLevel(max(h.level, logging.WARNING)) for h in handlers])
+            if not _MUTED_AT_EXIT:
+                atexit.register(_mute_at_exit)
+            _MUTED_AT_EXIT.update(handlers)
 
 
 def _run_with_progress(ctx: RunContext, wanted: list[str]) -> dict:
